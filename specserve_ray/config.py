@@ -1,0 +1,145 @@
+"""The one typed configuration at the boundary: models, speculation, limits, sampling.
+
+Everything a user sets (serve config, HTTP body, Python call) is validated here with a
+clear message; the hot path then works on the plain values these models hold.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+EMBEDDED_PAIR_DIR = ASSETS_DIR / "tiny-pair"
+EMBEDDED_TARGET = str(EMBEDDED_PAIR_DIR / "target")
+EMBEDDED_DRAFT = str(EMBEDDED_PAIR_DIR / "draft")
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Where a causal LM comes from and how it is placed."""
+
+    path: str = Field(description="Local directory in Hugging Face format (config.json, "
+                      "safetensors, tokenizer). Never downloaded: the path must exist.")
+    dtype: DType = Field("float32", description="Weights and activations dtype. Exact "
+                         "greedy equality with target-only decoding holds in float32.")
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
+    device_map: str | None = Field(None, description="accelerate device map ('auto', "
+                                   "'balanced'...) to spread a large model over GPUs; "
+                                   "overrides `device`.")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str) -> str:
+        p = Path(os.path.expanduser(value))
+        if not (p / "config.json").is_file():
+            raise ValueError(
+                f"model path {value!r} is not a local Hugging Face model directory "
+                "(no config.json there); SpecServe-Ray never downloads weights"
+            )
+        return str(p)
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, value: str) -> str:
+        if not (value == "cpu" or value == "cuda" or value.startswith("cuda:")):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+
+class SpeculationConfig(_Strict):
+    """How much to speculate. The adaptive policies build on `num_speculative_tokens`."""
+
+    num_speculative_tokens: int = Field(4, ge=0, le=16, description="Static k: draft "
+                                        "tokens proposed per request per step (0 = plain "
+                                        "decoding).")
+
+
+class LimitsConfig(_Strict):
+    max_model_len: int = Field(1024, ge=8, le=1 << 20, description="Prompt plus output "
+                               "tokens per request.")
+    max_num_seqs: int = Field(16, ge=1, le=1024, description="Requests decoded together.")
+    max_tokens: int = Field(1024, ge=1, description="Upper bound a request may ask for.")
+
+
+class EngineConfig(_Strict):
+    target: ModelConfig = Field(default_factory=lambda: ModelConfig(path=EMBEDDED_TARGET))
+    draft: ModelConfig | None = Field(
+        default_factory=lambda: ModelConfig(path=EMBEDDED_DRAFT),
+        description="None disables speculation (target-only serving).",
+    )
+    speculation: SpeculationConfig = Field(default_factory=SpeculationConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> "EngineConfig":
+        if self.limits.max_tokens >= self.limits.max_model_len:
+            object.__setattr__(self, "limits", self.limits.model_copy(
+                update={"max_tokens": self.limits.max_model_len - 1}))
+        return self
+
+
+class SamplingParams(_Strict):
+    """Per-request decoding parameters (OpenAI names)."""
+
+    max_tokens: int = Field(64, description="Tokens to generate at most (> 0).")
+    temperature: float = Field(0.0, description="0 = greedy; > 0 samples.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass in (0, 1].")
+    top_k: int = Field(0, description="Keep the k most likely tokens; 0 or -1 = off.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    stop: tuple[str, ...] = Field((), description="Stop strings; the output ends before them.")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {v}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temp(cls, v: float) -> float:
+        if not v >= 0.0 or v != v:
+            raise ValueError(f"temperature must be >= 0, got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError(f"top_k must be -1, 0 (off) or a positive count, got {v}")
+        return max(v, 0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            v = [v]
+        v = tuple(v)
+        if any(not isinstance(s, str) or s == "" for s in v):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if len(v) > 16:
+            raise ValueError("at most 16 stop strings")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,1 @@
+"""Core decoding building blocks (sampling, speculative verification glue)."""

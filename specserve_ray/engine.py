@@ -1,0 +1,306 @@
+"""SpecEngine: the continuous-batching speculative step loop, in one process.
+
+    waiting ──admit──> running ──step──> finished
+                         │
+      each step: draft.propose(all running, k_i each)   one draft call (k_i = 0 skips)
+                 target.verify(all running)             one target forward for the batch
+                 commit emitted tokens, check EOS / stop strings / max_tokens
+
+Requests join and leave between steps. The speculation length of every request is an
+input to each step (`k_chooser`); k = 0 for all rows is plain decoding and makes no draft
+call. Workers are used through their methods only, so a Ray-backed proxy with the same
+methods can stand in for them (the deployment does exactly that).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from specserve_ray.config import EngineConfig, LimitsConfig, SamplingParams, SpeculationConfig
+from specserve_ray.errors import RequestError
+from specserve_ray.models.runner import ModelRunner
+from specserve_ray.stats import SpecStats, StepStats
+from specserve_ray.workers.draft import DraftWorker
+from specserve_ray.workers.target import TargetWorker
+from specserve_ray.workers.types import PrefillItem, SeqSampling
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    num_speculative_tokens: int | None = None    # per-request override of the static k
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent_text_len: int = 0
+    sent_token_len: int = 0
+    unsynced_draft: list[int] = field(default_factory=list)  # emitted, not yet told to draft
+    finished: bool = False
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    spec: SpecStats = field(default_factory=SpecStats)
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    spec: SpecStats
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    spec: SpecStats
+
+
+KChooser = Callable[[Sequence[Request]], list[int]]
+
+
+def check_pair_compatible(target_tokenizer, draft_tokenizer, target_vocab: int, draft_vocab: int):
+    """A draft must speak the target's vocabulary token for token."""
+    if target_vocab != draft_vocab:
+        raise ValueError(f"draft vocabulary ({draft_vocab}) differs from the target's "
+                         f"({target_vocab}); speculative decoding needs one shared tokenizer")
+    if draft_tokenizer is not None and target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise ValueError("draft and target tokenizers differ; speculative decoding needs "
+                         "one shared tokenizer")
+
+
+class SpecEngine:
+    def __init__(self, target: TargetWorker, draft: DraftWorker | None, tokenizer,
+                 limits: LimitsConfig | None = None, speculation: SpeculationConfig | None = None,
+                 k_chooser: KChooser | None = None):
+        self.target = target
+        self.draft = draft
+        self.tokenizer = tokenizer
+        self.limits = limits or LimitsConfig()
+        self.speculation = speculation or SpeculationConfig()
+        self.eos_token_id = tokenizer.eos_token_id
+        self.k_chooser = k_chooser or self._static_k
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+        self.step_stats: list[StepStats] = []
+        self.totals = SpecStats()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: EngineConfig | None = None, k_chooser: KChooser | None = None):
+        config = config or EngineConfig()
+        lim = config.limits
+        target_runner, tokenizer = ModelRunner.from_config(
+            config.target, lim.max_num_seqs, lim.max_model_len, name="target")
+        draft = None
+        if config.draft is not None:
+            draft_runner, draft_tok = ModelRunner.from_config(
+                config.draft, lim.max_num_seqs, lim.max_model_len, name="draft")
+            check_pair_compatible(tokenizer, draft_tok, target_runner.vocab_size,
+                                  draft_runner.vocab_size)
+            draft = DraftWorker(draft_runner)
+        return cls(TargetWorker(target_runner), draft, tokenizer, config.limits, config.speculation,
+                   k_chooser)
+
+    def _static_k(self, requests: Sequence[Request]) -> list[int]:
+        k = self.speculation.num_speculative_tokens
+        return [k if r.num_speculative_tokens is None else r.num_speculative_tokens
+                for r in requests]
+
+    # -- requests -----------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = list(prompt)
+        vocab = self.target.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None,
+                    num_speculative_tokens: int | None = None) -> str:
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt)
+        lim = self.limits
+        if not prompt_ids:
+            raise RequestError("prompt is empty")
+        if len(prompt_ids) >= lim.max_model_len:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the context holds "
+                               f"{lim.max_model_len} including at least one output token")
+        if params.max_tokens > lim.max_tokens:
+            raise RequestError(f"max_tokens {params.max_tokens} exceeds the limit {lim.max_tokens}")
+        if len(prompt_ids) + params.max_tokens > lim.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context length {lim.max_model_len}")
+        if num_speculative_tokens is not None and not 0 <= num_speculative_tokens <= 16:
+            raise RequestError("num_speculative_tokens must be in [0, 16]")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if any(r.request_id == rid for r in itertools.chain(self.waiting, self.running)):
+            raise RequestError(f"request id {rid!r} is already in use")
+        self.waiting.append(Request(rid, prompt_ids, params, num_speculative_tokens))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its caches on both workers."""
+        for queue in (self.waiting, self.running):
+            for r in queue:
+                if r.request_id == request_id:
+                    queue.remove(r)
+                    self._release([r])
+                    return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step -----------------------------------------------------------------------------
+    def _admit(self, outputs: list[RequestOutput]) -> None:
+        free = self.limits.max_num_seqs - len(self.running)
+        admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+        for req in admitted:
+            p = req.params
+            item = PrefillItem(req.request_id, req.prompt_ids,
+                               SeqSampling(p.temperature, p.top_k, p.top_p, p.seed))
+            first = self.target.prefill([item])
+            if self.draft is not None:
+                self.draft.prefill([item])
+            req.first_token_time = time.monotonic()
+            self.running.append(req)
+            self._commit(req, first)
+            outputs.append(self._delta(req))
+
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        self._admit(outputs)
+        batch = [r for r in self.running if not r.finished]
+        if batch:
+            self._decode(batch, outputs)
+        done = [r for r in self.running if r.finished]
+        if done:
+            self.running = [r for r in self.running if not r.finished]
+            self._release(done)
+        return outputs
+
+    def _clamp_k(self, req: Request, k: int) -> int:
+        # Never draft past max_tokens or the context: the final token is always the target's.
+        left = req.params.max_tokens - len(req.output_ids) - 1
+        room = self.limits.max_model_len - req.context_len - 1
+        return max(0, min(k, left, room)) if self.draft is not None else 0
+
+    def _decode(self, batch: list[Request], outputs: list[RequestOutput]) -> None:
+        start = time.perf_counter()
+        ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))]
+        ids = [r.request_id for r in batch]
+        if any(ks):
+            proposal = self.draft.propose(ids, [r.unsynced_draft for r in batch], ks)
+            for r in batch:
+                r.unsynced_draft = []
+            draft_ids, num_draft, draft_probs = (proposal.draft_token_ids,
+                                                 proposal.num_draft_tokens, proposal.draft_probs)
+            draft_s = proposal.seconds
+        else:
+            draft_ids = torch.empty(len(batch), 0, dtype=torch.long)
+            num_draft = torch.zeros(len(batch), dtype=torch.long)
+            draft_probs, draft_s = None, 0.0
+        result = self.target.verify(ids, draft_ids, num_draft, draft_probs)
+        drafted = accepted = emitted_total = 0
+        for req, k, tokens, n_acc in zip(batch, ks, result.emitted, result.num_accepted):
+            req.spec.observe(num_draft=k, num_accepted=n_acc)
+            drafted += k
+            accepted += n_acc
+            emitted_total += self._commit(req, tokens)
+            outputs.append(self._delta(req))
+        total = time.perf_counter() - start
+        stats = StepStats(batch_size=len(batch), num_draft_tokens=drafted,
+                          num_accepted_tokens=accepted, num_emitted_tokens=emitted_total,
+                          draft_seconds=draft_s, verify_seconds=result.seconds,
+                          total_seconds=total)
+        self.step_stats.append(stats)
+        self.totals.merge_step(stats)
+
+    def _commit(self, req: Request, tokens: list[int]) -> int:
+        """Append emitted tokens, honouring EOS, max_tokens and stop strings."""
+        p = req.params
+        kept = 0
+        for tok in tokens:
+            req.output_ids.append(tok)
+            kept += 1
+            if tok == self.eos_token_id and not p.ignore_eos:
+                req.finished, req.finish_reason = True, "stop"
+                break
+            if len(req.output_ids) >= p.max_tokens:
+                req.finished, req.finish_reason = True, "length"
+                break
+        req.unsynced_draft.extend(tokens[:kept])
+        req.text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        if p.stop:
+            # Search only where a new match can start.
+            window_start = max(0, req.sent_text_len - max(len(s) for s in p.stop))
+            hits = [i for i in (req.text.find(s, window_start) for s in p.stop) if i >= 0]
+            if hits:
+                req.text = req.text[: min(hits)]
+                req.finished, req.finish_reason = True, "stop"
+        return kept
+
+    def _delta(self, req: Request) -> RequestOutput:
+        text = req.text
+        # Hold back a trailing partial UTF-8 character until its bytes are complete.
+        visible = len(text) if req.finished or not text.endswith("\ufffd") else len(text) - 1
+        new_text = text[req.sent_text_len:visible] if visible > req.sent_text_len else ""
+        req.sent_text_len = max(req.sent_text_len, visible)
+        new_ids = req.output_ids[req.sent_token_len:]
+        req.sent_token_len = len(req.output_ids)
+        return RequestOutput(req.request_id, new_ids, new_text, req.finished, req.finish_reason,
+                             len(req.prompt_ids), len(req.output_ids), req.spec.copy())
+
+    def _release(self, reqs: list[Request]) -> None:
+        ids = [r.request_id for r in reqs]
+        self.target.release(ids)
+        if self.draft is not None:
+            self.draft.release(ids)
+
+    # -- convenience ----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str | list[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 num_speculative_tokens: Sequence[int | None] | None = None
+                 ) -> list[GenerationResult]:
+        """Run prompts to completion together (continuous batching) and return results."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        ks = num_speculative_tokens or [None] * len(prompts)
+        rids = [self.add_request(p, sp, num_speculative_tokens=k)
+                for p, sp, k in zip(prompts, params, ks)]
+        by_id = {}
+        reqs = {r.request_id: r for r in self.waiting}
+        while any(rid not in by_id for rid in rids):
+            for out in self.step():
+                if out.finished:
+                    req = reqs[out.request_id]
+                    by_id[out.request_id] = GenerationResult(
+                        req.request_id, req.prompt_ids, list(req.output_ids), req.text,
+                        req.finish_reason, req.spec.copy())
+        return [by_id[r] for r in rids]

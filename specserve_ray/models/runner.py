@@ -1,0 +1,200 @@
+"""ModelRunner: one Hugging Face causal LM with a per-request KV cache.
+
+The runner knows nothing of speculation. It feeds each request (a "sequence") its own
+number of new tokens in one batched forward, returns the logits, and lets the caller
+roll a sequence back to any shorter length. Draft and target workers are built on it.
+
+Works with any HF causal LM whose attention layers call `cache.update(...)` and accept
+a 4D additive mask and explicit position ids (Llama, Qwen2, Mistral, GPT-2, ...).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from specserve_kernels.ragged import gather_last, pack_ragged, positions_and_mask
+from specserve_ray.config import ModelConfig
+from specserve_ray.models.kv_cache import SlotKVCache
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model directory is missing, unreadable or unsupported."""
+
+
+def load_causal_lm(cfg: ModelConfig):
+    """Load model and tokenizer from a local directory; never touches the network."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"no Hugging Face model at {cfg.path!r} (config.json missing)")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    kwargs = dict(dtype=_DTYPES[cfg.dtype], attn_implementation="sdpa", local_files_only=True)
+    if cfg.device_map:
+        kwargs["device_map"] = cfg.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except OSError as exc:  # missing weights / tokenizer files
+        raise ModelLoadError(f"cannot load model at {cfg.path!r}: {exc}") from exc
+    if not cfg.device_map:
+        model.to(cfg.device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+@dataclass
+class _Seq:
+    slot: int
+    cache_len: int = 0                                   # tokens whose K/V are cached
+    tokens: list[int] = field(default_factory=list)      # tokens fed into the cache, in order
+
+
+class ModelRunner:
+    """Batched, ragged forwards over per-sequence KV caches (one model)."""
+
+    def __init__(self, model, max_seqs: int, max_model_len: int, name: str = "model"):
+        self.model = model
+        self.name = name
+        self.config = model.config
+        self.max_seqs = max_seqs
+        self.max_model_len = max_model_len
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.dtype = next(model.parameters()).dtype
+        self.device = model.get_input_embeddings().weight.device
+        self.sliding_window = self._sliding_window(model.config, max_model_len)
+        num_layers = int(getattr(model.config, "num_hidden_layers", None)
+                         or getattr(model.config, "n_layer"))
+        self.cache = SlotKVCache(num_layers, max_seqs, initial_capacity=min(256, max_model_len + 16))
+        self._seqs: dict[object, _Seq] = {}
+        self._slot_owner: list[object] = []              # slot -> sequence id (compact)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._has_logits_to_keep = "logits_to_keep" in params
+        self.forward_seconds = 0.0                       # cumulative, for the cost model
+        self.forward_calls = 0
+
+    @staticmethod
+    def _sliding_window(config, max_model_len: int) -> int | None:
+        window = getattr(config, "sliding_window", None)
+        if not window or window >= max_model_len:
+            return None
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and len(set(layer_types)) > 1:
+            raise ModelLoadError(
+                "models mixing sliding-window and full-attention layers are supported only "
+                f"when max_model_len <= sliding_window ({window}); lower max_model_len")
+        return int(window)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, max_seqs: int, max_model_len: int, name: str):
+        model, tokenizer = load_causal_lm(cfg)
+        return cls(model, max_seqs, max_model_len, name=name), tokenizer
+
+    # -- sequences ------------------------------------------------------------------------------
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._seqs
+
+    def num_seqs(self) -> int:
+        return len(self._seqs)
+
+    def add(self, seq_id) -> None:
+        if seq_id in self._seqs:
+            raise KeyError(f"{self.name}: sequence {seq_id!r} already present")
+        if len(self._slot_owner) >= self.max_seqs:
+            raise RuntimeError(f"{self.name}: all {self.max_seqs} cache slots are in use")
+        self._seqs[seq_id] = _Seq(slot=len(self._slot_owner))
+        self._slot_owner.append(seq_id)
+
+    def release(self, seq_id) -> None:
+        """Free a sequence's slot; the last live slot moves into it to stay compact."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        last = len(self._slot_owner) - 1
+        if seq.slot != last:
+            moved_id = self._slot_owner[last]
+            moved = self._seqs[moved_id]
+            self.cache.move_slot(last, seq.slot, moved.cache_len)
+            moved.slot = seq.slot
+            self._slot_owner[seq.slot] = moved_id
+        self._slot_owner.pop()
+
+    def tokens(self, seq_id) -> list[int]:
+        return self._seqs[seq_id].tokens
+
+    def cache_len(self, seq_id) -> int:
+        return self._seqs[seq_id].cache_len
+
+    def truncate(self, seq_id, length: int) -> None:
+        """Roll a sequence back to its first `length` tokens (free: the rest is masked)."""
+        seq = self._seqs[seq_id]
+        if length < 0 or length > seq.cache_len:
+            raise ValueError(f"cannot truncate {seq_id!r} of length {seq.cache_len} to {length}")
+        seq.cache_len = length
+        del seq.tokens[length:]
+
+    # -- the forward ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, seq_ids: list, new_tokens: list[list[int]], all_logits: bool = True):
+        """Append `new_tokens[i]` to sequence `seq_ids[i]` and run one batched forward.
+
+        Returns logits `[B, T, V]` (T = longest new-token list; rows are right-padded and
+        their padded positions hold garbage) when `all_logits`, else each row's last valid
+        position `[B, V]`. Logits are float32, in the caller's row order.
+        """
+        if not seq_ids:
+            raise ValueError("forward needs at least one sequence")
+        seqs = [self._seqs[s] for s in seq_ids]
+        for seq, toks in zip(seqs, new_tokens):
+            if seq.cache_len + len(toks) > self.max_model_len:
+                raise ValueError(f"{self.name}: sequence would exceed max_model_len "
+                                 f"{self.max_model_len}")
+        # Rows in slot order so that all live rows read the cache as a view.
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
+        batch = pack_ragged([new_tokens[i] for i in order], pad_id=0)
+        slots = torch.tensor([seqs[i].slot for i in order], dtype=torch.long)
+        cache_lens = torch.tensor([seqs[i].cache_len for i in order], dtype=torch.long)
+        t_max = batch.input_ids.shape[1]
+        position_ids, mask, kv_len = positions_and_mask(
+            cache_lens, batch.num_tokens, t_max, self.dtype, self.sliding_window)
+        self.cache.plan(slots, cache_lens, t_max, kv_len)
+        kwargs = {self._cache_kw: self.cache, "use_cache": True}
+        if not all_logits and self._has_logits_to_keep and bool((batch.num_tokens == t_max).all()):
+            kwargs["logits_to_keep"] = 1
+        start = time.perf_counter()
+        out = self.model(
+            input_ids=batch.input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            **kwargs,
+        )
+        logits = out.logits.float()
+        self.forward_seconds += time.perf_counter() - start
+        self.forward_calls += 1
+        for i in order:
+            seqs[i].cache_len += len(new_tokens[i])
+            seqs[i].tokens.extend(new_tokens[i])
+        if not all_logits:
+            if logits.shape[1] == 1:
+                logits = logits[:, 0]
+            else:
+                logits = gather_last(logits, batch.num_tokens.to(logits.device))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        if order != list(range(len(order))):
+            logits = logits[inverse.to(logits.device)]
+        return logits
+
+
+def default_threads() -> int:
+    return int(os.environ.get("SPECSERVE_THREADS", "0")) or torch.get_num_threads()

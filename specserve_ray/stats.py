@@ -1,0 +1,71 @@
+"""Speculation statistics: pure, summable records (exporters live elsewhere).
+
+Glossary as in the rejection sampler: per step a request drafts k tokens, the target
+accepts n <= k of them and adds one final token, so it emits n + 1 tokens per target call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class SpecStats:
+    num_steps: int = 0              # target calls (verification steps) for this request
+    num_drafts: int = 0             # steps that drafted at least one token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def observe(self, num_draft: int, num_accepted: int) -> None:
+        self.num_steps += 1
+        if num_draft > 0:
+            self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_accepted:
+            self.accepted_per_position.extend([0] * (num_accepted - len(self.accepted_per_position)))
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
+
+    def merge_step(self, step: "StepStats") -> None:
+        # Totals count request-steps: each row of a batched step is one verification.
+        self.num_steps += step.batch_size
+        self.num_draft_tokens += step.num_draft_tokens
+        self.num_accepted_tokens += step.num_accepted_tokens
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens (0 when nothing was drafted)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per target call, the final (recovered or bonus) token included."""
+        return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
+
+    def copy(self) -> "SpecStats":
+        return replace(self, accepted_per_position=list(self.accepted_per_position))
+
+    def summary(self) -> dict:
+        return {"num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "num_steps": self.num_steps,
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_acceptance_length": round(self.mean_acceptance_length, 4)}
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step, for the cost model and the benchmarks."""
+
+    batch_size: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    num_emitted_tokens: int
+    draft_seconds: float
+    verify_seconds: float
+    total_seconds: float
+
+    @property
+    def overhead_seconds(self) -> float:
+        return max(0.0, self.total_seconds - self.draft_seconds - self.verify_seconds)

@@ -1,0 +1,118 @@
+"""DraftWorker: proposes k tokens per sequence and reports each token's probability.
+
+State sync is piggybacked on `propose`: the router passes the tokens each sequence has
+emitted since its last proposal. The worker keeps the longest prefix of its cache that
+agrees with them (accepted drafts stay cached, rejected ones are rolled back) and feeds
+the rest. So a step costs one draft call and one target call, nothing else.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID
+from specserve_ray.core.sampling import logits_to_probs, sample_from_probs
+from specserve_ray.models.runner import ModelRunner
+from specserve_ray.workers.target import sampling_tensors
+from specserve_ray.workers.types import PrefillItem, Proposal, SeqSampling
+
+_DRAFT_STREAM = 0xD2AF
+
+
+class _DraftSeq:
+    __slots__ = ("committed", "sampling", "generator")
+
+    def __init__(self, prompt_ids: list[int], sampling: SeqSampling):
+        self.committed = list(prompt_ids)
+        self.sampling = sampling
+        self.generator = torch.Generator()
+        if sampling.seed is not None:
+            self.generator.manual_seed(sampling.seed * 1_000_003 + _DRAFT_STREAM)
+        else:
+            self.generator.seed()
+
+
+class DraftWorker:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._seqs: dict[str, _DraftSeq] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    def prefill(self, items: list[PrefillItem]) -> None:
+        for item in items:
+            self.runner.add(item.seq_id)
+            self._seqs[item.seq_id] = _DraftSeq(item.prompt_ids, item.sampling)
+            try:
+                self.runner.forward([item.seq_id], [item.prompt_ids], all_logits=False)
+            except Exception:
+                self.release([item.seq_id])
+                raise
+
+    def _sync(self, seq_id: str, new_tokens: list[int]) -> list[int]:
+        """Commit `new_tokens`; roll the cache back to where it agrees; return what to feed."""
+        seq = self._seqs[seq_id]
+        committed_len = len(seq.committed)
+        seq.committed.extend(new_tokens)
+        cached = self.runner.tokens(seq_id)
+        keep = min(len(cached), committed_len)
+        while keep < len(cached) and keep < len(seq.committed) and cached[keep] == seq.committed[keep]:
+            keep += 1
+        if keep < len(cached):
+            self.runner.truncate(seq_id, keep)
+        return seq.committed[keep:]
+
+    def propose(self, seq_ids: list[str], new_tokens: list[list[int]],
+                num_draft: list[int]) -> Proposal:
+        """Draft `num_draft[i]` tokens for each row (0 = no drafting for that row)."""
+        start = time.perf_counter()
+        batch = len(seq_ids)
+        max_k = max(num_draft, default=0)
+        vocab = self.runner.vocab_size
+        draft_ids = torch.full((batch, max_k), PLACEHOLDER_TOKEN_ID, dtype=torch.long)
+        confidence = torch.zeros(batch, max_k)
+        feeds = [self._sync(s, t) for s, t in zip(seq_ids, new_tokens)]
+        rows = [i for i in range(batch) if num_draft[i] > 0]
+        seqs = [self._seqs[seq_ids[i]] for i in rows]
+        sampled = [not s.sampling.greedy for s in seqs]
+        draft_probs = torch.zeros(batch, max_k, vocab) if any(sampled) else None
+        if rows:
+            temperature, top_k, top_p = sampling_tensors([s.sampling for s in seqs])
+            row_ids = torch.tensor(rows)
+            active = list(range(len(rows)))   # positions in `rows` still drafting
+            step_feed = [feeds[i] for i in rows]
+            for j in range(max_k):
+                ids = [seq_ids[rows[a]] for a in active]
+                logits = self.runner.forward(ids, [step_feed[a] for a in active],
+                                             all_logits=False).cpu()            # [A, V]
+                sel = torch.tensor(active)
+                probs = logits_to_probs(logits, temperature[sel], top_k[sel], top_p[sel])
+                tokens = probs.argmax(-1)
+                for a_pos, a in enumerate(active):
+                    if sampled[a]:
+                        noise = torch.empty(1, vocab).exponential_(generator=seqs[a].generator)
+                        tokens[a_pos] = sample_from_probs(probs[a_pos:a_pos + 1], noise)[0]
+                out_rows = row_ids[sel]
+                draft_ids[out_rows, j] = tokens
+                confidence[out_rows, j] = probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+                if draft_probs is not None:
+                    draft_probs[out_rows, j] = probs
+                # Rows whose k is reached stop; the others feed the token just drafted.
+                still = [a_pos for a_pos, a in enumerate(active) if num_draft[rows[a]] > j + 1]
+                step_feed = [None] * len(rows)
+                for a_pos in still:
+                    step_feed[active[a_pos]] = [int(tokens[a_pos])]
+                active = [active[a_pos] for a_pos in still]
+                if not active:
+                    break
+        # Rows that draft nothing keep their feed pending until they next draft.
+        num = torch.tensor(num_draft, dtype=torch.long)
+        return Proposal(draft_ids, num, draft_probs, confidence, time.perf_counter() - start)
+
+    def release(self, seq_ids: list[str]) -> None:
+        for s in seq_ids:
+            self._seqs.pop(s, None)
+            self.runner.release(s)

@@ -1,0 +1,142 @@
+"""TargetWorker: prefill, and lossless verification of a ragged batch in one forward.
+
+The worker owns the target model's KV caches and each sequence's committed tokens, so the
+router only sends draft tokens in and receives emitted tokens back. Rejection sampling
+runs here, next to the target's logits, so full target distributions never travel.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
+from specserve_ray.core.sampling import logits_to_probs, sample_from_probs
+from specserve_ray.models.runner import ModelRunner
+from specserve_ray.workers.types import PrefillItem, SeqSampling, VerifyResult
+
+# Target and draft draw from separate streams of the same request seed.
+_TARGET_STREAM = 0x7A11
+
+
+class _TargetSeq:
+    __slots__ = ("committed", "sampling", "generator")
+
+    def __init__(self, prompt_ids: list[int], sampling: SeqSampling):
+        self.committed = list(prompt_ids)
+        self.sampling = sampling
+        self.generator = torch.Generator()
+        if sampling.seed is not None:
+            self.generator.manual_seed(sampling.seed * 1_000_003 + _TARGET_STREAM)
+        else:
+            self.generator.seed()
+
+
+def sampling_tensors(samplings: list[SeqSampling]):
+    temperature = torch.tensor([s.temperature for s in samplings], dtype=torch.float32)
+    top_k = torch.tensor([s.top_k for s in samplings], dtype=torch.long)
+    top_p = torch.tensor([s.top_p for s in samplings], dtype=torch.float32)
+    return temperature, top_k, top_p
+
+
+class TargetWorker:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._seqs: dict[str, _TargetSeq] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    def has(self, seq_id: str) -> bool:
+        return seq_id in self._seqs
+
+    def prefill(self, items: list[PrefillItem]) -> list[int]:
+        """Cache each prompt and sample the first output token of each sequence."""
+        first_tokens = []
+        for item in items:  # one at a time: prompts differ widely in length
+            seq = _TargetSeq(item.prompt_ids, item.sampling)
+            self.runner.add(item.seq_id)
+            self._seqs[item.seq_id] = seq
+            try:
+                logits = self.runner.forward([item.seq_id], [item.prompt_ids], all_logits=False)
+            except Exception:
+                self.release([item.seq_id])
+                raise
+            token = self._sample_one(logits[0].cpu(), seq)
+            seq.committed.append(token)
+            first_tokens.append(token)
+        return first_tokens
+
+    def _sample_one(self, logits: torch.Tensor, seq: _TargetSeq) -> int:
+        if seq.sampling.greedy:
+            return int(torch.argmax(logits))
+        t, k, p = sampling_tensors([seq.sampling])
+        probs = logits_to_probs(logits.unsqueeze(0), t, k, p)
+        noise = torch.empty(1, logits.shape[-1]).exponential_(generator=seq.generator)
+        return int(sample_from_probs(probs, noise)[0])
+
+    def verify(self, seq_ids: list[str], draft_token_ids: torch.Tensor,
+               num_draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None) -> VerifyResult:
+        """Score every row's pending token + drafts in one forward; accept; roll back.
+
+        draft_token_ids: [B, K]; num_draft_tokens: [B]; draft_probs: [B, K, V] or None.
+        """
+        start = time.perf_counter()
+        seqs = [self._seqs[s] for s in seq_ids]
+        batch = len(seqs)
+        max_k = draft_token_ids.shape[1]
+        fed: list[list[int]] = []
+        base_lens = []
+        for i, seq in enumerate(seqs):
+            cached = self.runner.cache_len(seq_ids[i])
+            pending = seq.committed[cached:]          # the last emitted token(s)
+            base_lens.append(cached + len(pending))
+            n = int(num_draft_tokens[i])
+            fed.append(pending + draft_token_ids[i, :n].tolist())
+        logits = self.runner.forward(seq_ids, fed, all_logits=True).cpu()  # [B, T, V]
+        # Position j of the verification window is the logit after pending + j drafts.
+        pending_lens = torch.tensor([len(f) - int(num_draft_tokens[i]) for i, f in enumerate(fed)])
+        window = pending_lens.unsqueeze(1) - 1 + torch.arange(max_k + 1).unsqueeze(0)
+        window = window.clamp(max=logits.shape[1] - 1)
+        window_logits = logits.gather(1, window.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        target_argmax = window_logits.argmax(-1)                             # [B, K+1]
+
+        is_greedy = torch.tensor([s.sampling.greedy for s in seqs])
+        vocab = logits.shape[-1]
+        target_probs = None
+        uniform = torch.zeros(batch, max_k)
+        noise = torch.ones(batch, vocab)
+        if not bool(is_greedy.all()):
+            t, k, p = sampling_tensors([s.sampling for s in seqs])
+            flat = window_logits.reshape(batch * (max_k + 1), vocab)
+            rep = max_k + 1
+            target_probs = logits_to_probs(flat, t.repeat_interleave(rep),
+                                           k.repeat_interleave(rep), p.repeat_interleave(rep)
+                                           ).view(batch, rep, vocab)
+            for i, seq in enumerate(seqs):
+                if not seq.sampling.greedy:
+                    # Per-request streams keep seeded output independent of the batch.
+                    uniform[i] = torch.rand(max_k, generator=seq.generator)
+                    noise[i] = torch.empty(vocab).exponential_(generator=seq.generator)
+            if draft_probs is None:
+                draft_probs = torch.zeros(batch, max_k, vocab)
+        output_ids, num_emitted = rejection_sample(
+            draft_token_ids, num_draft_tokens, draft_probs, target_probs, target_argmax,
+            is_greedy, uniform, noise)
+        emitted, accepted = [], []
+        for i, seq_id in enumerate(seq_ids):
+            n_out = int(num_emitted[i])
+            tokens = output_ids[i, :n_out].tolist()
+            assert PLACEHOLDER_TOKEN_ID not in tokens
+            # The cache keeps pending + accepted drafts; the final token stays pending.
+            self.runner.truncate(seq_id, base_lens[i] + n_out - 1)
+            seqs[i].committed.extend(tokens)
+            emitted.append(tokens)
+            accepted.append(n_out - 1)
+        return VerifyResult(emitted, accepted, time.perf_counter() - start)
+
+    def release(self, seq_ids: list[str]) -> None:
+        for s in seq_ids:
+            self._seqs.pop(s, None)
+            self.runner.release(s)
