@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo serve bench train-pair clean
+.PHONY: install test test-fast demo serve bench train-pair proto clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# Foreground; answers on 127.0.0.1:8000 (HTTP) and :9000 (gRPC). Stop with Ctrl-C / SIGTERM.
+serve: install
+	$(BIN)/serve run deployments/default.yaml
+
 demo: install
 	$(BIN)/python -m specserve_ray.demo
 
@@ -32,6 +36,10 @@ bench: install
 
 train-pair: install
 	$(BIN)/python scripts/train_pair.py --out specserve_ray/assets/tiny-pair
+
+# The gRPC stubs are committed; regenerate them after editing the .proto.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. deployments/proto/specserve.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -79,6 +79,19 @@ class EngineConfig(_Strict):
     speculation: SpeculationConfig = Field(default_factory=SpeculationConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_by_default(cls, data):
+        # A model section without `path` means the embedded pair's model of that role,
+        # so configs can set dtype/threads for the embedded pair without spelling paths.
+        if isinstance(data, dict):
+            data = dict(data)
+            for role, path in (("target", EMBEDDED_TARGET), ("draft", EMBEDDED_DRAFT)):
+                section = data.get(role)
+                if isinstance(section, dict) and "path" not in section:
+                    data[role] = {**section, "path": path}
+        return data
+
     @model_validator(mode="after")
     def _limits_consistent(self) -> "EngineConfig":
         if self.limits.max_tokens >= self.limits.max_model_len:
@@ -143,3 +156,30 @@ class SamplingParams(_Strict):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class AppConfig(_Strict):
+    """Arguments of `deployments.app:build_app` (the `args:` of a Serve config)."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    model_name: str = Field("specserve-tiny", description="The model id served at /v1/models.")
+    transport: Literal["compiled_graph", "actor"] = Field(
+        "compiled_graph", description="Router <-> worker hop: a Ray compiled graph "
+        "(draft -> target, ~0.2 ms) or plain actor calls (~1.3 ms each).")
+    router_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.2},
+        description="Placement-group bundle of the router replica itself.")
+    draft_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.4},
+        description="Bundle of the draft worker actor, e.g. {'CPU': 1, 'GPU': 1}.")
+    target_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.8},
+        description="Bundle of the target worker actor, e.g. {'CPU': 1, 'GPU': 1}.")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="How the router, draft and target bundles are placed.")
+    max_queued_requests: int = Field(64, ge=0, description="Requests waiting for a batch "
+                                     "slot before new ones get HTTP 503.")
+    max_ongoing_requests: int = Field(128, ge=1, description="Serve's per-replica cap on "
+                                      "concurrent requests (past it Serve queues/rejects).")
+    chat_template: str | None = Field(None, description="Jinja chat template used when the "
+                                      "tokenizer has none; None = the documented default.")

@@ -14,6 +14,7 @@ methods can stand in for them (the deployment does exactly that).
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -23,9 +24,10 @@ import torch
 from specserve_ray.config import EngineConfig, LimitsConfig, SamplingParams, SpeculationConfig
 from specserve_ray.errors import RequestError
 from specserve_ray.models.runner import ModelRunner
-from specserve_ray.stats import SpecStats, StepStats
+from specserve_ray.stats import SpecStats, StepStats, StepTotals
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
+from specserve_ray.workers.host import StepPlan, StepResult, run_draft, run_target
 from specserve_ray.workers.types import PrefillItem, SeqSampling
 
 
@@ -102,7 +104,14 @@ class SpecEngine:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._ids = itertools.count()
-        self.step_stats: list[StepStats] = []
+        self.has_draft = draft is not None
+        self.vocab_size = target.vocab_size if target is not None else None
+        # In-process workers are released at once; a remote step loop sends releases
+        # with the next plan instead (one message per step).
+        self.release_eagerly = True
+        self._to_release: list[str] = []
+        self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
+        self.step_totals = StepTotals()
         self.totals = SpecStats()
 
     # -- construction -------------------------------------------------------------------------
@@ -122,6 +131,15 @@ class SpecEngine:
         return cls(TargetWorker(target_runner), draft, tokenizer, config.limits, config.speculation,
                    k_chooser)
 
+    @classmethod
+    def remote(cls, tokenizer, vocab_size: int, has_draft: bool, limits: LimitsConfig,
+               speculation: SpeculationConfig, k_chooser: KChooser | None = None):
+        """An engine that only plans and applies; the workers live elsewhere (Ray actors)."""
+        engine = cls(None, None, tokenizer, limits, speculation, k_chooser)
+        engine.has_draft, engine.vocab_size = has_draft, vocab_size
+        engine.release_eagerly = False
+        return engine
+
     def _static_k(self, requests: Sequence[Request]) -> list[int]:
         k = self.speculation.num_speculative_tokens
         return [k if r.num_speculative_tokens is None else r.num_speculative_tokens
@@ -134,7 +152,7 @@ class SpecEngine:
                 raise RequestError("prompt is empty")
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = list(prompt)
-        vocab = self.target.vocab_size
+        vocab = self.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
@@ -170,77 +188,104 @@ class SpecEngine:
             for r in queue:
                 if r.request_id == request_id:
                     queue.remove(r)
-                    self._release([r])
+                    if queue is self.running:
+                        self._to_release.append(request_id)
+                        if self.release_eagerly:
+                            self._release_now()
                     return True
         return False
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    # -- the step -----------------------------------------------------------------------------
-    def _admit(self, outputs: list[RequestOutput]) -> None:
+    # -- the step: plan (here) -> execute (workers) -> apply (here) ---------------------------
+    def step(self) -> list[RequestOutput]:
+        """One step in-process: the workers are called directly."""
+        plan = self.plan_step()
+        if plan is None:
+            return self.drain_finished()
+        start = time.perf_counter()
+        result = run_target(self.target, run_draft(self.draft, plan))
+        return self.apply_step(plan, result, time.perf_counter() - start)
+
+    def plan_step(self) -> StepPlan | None:
+        """Admit waiting requests, choose every running request's k, release finished ones."""
         free = self.limits.max_num_seqs - len(self.running)
         admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+        release, self._to_release = self._to_release, []
+        batch = [r for r in self.running if not r.finished]
+        ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))] if batch else []
+        prefill = []
         for req in admitted:
             p = req.params
-            item = PrefillItem(req.request_id, req.prompt_ids,
-                               SeqSampling(p.temperature, p.top_k, p.top_p, p.seed))
-            first = self.target.prefill([item])
-            if self.draft is not None:
-                self.draft.prefill([item])
-            req.first_token_time = time.monotonic()
+            prefill.append(PrefillItem(req.request_id, req.prompt_ids,
+                                       SeqSampling(p.temperature, p.top_k, p.top_p, p.seed)))
             self.running.append(req)
-            self._commit(req, first)
-            outputs.append(self._delta(req))
+        if not (release or prefill or batch):
+            return None
+        new_tokens = []
+        for r in batch:
+            new_tokens.append(r.unsynced_draft)
+            r.unsynced_draft = []
+        return StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks)
 
-    def step(self) -> list[RequestOutput]:
+    def apply_step(self, plan: StepPlan, result: StepResult, seconds: float) -> list[RequestOutput]:
+        """Commit what the workers produced; return the per-request deltas."""
         outputs: list[RequestOutput] = []
-        self._admit(outputs)
-        batch = [r for r in self.running if not r.finished]
-        if batch:
-            self._decode(batch, outputs)
+        by_id = {r.request_id: r for r in self.running}
+        now = time.monotonic()
+        for item, token in zip(plan.prefill, result.first_tokens):
+            req = by_id.get(item.seq_id)
+            if req is None:
+                continue
+            req.first_token_time = now
+            self._commit(req, [token])
+            outputs.append(self._delta(req))
+        if result.verify is not None:
+            v = result.verify
+            drafted = accepted = emitted_total = 0
+            for rid, k, tokens, n_acc in zip(plan.decode_ids, plan.num_draft, v.emitted,
+                                             v.num_accepted):
+                req = by_id.get(rid)
+                if req is None:        # aborted while the step was in flight
+                    continue
+                req.spec.observe(num_draft=k, num_accepted=n_acc)
+                drafted += k
+                accepted += n_acc
+                emitted_total += self._commit(req, tokens)
+                outputs.append(self._delta(req))
+            draft_s = result.proposal.seconds if result.proposal is not None else 0.0
+            stats = StepStats(batch_size=len(plan.decode_ids), num_draft_tokens=drafted,
+                              num_accepted_tokens=accepted, num_emitted_tokens=emitted_total,
+                              draft_seconds=draft_s, verify_seconds=v.seconds,
+                              total_seconds=seconds, prefill_seconds=result.prefill_seconds)
+            self.recent_steps.append(stats)
+            self.step_totals.add(stats)
+            self.totals.merge_step(stats)
+        outputs.extend(self.drain_finished())
+        return outputs
+
+    def drain_finished(self) -> list[RequestOutput]:
         done = [r for r in self.running if r.finished]
         if done:
             self.running = [r for r in self.running if not r.finished]
-            self._release(done)
-        return outputs
+            self._to_release.extend(r.request_id for r in done)
+            if self.release_eagerly:
+                self._release_now()
+        return []
+
+    def _release_now(self) -> None:
+        ids, self._to_release = self._to_release, []
+        if ids:
+            self.target.release(ids)
+            if self.draft is not None:
+                self.draft.release(ids)
 
     def _clamp_k(self, req: Request, k: int) -> int:
         # Never draft past max_tokens or the context: the final token is always the target's.
         left = req.params.max_tokens - len(req.output_ids) - 1
         room = self.limits.max_model_len - req.context_len - 1
-        return max(0, min(k, left, room)) if self.draft is not None else 0
-
-    def _decode(self, batch: list[Request], outputs: list[RequestOutput]) -> None:
-        start = time.perf_counter()
-        ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))]
-        ids = [r.request_id for r in batch]
-        if any(ks):
-            proposal = self.draft.propose(ids, [r.unsynced_draft for r in batch], ks)
-            for r in batch:
-                r.unsynced_draft = []
-            draft_ids, num_draft, draft_probs = (proposal.draft_token_ids,
-                                                 proposal.num_draft_tokens, proposal.draft_probs)
-            draft_s = proposal.seconds
-        else:
-            draft_ids = torch.empty(len(batch), 0, dtype=torch.long)
-            num_draft = torch.zeros(len(batch), dtype=torch.long)
-            draft_probs, draft_s = None, 0.0
-        result = self.target.verify(ids, draft_ids, num_draft, draft_probs)
-        drafted = accepted = emitted_total = 0
-        for req, k, tokens, n_acc in zip(batch, ks, result.emitted, result.num_accepted):
-            req.spec.observe(num_draft=k, num_accepted=n_acc)
-            drafted += k
-            accepted += n_acc
-            emitted_total += self._commit(req, tokens)
-            outputs.append(self._delta(req))
-        total = time.perf_counter() - start
-        stats = StepStats(batch_size=len(batch), num_draft_tokens=drafted,
-                          num_accepted_tokens=accepted, num_emitted_tokens=emitted_total,
-                          draft_seconds=draft_s, verify_seconds=result.seconds,
-                          total_seconds=total)
-        self.step_stats.append(stats)
-        self.totals.merge_step(stats)
+        return max(0, min(k, left, room)) if self.has_draft else 0
 
     def _commit(self, req: Request, tokens: list[int]) -> int:
         """Append emitted tokens, honouring EOS, max_tokens and stop strings."""
@@ -276,12 +321,6 @@ class SpecEngine:
         req.sent_token_len = len(req.output_ids)
         return RequestOutput(req.request_id, new_ids, new_text, req.finished, req.finish_reason,
                              len(req.prompt_ids), len(req.output_ids), req.spec.copy())
-
-    def _release(self, reqs: list[Request]) -> None:
-        ids = [r.request_id for r in reqs]
-        self.target.release(ids)
-        if self.draft is not None:
-            self.draft.release(ids)
 
     # -- convenience ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str | list[int]],

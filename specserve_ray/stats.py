@@ -64,8 +64,39 @@ class StepStats:
     num_emitted_tokens: int
     draft_seconds: float
     verify_seconds: float
-    total_seconds: float
+    total_seconds: float            # the whole step as the step loop saw it
+    prefill_seconds: float = 0.0    # admissions handled in the same step
 
     @property
     def overhead_seconds(self) -> float:
-        return max(0.0, self.total_seconds - self.draft_seconds - self.verify_seconds)
+        """Router, transport and bookkeeping: what the models' forwards do not explain."""
+        return max(0.0, self.total_seconds - self.draft_seconds - self.verify_seconds
+                   - self.prefill_seconds)
+
+
+@dataclass
+class StepTotals:
+    """Running sums over steps (bounded memory for a long-lived server)."""
+
+    steps: int = 0
+    rows: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    total_seconds: float = 0.0
+    overhead_seconds: float = 0.0
+
+    def add(self, step: StepStats) -> None:
+        self.steps += 1
+        self.rows += step.batch_size
+        self.draft_seconds += step.draft_seconds
+        self.verify_seconds += step.verify_seconds
+        self.prefill_seconds += step.prefill_seconds
+        self.total_seconds += step.total_seconds
+        self.overhead_seconds += step.overhead_seconds
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "rows": self.rows,
+                "draft": round(self.draft_seconds, 6), "verify": round(self.verify_seconds, 6),
+                "prefill": round(self.prefill_seconds, 6), "total": round(self.total_seconds, 6),
+                "overhead": round(self.overhead_seconds, 6)}

@@ -75,6 +75,7 @@ class DraftWorker:
         draft_ids = torch.full((batch, max_k), PLACEHOLDER_TOKEN_ID, dtype=torch.long)
         confidence = torch.zeros(batch, max_k)
         feeds = [self._sync(s, t) for s, t in zip(seq_ids, new_tokens)]
+        # Rows with k = 0 only sync; their feed stays pending until they next draft.
         rows = [i for i in range(batch) if num_draft[i] > 0]
         seqs = [self._seqs[seq_ids[i]] for i in rows]
         sampled = [not s.sampling.greedy for s in seqs]
@@ -108,7 +109,6 @@ class DraftWorker:
                 active = [active[a_pos] for a_pos in still]
                 if not active:
                     break
-        # Rows that draft nothing keep their feed pending until they next draft.
         num = torch.tensor(num_draft, dtype=torch.long)
         return Proposal(draft_ids, num, draft_probs, confidence, time.perf_counter() - start)
 

@@ -1,0 +1,33 @@
+"""`build_app(args) -> Application`: the SpecServe-Ray Serve application.
+
+    HTTP :8000 (OpenAI API) ─┐
+    gRPC :9000 (SpecServe) ──┼──> SpecRouter replica ── placement group (STRICT_PACK) ──┐
+    DeploymentHandle ────────┘     step loop, batching  │ bundle 0: router             │
+                                   one compiled-graph   │ bundle 1: DraftActor  (draft)│
+                                   execution per step:  │ bundle 2: TargetActor (target)
+                                   draft.step -> target.step (all running requests)   │
+                                                        └──────────────────────────────┘
+Use as `import_path: deployments.app:build_app` in a Serve config; `args` are validated
+by `specserve_ray.config.AppConfig`. More replicas (or Serve autoscaling) add whole
+router+draft+target groups.
+"""
+from __future__ import annotations
+
+from ray.serve import Application
+
+from specserve_ray.config import AppConfig
+
+from deployments.router import SpecRouter
+
+
+def build_app(args: dict | None = None) -> Application:
+    cfg = AppConfig.model_validate(args or {})
+    bundles = [cfg.router_resources, cfg.draft_resources, cfg.target_resources]
+    router_cpus = cfg.router_resources.get("CPU", 0.0)
+    return SpecRouter.options(
+        placement_group_bundles=bundles,
+        placement_group_strategy=cfg.placement_strategy,
+        ray_actor_options={"num_cpus": router_cpus,
+                           "num_gpus": cfg.router_resources.get("GPU", 0.0)},
+        max_ongoing_requests=cfg.max_ongoing_requests,
+    ).bind(cfg.model_dump(mode="json"))

@@ -1,0 +1,56 @@
+"""The draft and target worker actors: thin Ray shells around the engine's hosts.
+
+Each actor loads its model through the engine's runner and keeps the KV caches of the
+requests routed to it; a request stays on the same pair of actors for its life.
+"""
+from __future__ import annotations
+
+import ray
+
+from specserve_ray.config import LimitsConfig, ModelConfig
+from specserve_ray.models.runner import ModelRunner
+from specserve_ray.workers.draft import DraftWorker
+from specserve_ray.workers.host import DraftOutput, StepPlan, StepResult, run_draft, run_target
+from specserve_ray.workers.target import TargetWorker
+
+
+class _Base:
+    def __init__(self, model: dict, limits: dict, role: str):
+        model_cfg, lim = ModelConfig(**model), LimitsConfig(**limits)
+        self.runner, self.tokenizer = ModelRunner.from_config(
+            model_cfg, lim.max_num_seqs, lim.max_model_len, name=role)
+
+    def describe(self) -> dict:
+        return {"vocab_size": self.runner.vocab_size, "vocab": self.tokenizer.get_vocab(),
+                "dtype": str(self.runner.dtype), "device": str(self.runner.device)}
+
+    def ready(self) -> bool:
+        return True
+
+    def forward_stats(self) -> dict:
+        return {"forward_calls": self.runner.forward_calls,
+                "forward_seconds": self.runner.forward_seconds,
+                "num_seqs": self.runner.num_seqs()}
+
+
+@ray.remote
+class DraftActor(_Base):
+    def __init__(self, model: dict, limits: dict):
+        super().__init__(model, limits, "draft")
+        self.worker = DraftWorker(self.runner)
+
+    def step(self, plan: StepPlan) -> DraftOutput:
+        return run_draft(self.worker, plan)
+
+
+@ray.remote
+class TargetActor(_Base):
+    def __init__(self, model: dict, limits: dict):
+        super().__init__(model, limits, "target")
+        self.worker = TargetWorker(self.runner)
+
+    def step(self, draft_out: DraftOutput) -> StepResult:
+        return run_target(self.worker, draft_out)
+
+    def step_without_draft(self, plan: StepPlan) -> StepResult:
+        return run_target(self.worker, DraftOutput(plan, None))

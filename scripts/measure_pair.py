@@ -1,0 +1,101 @@
+"""Measure the embedded pair: sizes, held-out loss, draft/target agreement, step costs.
+
+    python scripts/measure_pair.py [--pair specserve_ray/assets/tiny-pair]
+
+Agreement is greedy per-token agreement under teacher forcing: over held-out source
+(the stdlib packages email/, http/, xml/, never trained on), the fraction of positions
+where the draft's argmax equals the target's argmax. Step costs are medians of a batch-1
+decode step at a 128-token context through the engine's runner (what serving pays).
+Results are merged into <pair>/TRAINING.json under "measured".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from specserve_ray.models.runner import ModelRunner
+from specserve_ray.prompts import held_out_files
+
+
+def held_out_stream(tokenizer) -> torch.Tensor:
+    ids = []
+    for f in held_out_files():
+        ids.extend(tokenizer(f.read_text(encoding="utf-8", errors="replace"),
+                             add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids)
+
+
+@torch.no_grad()
+def agreement_and_loss(target, draft, stream, seq=128, windows=200):
+    step = max(seq, (stream.numel() - seq - 1) // windows)
+    agree = total = 0
+    losses = {"target": [], "draft": []}
+    for s in range(0, stream.numel() - seq - 1, step)[:windows]:
+        x = stream[s:s + seq].unsqueeze(0)
+        y = stream[s + 1:s + seq + 1]
+        lt = target(input_ids=x).logits[0].float()
+        ld = draft(input_ids=x).logits[0].float()
+        agree += int((lt.argmax(-1) == ld.argmax(-1)).sum())
+        total += seq
+        losses["target"].append(F.cross_entropy(lt, y).item())
+        losses["draft"].append(F.cross_entropy(ld, y).item())
+    return agree / total, {k: sum(v) / len(v) for k, v in losses.items()}
+
+
+def step_ms(model, context: int = 128, repeats: int = 50) -> float:
+    runner = ModelRunner(model, max_seqs=1, max_model_len=context + 8)
+    runner.add("s")
+    runner.forward(["s"], [list(range(5, 5 + context))], all_logits=False)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.forward(["s"], [[7]], all_logits=False)
+        times.append(time.perf_counter() - t0)
+        runner.truncate("s", context)
+    return sorted(times)[len(times) // 2] * 1000
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pair", type=Path, default=Path("specserve_ray/assets/tiny-pair"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.pair / "target")
+    target = AutoModelForCausalLM.from_pretrained(args.pair / "target", dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(args.pair / "draft", dtype=torch.float32).eval()
+    stream = held_out_stream(tok)
+    agree, losses = agreement_and_loss(target, draft, stream)
+    target_bf16 = AutoModelForCausalLM.from_pretrained(args.pair / "target", dtype=torch.bfloat16).eval()
+    costs = {"target_fp32_ms": step_ms(target), "target_bf16_ms": step_ms(target_bf16),
+             "draft_fp32_ms": step_ms(draft)}
+    sizes = {d: sum(f.stat().st_size for f in (args.pair / d).iterdir()) / 2**20
+             for d in ("target", "draft")}
+    measured = {
+        "greedy_agreement_held_out": round(agree, 4),
+        "held_out_loss_fp32": {k: round(v, 4) for k, v in losses.items()},
+        "step_ms_batch1_ctx128": {k: round(v, 3) for k, v in costs.items()},
+        "target_over_draft_step": round(costs["target_fp32_ms"] / costs["draft_fp32_ms"], 2),
+        "size_mib": {k: round(v, 2) for k, v in sizes.items()},
+        "params": {"target": sum(p.numel() for p in target.parameters()),
+                   "draft": sum(p.numel() for p in draft.parameters())},
+        "threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "command": "python scripts/measure_pair.py",
+    }
+    path = args.pair / "TRAINING.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report["measured"] = measured
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(measured, indent=2))
+
+
+if __name__ == "__main__":
+    main()

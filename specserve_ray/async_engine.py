@@ -1,0 +1,158 @@
+"""AsyncSpecEngine: the router's step loop over any transport, with streams per request.
+
+The engine plans each step and applies its result; the transport (in-process thread, Ray
+actor calls, or a Ray compiled graph) executes it on the draft and target workers. Between
+steps new requests join and cancelled ones leave; their caches are released on both
+workers with the next plan, so one message per step carries everything.
+
+Backpressure: at most `max_queued` requests wait for a batch slot; past that a request
+fails at once with OverloadedError (HTTP 503), never hangs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+from specserve_ray.config import SamplingParams
+from specserve_ray.engine import RequestOutput, SpecEngine
+from specserve_ray.errors import OverloadedError
+from specserve_ray.workers.host import StepPlan, StepResult
+
+log = logging.getLogger("specserve_ray")
+
+Execute = Callable[[StepPlan], Awaitable[StepResult]]
+
+
+class StepFailed(RuntimeError):
+    """The workers failed while executing a step; the requests in it are failed."""
+
+
+class AsyncSpecEngine:
+    def __init__(self, engine: SpecEngine, execute: Execute, max_queued: int = 64):
+        self.engine = engine
+        engine.release_eagerly = False
+        self.execute = execute
+        self.max_queued = max_queued
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.num_steps = 0            # executed plans
+        self.num_target_calls = 0     # calls to the target worker (one per step)
+        self.num_decode_steps = 0
+        self.num_decode_rows = 0      # requests verified, summed over steps
+        self.step_seconds = 0.0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    # -- requests --------------------------------------------------------------------------------
+    async def generate_stream(self, prompt, params: SamplingParams | None = None,
+                              request_id: str | None = None,
+                              num_speculative_tokens: int | None = None
+                              ) -> AsyncIterator[RequestOutput]:
+        """Yield one delta per step until the request finishes.
+
+        Leaving the iteration early (client disconnect, cancellation) aborts the request
+        and frees its caches on both workers.
+        """
+        self.start()
+        if len(self.engine.waiting) >= self.max_queued:
+            raise OverloadedError(f"server overloaded: {len(self.engine.waiting)} requests "
+                                  "already queued; retry later")
+        rid = self.engine.add_request(prompt, params, request_id, num_speculative_tokens)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:
+                self.engine.abort(rid)
+                self._wake.set()   # the release travels with the next plan
+
+    async def generate(self, prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None,
+                       num_speculative_tokens: int | None = None) -> dict:
+        """Run one request to completion; returns its text, token ids and statistics."""
+        token_ids: list[int] = []
+        text = []
+        last = None
+        async for out in self.generate_stream(prompt, params, request_id, num_speculative_tokens):
+            token_ids.extend(out.new_token_ids)
+            text.append(out.new_text)
+            last = out
+        return {"request_id": last.request_id, "text": "".join(text), "token_ids": token_ids,
+                "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
+                "completion_tokens": last.num_output_tokens, "speculation": last.spec.summary()}
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            start = time.perf_counter()   # a step's time includes planning (router work)
+            plan = self.engine.plan_step()
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                result = await self.execute(plan)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a worker failed: fail this step's requests, live on
+                log.exception("step failed")
+                self._fail(plan, StepFailed(f"worker step failed: {exc}"))
+                continue
+            seconds = time.perf_counter() - start
+            self.num_steps += 1
+            self.num_target_calls += 1
+            if plan.decode_ids:
+                self.num_decode_steps += 1
+                self.num_decode_rows += len(plan.decode_ids)
+            self.step_seconds += seconds
+            for out in self.engine.apply_step(plan, result, seconds):
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            # Yield to the event loop so arrivals and cancellations land between steps.
+            await asyncio.sleep(0)
+
+    def _fail(self, plan: StepPlan, error: Exception) -> None:
+        ids = [p.seq_id for p in plan.prefill] + list(plan.decode_ids)
+        for rid in ids:
+            self.engine.abort(rid)
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(error)
+
+    def stats(self) -> dict:
+        eng = self.engine
+        return {
+            "step_time_s": eng.step_totals.summary(),
+            "running": len(eng.running), "waiting": len(eng.waiting),
+            "steps": self.num_steps, "decode_steps": self.num_decode_steps,
+            "target_calls": self.num_target_calls,
+            "target_calls_per_step": (self.num_target_calls / self.num_steps) if self.num_steps else 0.0,
+            "mean_batch_size": (self.num_decode_rows / self.num_decode_steps) if self.num_decode_steps else 0.0,
+            "speculation": eng.totals.summary(),
+        }

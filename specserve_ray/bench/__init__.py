@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m specserve_ray.bench {single,...} --json PATH`."""

@@ -1,0 +1,161 @@
+"""`bench deploy`: the Ray Serve deployment against the in-process engine, same prompts.
+
+Measures output tokens/s at 1 and 8 concurrent streams over streaming HTTP (the OpenAI
+API), the same workload on the in-process engine, and the router's step time split into
+draft forward, target verify, prefill and the rest (router + transport + Ray), read from
+the router's own counters (`GET /v1/stats`) before and after each run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import time
+
+import torch
+
+from specserve_ray.config import EngineConfig, SamplingParams
+from specserve_ray.prompts import held_out_prompts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _stream_one(client, url: str, prompt: str, max_tokens: int) -> int:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    return tokens
+
+
+async def http_run(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 2)) as client:
+        before = (await client.get(url + "/v1/stats", timeout=60)).json()
+        queue = list(prompts)
+        start = time.perf_counter()
+
+        async def worker():
+            done = 0
+            while queue:
+                done += await _stream_one(client, url, queue.pop(), max_tokens)
+            return done
+
+        tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+        seconds = time.perf_counter() - start
+        after = (await client.get(url + "/v1/stats", timeout=60)).json()
+    split = {k: after["step_time_s"][k] - before["step_time_s"][k]
+             for k in ("draft", "verify", "prefill", "total", "overhead", "steps", "rows")}
+    return {"tok_s": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2),
+            "step_split_s": split,
+            "overhead_share": round(split["overhead"] / split["total"], 4) if split["total"] else None,
+            "mean_batch": round(split["rows"] / split["steps"], 2) if split["steps"] else None}
+
+
+def engine_run(engine, prompt_ids: list[list[int]], concurrency: int, max_tokens: int) -> dict:
+    engine.limits = engine.limits.model_copy(update={"max_num_seqs": concurrency})
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    engine.generate(prompt_ids[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    outs = engine.generate(prompt_ids, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.output_ids) for o in outs)
+    return {"tok_s": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2)}
+
+
+def start_app(transport: str, k: int) -> tuple[str, callable]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"transport": transport,
+            "engine": {"speculation": {"num_speculative_tokens": k},
+                       "limits": {"max_num_seqs": 8, "max_model_len": 1024}}}
+    serve.run(build_app(args), name="specserve", route_prefix="/")
+
+    def stop():
+        serve.shutdown()
+        ray.shutdown()
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    engine_cfg = EngineConfig()
+    from specserve_ray.engine import SpecEngine
+    from specserve_ray.config import SpeculationConfig
+
+    engine = SpecEngine.from_config(engine_cfg)
+    engine.speculation = SpeculationConfig(num_speculative_tokens=args.k)
+    prompt_ids = held_out_prompts(engine.tokenizer, args.requests, args.prompt_tokens)
+    prompts = [engine.tokenizer.decode(p) for p in prompt_ids]
+    # Re-encode so both sides see exactly the same token ids.
+    prompt_ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    report: dict = {"setup": {"requests": len(prompts), "prompt_tokens": args.prompt_tokens,
+                              "new_tokens": args.new_tokens, "k": args.k,
+                              "transport": args.transport if not args.url else "external"}}
+    url, stop = (args.url, None) if args.url else start_app(args.transport, args.k)
+    try:
+        for c in args.streams:
+            # Warm the deployment up once per concurrency level.
+            asyncio.run(http_run(url, prompts[:c], c, 8))
+            d = asyncio.run(http_run(url, prompts, c, args.new_tokens))
+            report[f"deploy_{c}"] = d
+            report[f"deploy_tok_s_{c}"] = d["tok_s"]
+            report[f"overhead_share_{c}"] = d["overhead_share"]
+            print(f"deployment  {c} streams: {d['tok_s']:8.2f} tok/s  mean batch "
+                  f"{d['mean_batch']}  router/transport share {d['overhead_share']}")
+    finally:
+        if stop:
+            stop()
+    for c in args.streams:
+        e = engine_run(engine, prompt_ids, c, args.new_tokens)
+        report[f"engine_{c}"] = e
+        report[f"engine_tok_s_{c}"] = e["tok_s"]
+        print(f"in-process  {c} streams: {e['tok_s']:8.2f} tok/s")
+        if f"deploy_tok_s_{c}" in report:
+            report[f"deploy_vs_engine_{c}"] = round(report[f"deploy_tok_s_{c}"] / e["tok_s"], 3)
+    return report
+
+
+def add_parser(sub):
+    p = sub.add_parser("deploy", help="Ray Serve deployment vs in-process engine, step split")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--url", help="a running deployment (default: start the default app)")
+    p.add_argument("--transport", default="compiled_graph", choices=["compiled_graph", "actor"])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> None:
+    report = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")

@@ -1,0 +1,79 @@
+"""One step's work on each side, as pure-ish functions of a plan.
+
+The step loop (engine or Ray router) builds a `StepPlan`; the draft side runs its part
+and hands the plan on with its proposal; the target side finishes the step. The same
+two calls run in-process, over plain Ray actor calls, or as a Ray compiled graph
+(draft -> target), so every transport shares this code.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from specserve_ray.workers.draft import DraftWorker
+from specserve_ray.workers.target import TargetWorker
+from specserve_ray.workers.types import PrefillItem, Proposal, VerifyResult
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    release: list[str] = field(default_factory=list)          # finished / cancelled
+    prefill: list[PrefillItem] = field(default_factory=list)  # admitted this step
+    decode_ids: list[str] = field(default_factory=list)       # running requests
+    new_tokens: list[list[int]] = field(default_factory=list) # emitted since the draft saw them
+    num_draft: list[int] = field(default_factory=list)        # k per running request
+
+
+@dataclass(frozen=True)
+class DraftOutput:
+    plan: StepPlan
+    proposal: Proposal | None
+    draft_error: str | None = None
+    prefill_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    first_tokens: list[int]                 # one per plan.prefill item
+    verify: VerifyResult | None
+    proposal: Proposal | None
+    draft_error: str | None = None
+    prefill_seconds: float = 0.0            # draft + target prefill time in this step
+
+
+def run_draft(worker: DraftWorker | None, plan: StepPlan) -> DraftOutput:
+    if worker is None:
+        return DraftOutput(plan, None)
+    worker.release(plan.release)
+    start = time.perf_counter()
+    if plan.prefill:
+        worker.prefill(plan.prefill)
+    prefill_s = time.perf_counter() - start
+    proposal = None
+    if plan.decode_ids:
+        proposal = worker.propose(plan.decode_ids, plan.new_tokens, plan.num_draft)
+    return DraftOutput(plan, proposal, prefill_seconds=prefill_s)
+
+
+def run_target(worker: TargetWorker, draft_out: DraftOutput) -> StepResult:
+    plan = draft_out.plan
+    worker.release(plan.release)
+    start = time.perf_counter()
+    first = worker.prefill(plan.prefill) if plan.prefill else []
+    prefill_s = draft_out.prefill_seconds + time.perf_counter() - start
+    verify = None
+    if plan.decode_ids:
+        proposal = draft_out.proposal
+        if proposal is None or proposal.draft_token_ids.shape[1] == 0:
+            batch = len(plan.decode_ids)
+            verify = worker.verify(plan.decode_ids, torch.empty(batch, 0, dtype=torch.long),
+                                   torch.zeros(batch, dtype=torch.long), None)
+        else:
+            verify = worker.verify(plan.decode_ids, proposal.draft_token_ids,
+                                   proposal.num_draft_tokens, proposal.draft_probs)
+    proposal = draft_out.proposal
+    if proposal is not None and proposal.draft_probs is not None:
+        proposal = replace(proposal, draft_probs=None)  # the router needs only confidences
+    return StepResult(first, verify, proposal, draft_out.draft_error, prefill_s)
