@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -74,6 +75,14 @@ async def _bad_body(request: Request, exc: RequestValidationError) -> JSONRespon
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
     return JSONResponse(oai.error_body("invalid request: " + "; ".join(parts), 400), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # e.g. a body that is not valid UTF-8: FastAPI answers 400 before validation.
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    return JSONResponse(oai.error_body(f"invalid request: {detail}", exc.status_code),
+                        status_code=exc.status_code)
 
 
 @serve.deployment(name="SpecRouter", max_ongoing_requests=128, health_check_period_s=10)

@@ -1,0 +1,134 @@
+"""Latency SLO classes (SpecServe, arXiv 2503.05096, section 5.3) and their attainment.
+
+A request belongs to one class; the class sets its time-to-first-token (TTFT) and
+time-per-output-token (TPOT) budgets. Speculation lengthens a step, so the policy keeps
+the predicted step time within the tightest TPOT budget in the batch; admission serves
+the waiting request with the least TTFT slack first. A request *attains* its SLO when
+its TTFT and its mean TPOT are both within budget. Attainment records are plain counts:
+trackers from many routers add up.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+__all__ = ["SloClass", "SloRegistry", "tightest_tpot", "admission_order", "ClassAttainment",
+           "SloTracker", "NO_SLO"]
+
+
+@dataclass(frozen=True)
+class SloClass:
+    name: str
+    ttft_s: float = math.inf      # budget for the first token, from arrival
+    tpot_s: float = math.inf      # budget for the mean time between later tokens
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("an SLO class needs a name")
+        if not (self.ttft_s > 0 and self.tpot_s > 0):
+            raise ValueError(f"SLO budgets must be positive, got {self}")
+
+
+NO_SLO = SloClass("best-effort")
+
+
+class SloRegistry:
+    """Named classes plus the default one a request without a class gets."""
+
+    def __init__(self, classes: Iterable[SloClass], default: str | None = None):
+        self.classes = {c.name: c for c in classes}
+        if not self.classes:
+            self.classes = {NO_SLO.name: NO_SLO}
+        self.default = default if default is not None else next(iter(self.classes))
+        if self.default not in self.classes:
+            raise ValueError(f"default SLO class {self.default!r} is not defined")
+
+    @classmethod
+    def from_config(cls, entries: Sequence[Mapping], default: str | None = None) -> "SloRegistry":
+        """[{"name": "chat", "ttft_s": 1.0, "tpot_s": 0.05}, ...]; omitted budgets = none."""
+        classes = []
+        for entry in entries:
+            unknown = set(entry) - {"name", "ttft_s", "tpot_s"}
+            if unknown:
+                raise ValueError(f"unknown SLO class fields {sorted(unknown)}")
+            classes.append(SloClass(entry["name"], float(entry.get("ttft_s", math.inf)),
+                                    float(entry.get("tpot_s", math.inf))))
+        if len({c.name for c in classes}) != len(classes):
+            raise ValueError("SLO class names must be unique")
+        return cls(classes, default)
+
+    def get(self, name: str | None = None) -> SloClass:
+        if name is None:
+            return self.classes[self.default]
+        try:
+            return self.classes[name]
+        except KeyError:
+            raise ValueError(f"unknown SLO class {name!r}; known: {sorted(self.classes)}") from None
+
+
+def tightest_tpot(classes: Iterable[SloClass]) -> float:
+    """The smallest TPOT budget among the batch's classes (inf for none)."""
+    return min((c.tpot_s for c in classes), default=math.inf)
+
+
+def admission_order(waiting: Sequence[tuple[float, SloClass]], now: float) -> list[int]:
+    """Indices of (arrival_time, class) pairs, least TTFT slack first, then earliest
+    arrival. Slack = arrival + ttft budget - now; requests without a TTFT budget go
+    last, in arrival order."""
+    return sorted(range(len(waiting)),
+                  key=lambda i: (waiting[i][0] + waiting[i][1].ttft_s - now, waiting[i][0], i))
+
+
+@dataclass
+class ClassAttainment:
+    """Counts for one class; addable."""
+
+    requests: int = 0
+    attained: int = 0
+    ttft_met: int = 0
+    tpot_met: int = 0
+
+    def __add__(self, other: "ClassAttainment") -> "ClassAttainment":
+        return ClassAttainment(self.requests + other.requests, self.attained + other.attained,
+                               self.ttft_met + other.ttft_met, self.tpot_met + other.tpot_met)
+
+    @property
+    def rate(self) -> float:
+        return self.attained / self.requests if self.requests else 1.0
+
+
+@dataclass
+class SloTracker:
+    """Per-class attainment of finished requests."""
+
+    per_class: dict[str, ClassAttainment] = field(default_factory=dict)
+
+    def record(self, slo: SloClass, ttft_s: float, mean_tpot_s: float | None) -> bool:
+        """Count one finished request; True if it attained. `mean_tpot_s` is None for a
+        one-token output, which has no inter-token time to miss."""
+        ttft_ok = ttft_s <= slo.ttft_s
+        tpot_ok = mean_tpot_s is None or mean_tpot_s <= slo.tpot_s
+        counts = self.per_class.setdefault(slo.name, ClassAttainment())
+        counts.requests += 1
+        counts.ttft_met += ttft_ok
+        counts.tpot_met += tpot_ok
+        counts.attained += ttft_ok and tpot_ok
+        return ttft_ok and tpot_ok
+
+    def __add__(self, other: "SloTracker") -> "SloTracker":
+        merged = {name: ClassAttainment() + counts for name, counts in self.per_class.items()}
+        for name, counts in other.per_class.items():
+            merged[name] = merged.get(name, ClassAttainment()) + counts
+        return SloTracker(merged)
+
+    def attainment(self, name: str | None = None) -> float:
+        """Attained fraction for one class, or over all classes (1.0 when empty)."""
+        if name is not None:
+            return self.per_class.get(name, ClassAttainment()).rate
+        return sum(self.per_class.values(), ClassAttainment()).rate
+
+    def summary(self) -> dict:
+        return {name: {"requests": c.requests, "attained": c.attained, "ttft_met": c.ttft_met,
+                       "tpot_met": c.tpot_met, "attainment": round(c.rate, 4)}
+                for name, c in sorted(self.per_class.items())}

@@ -1,0 +1,497 @@
+"""Pure tests of the speculation policy layer: cost model, efficiency, drafter, verifier,
+SLOs, the five policies, and trace replay through a surrogate cost model.
+
+No models, no Ray: everything is numbers. The replay charges simulated time from a
+known "true" cost law while the policies plan with a CostModel fitted to noisy profiles
+of it, as a worker would at start-up.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from specserve_ray.policy import (BatchState, ConfidenceThreshold, CostModel, Decision,
+                                  NoSpeculation, Sample, SloClass, SloRegistry, SloTracker,
+                                  SmartSpec, SpecServe, StaticK, StepFeedback, admission_order,
+                                  brute_force_verify, expected_tokens, expected_tokens_uniform,
+                                  make_policy, precheck, profile_grid, record_step,
+                                  select_verify, should_continue, start_drafting, tightest_tpot,
+                                  update_confidence_ema)
+from specserve_ray.policy.efficiency import cumulative_confidence, efficiency
+from specserve_ray.policy.policies import continue_while_confident, max_k_within_tpot
+from specserve_ray.policy.verifier import plan_efficiency, trim_to_budget
+
+# Surrogate laws (seconds). Verify: v0 + v1 B + v2 tokens + v3 B L.
+# Draft: d0 [k > 0] + k (d1 + d2 B + d3 B L).
+# Memory-bound: the verify forward barely notices extra tokens (weights dominate).
+# Compute-bound: every verified token costs 0.4 ms, so speculation stops paying at load.
+MEMORY_BOUND = ((0.020, 2e-5, 1e-5, 1e-8), (5e-4, 1.5e-3, 1e-5, 2e-9))
+COMPUTE_BOUND = ((2e-3, 1e-5, 4e-4, 2e-8), (3e-4, 3e-4, 4e-5, 1e-9))
+REGIMES = {"memory-bound": MEMORY_BOUND, "compute-bound": COMPUTE_BOUND}
+
+
+def true_cost(regime: str) -> CostModel:
+    verify, draft = REGIMES[regime]
+    return CostModel(verify, draft)
+
+
+def profiled_samples(truth: CostModel, rng: np.random.Generator, noise: float = 0.03,
+                     contexts=(256, 1024, 4096)) -> list[Sample]:
+    samples = []
+    for kind in ("verify", "draft"):
+        for batch, tokens, context in profile_grid(64, 9, contexts, kind):
+            law = truth.predict_verify if kind == "verify" else truth.predict_draft
+            seconds = float(law(batch, tokens, context)) * rng.lognormal(0.0, noise)
+            samples.append(Sample(kind, batch, tokens, context, seconds))
+    return samples
+
+
+def fitted_cost(regime: str, seed: int = 0) -> CostModel:
+    return CostModel().fit(profiled_samples(true_cost(regime), np.random.default_rng(seed)))
+
+
+def state_for(batch: int, confidence: float, context: int = 512, **kw) -> BatchState:
+    return BatchState((context,) * batch, (10_000,) * batch, (confidence,) * batch, **kw)
+
+
+# -- cost model ----------------------------------------------------------------------------
+def random_shapes(rng, n=200):
+    return [(int(rng.integers(1, 65)), int(rng.integers(1, 10)), float(rng.uniform(128, 4096)))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_fit_recovers_linear_law(regime):
+    truth, rng = true_cost(regime), np.random.default_rng(1)
+    model = CostModel().fit(profiled_samples(truth, rng, noise=0.03))
+    heldout = []
+    for batch, per_request, context in random_shapes(rng):
+        heldout.append(Sample("verify", batch, batch * per_request, context,
+                              float(truth.predict_verify(batch, batch * per_request, context))))
+        heldout.append(Sample("draft", batch, per_request - 1 or 1, context,
+                              float(truth.predict_draft(batch, per_request - 1 or 1, context))))
+    assert model.heldout_error(heldout) < 0.02          # noise-free truth, off-grid shapes
+    noisy = profiled_samples(truth, rng, noise=0.03)
+    assert model.heldout_error(noisy) < 0.04             # about the noise level
+    assert model.draft_overhead == pytest.approx(truth.draft_overhead, rel=0.25, abs=5e-5)
+
+
+def test_observe_corrects_drift():
+    truth, rng = true_cost("memory-bound"), np.random.default_rng(2)
+    model = CostModel().fit(profiled_samples(truth, rng, noise=0.0))
+    drifted = CostModel(tuple(1.4 * c for c in MEMORY_BOUND[0]), tuple(0.8 * c for c in MEMORY_BOUND[1]))
+    live = []
+    for batch, per_request, context in random_shapes(rng, 80):
+        live.append(Sample("verify", batch, batch * per_request, context,
+                           float(drifted.predict_verify(batch, batch * per_request, context))
+                           * rng.lognormal(0, 0.02)))
+        live.append(Sample("draft", batch, per_request, context,
+                           float(drifted.predict_draft(batch, per_request, context)) * rng.lognormal(0, 0.02)))
+    heldout, online = live[:40], live[40:]
+    assert model.heldout_error(heldout) > 0.2
+    changed = [model.observe(s) for s in online]
+    assert any(changed[:20]) and sum(changed[-40:]) <= 4     # moves early, then settles
+    assert model.heldout_error(heldout) < 0.04
+    assert model.scale["verify"] == pytest.approx(1.4, rel=0.04)
+    assert model.scale["draft"] == pytest.approx(0.8, rel=0.04)
+
+
+def test_cost_model_cache_roundtrip_and_key():
+    model = fitted_cost("compute-bound")
+    model.observe(Sample("verify", 8, 16, 512, 2 * float(model.predict_verify(8, 16, 512))))
+    restored = CostModel.from_dict(model.to_dict())
+    for shape in [(1, 1, 100.0), (16, 64, 2048.0), (64, 576, 4096.0)]:
+        assert restored.predict_verify(*shape) == pytest.approx(model.predict_verify(*shape))
+        assert restored.predict_draft(*shape) == pytest.approx(model.predict_draft(*shape))
+    with pytest.raises(ValueError):
+        CostModel.from_dict({**model.to_dict(), "format": 99})
+    key = CostModel.key("org/llama 7b", "bfloat16", "cuda:0", {"torch": "2.4", "cuda": "12.4"})
+    assert key == CostModel.key("org/llama 7b", "bfloat16", "cuda:0", {"cuda": "12.4", "torch": "2.4"})
+    assert key != CostModel.key("org/llama 7b", "float16", "cuda:0", {"torch": "2.4", "cuda": "12.4"})
+    assert "/" not in key and " " not in key
+
+
+def test_profile_grid_is_bounded_and_covers_the_extremes():
+    verify = profile_grid(64, 9, [256, 4096])
+    assert len(verify) <= 2 * 7 * 5
+    assert (64, 64 * 9, 4096.0) in verify and (1, 1, 256.0) in verify
+    draft = profile_grid(48, 9, [512], kind="draft")
+    assert {b for b, _, _ in draft} == {1, 2, 4, 8, 16, 32, 48}
+    assert {k for _, k, _ in draft} == {1, 2, 4, 8}
+    with pytest.raises(ValueError):
+        profile_grid(0, 9, [512])
+    with pytest.raises(ValueError):
+        CostModel().fit([Sample("draft", 1, 1, 1.0, 0.001)])
+    with pytest.raises(ValueError):
+        Sample("prefill", 1, 1, 1.0, 0.001)
+
+
+# -- efficiency ----------------------------------------------------------------------------
+def test_expected_tokens_and_uniform_form():
+    confidences = torch.tensor([[0.5, 0.5, 0.9], [1.0, 0.2, 0.0]])
+    # Row 0 verifies 2 tokens: 0.5 + 0.25; row 1 verifies 3: 1 + 0.2 + 0.
+    assert expected_tokens(confidences, [2, 3]) == pytest.approx(2 + 0.75 + 1.2)
+    assert expected_tokens([[0.3]], [0]) == 1.0
+    for a in (0.0, 0.3, 0.8):
+        for k in range(6):
+            assert expected_tokens_uniform(a, k) == pytest.approx(sum(a ** j for j in range(k + 1)))
+            assert expected_tokens([[a] * max(k, 1)], [k]) == pytest.approx(expected_tokens_uniform(a, k))
+    assert expected_tokens_uniform(1.0, 4) == 5.0
+    assert efficiency(10.0, 0.5) == 20.0
+    with pytest.raises(ValueError):
+        efficiency(1.0, 0.0)
+
+
+# -- confidence-prior verifier ---------------------------------------------------------------
+def random_cost(rng) -> CostModel:
+    verify, draft = REGIMES[rng.choice(list(REGIMES))]
+    return CostModel(tuple(c * rng.uniform(0.3, 3.0) for c in verify), draft)
+
+
+def test_verifier_greedy_equals_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(150):
+        batch, width = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        # Mixes of near-certain, middling and hopeless drafts, ties included.
+        confidences = rng.choice([0.05, 0.3, 0.5, 0.5, 0.8, 0.95, 1.0], size=(batch, width))
+        if rng.random() < 0.5:
+            confidences = rng.uniform(0, 1, size=(batch, width))
+        num_draft = rng.integers(0, width + 1, size=batch)
+        cost, context = random_cost(rng), float(rng.uniform(100, 4000))
+        budget = None if rng.random() < 0.5 else int(rng.integers(0, num_draft.sum() + 1))
+        fixed = float(rng.choice([0.0, rng.uniform(0, 0.02)]))
+        greedy = select_verify(confidences, num_draft, cost, context,
+                               verify_budget=budget, fixed_seconds=fixed)
+        _, best = brute_force_verify(confidences, num_draft, cost, context,
+                                     verify_budget=budget, fixed_seconds=fixed)
+        assert (greedy >= 0).all() and (greedy <= num_draft).all()
+        if budget is not None:
+            assert greedy.sum() <= budget
+        assert plan_efficiency(confidences, greedy, cost, context, fixed) == pytest.approx(best, rel=1e-12)
+
+
+def test_verifier_trims_low_confidence_tails_under_compute_pressure():
+    cost = true_cost("compute-bound")
+    confidences = np.array([[0.95, 0.95, 0.9, 0.9], [0.3, 0.2, 0.2, 0.2]])
+    kept = select_verify(confidences, [4, 4], cost, 512.0)
+    assert kept[0] >= 2 and kept[1] == 0
+    assert list(trim_to_budget(confidences, [4, 4], 3)) == [3, 0]
+    assert list(trim_to_budget(confidences, [4, 4], None)) == [4, 4]
+    assert list(select_verify(np.zeros((2, 0)), [0, 0], cost, 512.0)) == [0, 0]
+
+
+# -- adaptive drafter ----------------------------------------------------------------------
+def run_draft_loop(cost, mean_confidence, max_k, context, step_confidence):
+    progress = start_drafting(max_k)
+    while (rows := should_continue(progress, mean_confidence, cost, context)).any():
+        progress = record_step(progress, step_confidence, rows)
+    return progress
+
+
+@pytest.mark.parametrize("regime", ["memory-bound", "compute-bound", "overhead-heavy"])
+def test_drafter_stops_where_predicted_efficiency_peaks(regime):
+    # Overhead-heavy: one draft call costs 6 ms however long, so E(1) < E(0) while deeper
+    # drafts pay; the lookahead must still find the peak.
+    cost = (CostModel((4e-3, 1e-5, 2e-5, 1e-9), (6e-3, 2e-4, 1e-5, 0.0))
+            if regime == "overhead-heavy" else true_cost(regime))
+    for batch, confidence, max_k in itertools.product([1, 4, 16], [0.3, 0.6, 0.8, 0.97], [3, 8]):
+        context = 700.0
+        # The rule's own prediction: c_(j+1) = c_j * m, uniform over rows.
+        depths = np.arange(max_k + 1)
+        expected = batch * expected_tokens_uniform(confidence, depths)
+        seconds = cost.predict_draft(batch, depths, context) + cost.predict_verify(
+            batch, batch * (depths + 1), context)
+        peak = int(np.argmax(expected / seconds))
+        progress = run_draft_loop(cost, confidence, [max_k] * batch, context, np.full(batch, confidence))
+        assert set(progress.num_drafted.tolist()) == {peak}, (batch, confidence, max_k)
+        assert precheck(batch, confidence, context, cost, max_k) == (peak > 0)
+    if regime == "overhead-heavy":
+        assert not precheck(1, 0.9, 700.0, cost) and precheck(1, 0.9, 700.0, cost, max_k=8)
+
+
+def test_drafter_reacts_to_real_confidences_and_picks_rows():
+    # Compute-bound, so a verified token costs enough for one hopeless row to matter
+    # (memory-bound, riding along with a row that drafts anyway is nearly free).
+    cost = true_cost("compute-bound")
+    # Prediction says go on (m = 0.9), but row 1's real draft becomes unsure at step 2.
+    progress = start_drafting([6, 6])
+    real = [np.array([0.9, 0.9]), np.array([0.9, 0.02])]
+    for confidences in real:
+        rows = should_continue(progress, 0.9, cost, 500.0)
+        assert rows.all()
+        progress = record_step(progress, confidences, rows)
+    rows = should_continue(progress, 0.9, cost, 500.0)
+    assert list(rows) == [True, False]
+    assert progress.active_counts == (2, 2) and list(progress.num_drafted) == [2, 2]
+    assert progress.cumulative_confidence == pytest.approx([0.81, 0.018])
+    progress = record_step(progress, np.array([0.9, 0.9]), rows)
+    assert list(progress.active) == [True, False]              # a stopped row never resumes
+    assert list(progress.confidences[1]) == pytest.approx([0.9, 0.02, 0, 0, 0, 0])
+    # Compute-bound with a mixed batch: only the confident rows draft.
+    mixed = should_continue(start_drafting([4] * 4), np.array([0.95, 0.1, 0.95, 0.1]),
+                            true_cost("compute-bound"), 500.0)
+    assert list(mixed) == [True, False, True, False]
+
+
+# -- trace replay ---------------------------------------------------------------------------
+def make_traces(batch: int, length: int, seed: int):
+    """Per-slot token streams alternating easy (confidence ~0.9) and hard (~0.2) stretches.
+
+    A drafted token at position t has draft confidence conf[t] and is accepted iff
+    u[t] < conf[t]: acceptance follows the confidences. Both are fixed per position, so
+    every policy replays the very same random stream. run[t] = accepts in a row from t.
+    """
+    rng = np.random.default_rng(seed)
+    conf = np.empty((batch, length))
+    for slot in range(batch):
+        t, easy = 0, bool(rng.random() < 0.5)
+        while t < length:
+            n = min(int(rng.geometric(1 / (40 if easy else 25))), length - t)
+            conf[slot, t:t + n] = rng.beta(18, 2, size=n) if easy else rng.beta(2, 8, size=n)
+            t, easy = t + n, not easy
+    accept = rng.random((batch, length)) < conf
+    wrapped = np.concatenate([accept, accept[:, :32]], axis=1)
+    run = np.zeros(wrapped.shape, np.int64)
+    for t in range(wrapped.shape[1] - 2, -1, -1):
+        run[:, t] = np.where(wrapped[:, t], run[:, t + 1] + 1, 0)
+    return conf, run[:, :length], rng.integers(128, 1024, size=batch)
+
+
+def replay(policy, truth: CostModel, batch: int, tokens_per_slot: int, seed: int = 0):
+    """Run fixed-size continuous batching until every slot emitted `tokens_per_slot`;
+    returns (tokens per simulated second, mean verified draft tokens per request-step)."""
+    length = 2 * tokens_per_slot + 64
+    conf, run, prompt = make_traces(batch, length, seed)
+    slots = np.arange(batch)
+    position = np.zeros(batch, np.int64)
+    ema = np.full(batch, 0.5)
+    seconds, emitted, verified_total, steps = 0.0, 0, 0, 0
+    while position.min() < tokens_per_slot:
+        state = BatchState((prompt + position).tolist(), (10 ** 6,) * batch, ema.tolist())
+        decision = policy.decide(state)
+        if decision.early_stop:     # step by step, as a draft worker runs it
+            progress = start_drafting(decision.max_k)
+            while (rows := policy.should_continue(progress)).any():
+                progress = record_step(progress, conf[slots, (position + progress.num_drafted) % length], rows)
+            drafted, confidences, active_counts = (progress.num_drafted, progress.confidences,
+                                                   progress.active_counts)
+        else:                       # fixed lengths need no per-step hook: draft them at once
+            drafted = np.asarray(decision.max_k, np.int64)
+            width = np.arange(drafted.max(initial=0))
+            confidences = np.where(width < drafted[:, None],
+                                   conf[slots[:, None], (position[:, None] + width) % length], 0.0)
+            active_counts = tuple(int((drafted > j).sum()) for j in width)
+        verified = policy.select_verify(confidences, drafted) if drafted.any() else drafted
+        accepted = np.minimum(verified, run[slots, position % length])
+        draft_s = truth.predict_draft_ragged(active_counts, state.mean_context)
+        verify_s = float(truth.predict_verify(batch, batch + verified.sum(), state.mean_context))
+        seconds += draft_s + verify_s
+        position += accepted + 1
+        emitted += int(accepted.sum()) + batch
+        verified_total += int(verified.sum())
+        steps += 1
+        ema = update_confidence_ema(ema, confidences, drafted)
+        policy.observe(StepFeedback(tuple(drafted.tolist()), tuple(accepted.tolist()),
+                                    draft_s + verify_s, tuple(verified.tolist()), draft_s, verify_s))
+    return emitted / seconds, verified_total / (steps * batch)
+
+
+BATCHES = {1: 500, 4: 200, 16: 80, 64: 40}       # batch size -> tokens per slot
+BASELINES = ["none"] + [f"static:{k}" for k in range(1, 9)]
+
+
+@pytest.fixture(scope="module")
+def replay_results():
+    results = {}
+    for regime in REGIMES:
+        truth = true_cost(regime)
+        for batch, tokens in BATCHES.items():
+            for name in BASELINES + ["specserve"]:
+                results[regime, batch, name] = replay(make_policy(name, fitted_cost(regime)),
+                                                      truth, batch, tokens)
+    return results
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_specserve_matches_or_beats_every_static_k(replay_results, regime, batch):
+    ours, mean_k = replay_results[regime, batch, "specserve"]
+    table = {name: replay_results[regime, batch, name][0] for name in BASELINES}
+    best = max(table, key=table.get)
+    print(f"\n{regime:13s} B={batch:2d}: specserve {ours:9.1f} tok/s (mean k {mean_k:.2f}); "
+          f"best baseline {best} {table[best]:9.1f} ({ours / table[best]:.3f}x)")
+    for name, tokens_per_second in table.items():
+        assert ours >= 0.97 * tokens_per_second, (name, tokens_per_second, ours)
+
+
+def test_speculation_shrinks_to_zero_at_large_batch_when_compute_bound(replay_results):
+    assert replay_results["compute-bound", 1, "specserve"][1] > 0.5
+    assert replay_results["compute-bound", 64, "specserve"][1] == 0.0
+    policy = SpecServe(fitted_cost("compute-bound"))
+    assert policy.decide(state_for(1, 0.9)).speculates
+    assert not policy.decide(state_for(64, 0.9)).speculates
+    assert SpecServe(fitted_cost("memory-bound")).decide(state_for(64, 0.9)).speculates
+
+
+# -- SLO -------------------------------------------------------------------------------------
+def test_slo_constraint_keeps_predicted_step_time_within_tightest_tpot():
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        regime = str(rng.choice(list(REGIMES)))
+        cost, batch = true_cost(regime), int(rng.integers(1, 65))
+        budgets = tuple(float(b) for b in rng.uniform(0.005, 0.08, size=batch))
+        state = BatchState(tuple(int(c) for c in rng.integers(100, 3000, size=batch)),
+                           (1000,) * batch, tuple(rng.uniform(0.5, 1.0, size=batch)),
+                           tpot_budget_s=budgets)
+        decision = SpecServe(cost).decide(state)
+        k = max(decision.max_k)
+        predicted = float(cost.predict_step(batch, k, state.mean_context))
+        if float(cost.predict_step(batch, 0, state.mean_context)) <= min(budgets):
+            assert predicted <= min(budgets)
+        else:
+            assert k == 0
+    # Without an SLO the same state speculates deeper.
+    cost = true_cost("memory-bound")
+    tight = state_for(8, 0.95, tpot_budget_s=(0.026,) * 8)
+    assert 0 < max(SpecServe(cost).decide(tight).max_k) < max(SpecServe(cost).decide(state_for(8, 0.95)).max_k)
+    assert max_k_within_tpot(cost, 8, 512, 0.001, 8) == 0
+    assert max_k_within_tpot(cost, 8, 512, math.inf, 8) == 8
+
+
+def test_slo_classes_registry_order_and_tracker():
+    registry = SloRegistry.from_config([{"name": "chat", "ttft_s": 1.0, "tpot_s": 0.05},
+                                        {"name": "batch", "ttft_s": 30.0}], default="batch")
+    chat, bulk = registry.get("chat"), registry.get()
+    assert bulk.name == "batch" and bulk.tpot_s == math.inf
+    assert tightest_tpot([bulk, chat]) == 0.05 and tightest_tpot([]) == math.inf
+    with pytest.raises(ValueError):
+        registry.get("gold")
+    with pytest.raises(ValueError):
+        SloRegistry.from_config([{"name": "x", "tpot": 1}])
+    with pytest.raises(ValueError):
+        SloRegistry.from_config([{"name": "x"}], default="y")
+    # Slack at now=10: bulk(arrived 0) 20 s, chat(arrived 9.5) 0.5 s, chat(arrived 9.8) 0.8 s.
+    assert admission_order([(0.0, bulk), (9.5, chat), (9.8, chat)], now=10.0) == [1, 2, 0]
+    one, two = SloTracker(), SloTracker()
+    assert one.record(chat, 0.5, 0.04) and not one.record(chat, 0.5, 0.06)
+    assert not two.record(chat, 2.0, 0.01) and two.record(bulk, 5.0, None)
+    total = one + two
+    assert total.per_class["chat"].requests == 3 and total.per_class["chat"].attained == 1
+    assert total.attainment("chat") == pytest.approx(1 / 3) and total.attainment() == pytest.approx(0.5)
+    assert one.per_class["chat"].requests == 2          # adding does not mutate
+    assert total.summary()["chat"]["tpot_met"] == 2
+
+
+# -- the baselines and the controller's bounds ----------------------------------------------
+def test_smartspec_ema_and_periodic_redecision():
+    policy = SmartSpec(true_cost("memory-bound"), initial_acceptance=0.7)
+    state = state_for(4, 0.9)
+    first = policy.decide(state)
+    assert first.max_k == (policy.k,) * 4 and policy.k > 0 and not first.early_stop
+    feedback = StepFeedback((4, 4, 4, 4), (0, 0, 2, 2), 0.03)
+    assert not policy.observe(feedback)
+    assert policy.acceptance == pytest.approx(0.85 * 0.7 + 0.15 * 0.25)
+    hopeless = StepFeedback((4, 4, 4, 4), (0, 0, 0, 0), 0.03)
+    for _ in range(18):                                   # steps 2..19: k stays put
+        assert not policy.observe(hopeless)
+        assert policy.decide(state).max_k == first.max_k
+    assert policy.observe(hopeless)                       # step 20 re-decides
+    assert max(policy.decide(state).max_k) < max(first.max_k)
+    low = policy.acceptance
+    assert policy.observe(StepFeedback((0,) * 4, (0,) * 4, 0.02)) is False
+    assert policy.acceptance == pytest.approx(low + 0.05 * (0.7 - low))   # plain steps relax a up
+    # Ties go to plain decoding: goodput(0) carries a 10% bonus.
+    flat = SmartSpec(CostModel((0.01, 0, 0, 0), (0, 0.001, 0, 0)), initial_acceptance=0.1)
+    assert flat.best_k(state) == 0
+
+
+def test_threshold_stop_rule():
+    policy = ConfidenceThreshold(0.4, max_k=5)
+    decision = policy.decide(state_for(3, 0.5))
+    assert decision.max_k == (5, 5, 5) and decision.early_stop
+    progress = start_drafting(decision.max_k)
+    assert policy.should_continue(progress).all()         # always drafts one token
+    progress = record_step(progress, np.array([0.9, 0.39, 0.4]), np.ones(3, bool))
+    assert list(policy.should_continue(progress)) == [True, False, True]
+    progress = record_step(progress, np.array([0.9, 0.9, 0.1]), policy.should_continue(progress))
+    assert list(continue_while_confident(progress, 0.4)) == [True, False, False]
+    assert list(progress.num_drafted) == [2, 1, 2]
+
+
+def test_apply_bounds_caps_and_disables_every_policy():
+    cost = true_cost("memory-bound")
+    policies = [StaticK(6), ConfidenceThreshold(), SmartSpec(cost), SpecServe(cost)]
+    state = state_for(4, 0.95)
+    for policy in policies:
+        assert max(policy.decide(state).max_k) > 2, policy.name
+        policy.apply_bounds(True, 2, None)
+        assert max(policy.decide(state).max_k) <= 2, policy.name
+        policy.apply_bounds(True, 8, 3)
+        decision = policy.decide(state)
+        assert decision.verify_budget == 3
+        kept = policy.select_verify(np.full((4, 6), 0.9), [min(k, 6) for k in decision.max_k])
+        assert kept.sum() <= 3, policy.name
+        policy.apply_bounds(False, 8, None)
+        assert policy.decide(state) == Decision((0,) * 4, False, None), policy.name
+        assert not policy.decide(state).speculates
+    assert NoSpeculation().decide(state).max_k == (0,) * 4
+    # A request one token from its limit never drafts: the step emits at least one token.
+    capped = BatchState((512,) * 3, (1, 3, 100), (0.9,) * 3)
+    assert StaticK(5).decide(capped).max_k == (0, 2, 5)
+    with pytest.raises(ValueError):
+        StaticK(4).apply_bounds(True, -1, None)
+
+
+def test_specserve_observe_reports_cost_drift():
+    policy = SpecServe(true_cost("memory-bound"))
+    state = state_for(4, 0.9)
+    policy.decide(state)
+    expected_verify = float(policy.cost.predict_verify(4, 12, state.mean_context))
+    honest = StepFeedback((2,) * 4, (1,) * 4, 0.03, None, None, expected_verify)
+    assert not policy.observe(honest)
+    slow = StepFeedback((2,) * 4, (1,) * 4, 0.03, None, None, 1.5 * expected_verify)
+    assert policy.observe(slow)
+
+
+def test_confidence_ema_update_and_relaxation():
+    ema = update_confidence_ema([0.5, 0.2, 0.9], np.array([[1.0, 0.6], [0, 0], [0, 0]]), [2, 0, 0],
+                                weight=0.5, prior=0.5, relax=0.5)
+    assert ema == pytest.approx([0.65, 0.35, 0.9])         # idle rows only relax upward
+
+
+def test_batch_state_validates_lengths():
+    with pytest.raises(ValueError):
+        BatchState((1, 2), (3,), (0.5, 0.5))
+    assert state_for(3, 0.5).tightest_tpot == math.inf
+    assert state_for(2, 0.5, tpot_budget_s=(0.1, 0.05)).tightest_tpot == 0.05
+
+
+@pytest.mark.parametrize("spec, kind", [("none", NoSpeculation), ("static:3", StaticK),
+                                        (" Static:0 ", StaticK), ("threshold", ConfidenceThreshold),
+                                        ("threshold:0.6", ConfidenceThreshold),
+                                        ("smartspec", SmartSpec), ("specserve", SpecServe)])
+def test_make_policy_parses(spec, kind):
+    policy = make_policy(spec, true_cost("memory-bound"))
+    assert isinstance(policy, kind)
+    if spec == "static:3":
+        assert policy.max_k == 3
+    if spec == "threshold:0.6":
+        assert policy.threshold == 0.6
+
+
+@pytest.mark.parametrize("spec", ["", "static", "static:x", "static:-1", "static:99", "threshold:x",
+                                  "threshold:1.5", "none:2", "specserve:3", "adaptive", None])
+def test_make_policy_rejects(spec):
+    with pytest.raises(ValueError):
+        make_policy(spec, true_cost("memory-bound"))
+
+
+def test_cost_based_policies_need_a_cost_model():
+    for spec in ("smartspec", "specserve"):
+        with pytest.raises(ValueError, match="cost model"):
+            make_policy(spec, None)
+    assert isinstance(make_policy("static:2", None), StaticK)
