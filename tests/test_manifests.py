@@ -210,7 +210,7 @@ def test_default_config_is_the_cpu_demo(local_pair):
         assert (model.dtype, model.device) == ("float32", "cpu")
     assert cfg.engine.speculation.num_speculative_tokens == 4
     assert (cfg.engine.limits.max_num_seqs, cfg.engine.limits.max_model_len) == (16, 1024)
-    assert cfg.transport == "compiled_graph"
+    assert cfg.transport == "actor"   # measured faster than compiled_graph on 2 CPU cores
     assert (cfg.router_resources, cfg.draft_resources, cfg.target_resources) == (
         {"CPU": 0.2}, {"CPU": 0.4}, {"CPU": 0.8})
     [router] = app["deployments"]

@@ -20,6 +20,9 @@ from specserve_ray.config import EngineConfig, SamplingParams
 from specserve_ray.prompts import held_out_prompts
 
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "deployments", "default.yaml")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,9 +90,13 @@ def start_app(transport: str, k: int) -> tuple[str, callable]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"transport": transport,
-            "engine": {"speculation": {"num_speculative_tokens": k},
-                       "limits": {"max_num_seqs": 8, "max_model_len": 1024}}}
+    # The default app exactly as `make serve` runs it, with this run's transport and k.
+    import yaml
+
+    with open(DEFAULT_CONFIG) as f:
+        args = yaml.safe_load(f)["applications"][0]["args"]
+    args["transport"] = transport
+    args["engine"]["speculation"] = {"num_speculative_tokens": k}
     serve.run(build_app(args), name="specserve", route_prefix="/")
 
     def stop():
@@ -105,35 +112,40 @@ def run(args) -> dict:
     from specserve_ray.engine import SpecEngine
     from specserve_ray.config import SpeculationConfig
 
-    engine = SpecEngine.from_config(engine_cfg)
+    engine = SpecEngine.from_config(engine_cfg)   # fp32 pair, 2 threads, like the app's target
     engine.speculation = SpeculationConfig(num_speculative_tokens=args.k)
     prompt_ids = held_out_prompts(engine.tokenizer, args.requests, args.prompt_tokens)
     prompts = [engine.tokenizer.decode(p) for p in prompt_ids]
     # Re-encode so both sides see exactly the same token ids.
     prompt_ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
+    transports = ["external"] if args.url else args.transport
     report: dict = {"setup": {"requests": len(prompts), "prompt_tokens": args.prompt_tokens,
                               "new_tokens": args.new_tokens, "k": args.k,
-                              "transport": args.transport if not args.url else "external"}}
-    url, stop = (args.url, None) if args.url else start_app(args.transport, args.k)
-    try:
-        for c in args.streams:
-            # Warm the deployment up once per concurrency level.
-            asyncio.run(http_run(url, prompts[:c], c, 8))
-            d = asyncio.run(http_run(url, prompts, c, args.new_tokens))
-            report[f"deploy_{c}"] = d
-            report[f"deploy_tok_s_{c}"] = d["tok_s"]
-            report[f"overhead_share_{c}"] = d["overhead_share"]
-            print(f"deployment  {c} streams: {d['tok_s']:8.2f} tok/s  mean batch "
-                  f"{d['mean_batch']}  router/transport share {d['overhead_share']}")
-    finally:
-        if stop:
-            stop()
+                              "transports": transports}, "by_transport": {}}
+    for i, transport in enumerate(transports):
+        url, stop = (args.url, None) if args.url else start_app(transport, args.k)
+        runs = report["by_transport"][transport] = {}
+        try:
+            for c in args.streams:
+                # Warm the deployment up once per concurrency level.
+                asyncio.run(http_run(url, prompts[:c], c, 8))
+                d = runs[c] = asyncio.run(http_run(url, prompts, c, args.new_tokens))
+                if i == 0:   # the headline keys describe the first (default) transport
+                    report[f"deploy_{c}"] = d
+                    report[f"deploy_tok_s_{c}"] = d["tok_s"]
+                    report[f"overhead_share_{c}"] = d["overhead_share"]
+                print(f"deployment ({transport}) {c} streams: {d['tok_s']:8.2f} tok/s  mean "
+                      f"batch {d['mean_batch']}  router/transport share {d['overhead_share']}",
+                      flush=True)
+        finally:
+            if stop:
+                stop()
     for c in args.streams:
         e = engine_run(engine, prompt_ids, c, args.new_tokens)
         report[f"engine_{c}"] = e
         report[f"engine_tok_s_{c}"] = e["tok_s"]
-        print(f"in-process  {c} streams: {e['tok_s']:8.2f} tok/s")
+        print(f"in-process  {c} streams: {e['tok_s']:8.2f} tok/s", flush=True)
         if f"deploy_tok_s_{c}" in report:
             report[f"deploy_vs_engine_{c}"] = round(report[f"deploy_tok_s_{c}"] / e["tok_s"], 3)
     return report
@@ -143,7 +155,9 @@ def add_parser(sub):
     p = sub.add_parser("deploy", help="Ray Serve deployment vs in-process engine, step split")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--url", help="a running deployment (default: start the default app)")
-    p.add_argument("--transport", default="compiled_graph", choices=["compiled_graph", "actor"])
+    p.add_argument("--transport", nargs="+", default=["actor", "compiled_graph"],
+                   choices=["compiled_graph", "actor"],
+                   help="start the app with each transport in turn (first = headline)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=64)
