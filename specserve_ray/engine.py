@@ -203,7 +203,7 @@ class SpecEngine:
         """One step in-process: the workers are called directly."""
         plan = self.plan_step()
         if plan is None:
-            return self.drain_finished()
+            return []
         start = time.perf_counter()
         result = run_target(self.target, run_draft(self.draft, plan))
         return self.apply_step(plan, result, time.perf_counter() - start)
@@ -262,17 +262,16 @@ class SpecEngine:
             self.recent_steps.append(stats)
             self.step_totals.add(stats)
             self.totals.merge_step(stats)
-        outputs.extend(self.drain_finished())
+        self._retire_finished()
         return outputs
 
-    def drain_finished(self) -> list[RequestOutput]:
+    def _retire_finished(self) -> None:
         done = [r for r in self.running if r.finished]
         if done:
             self.running = [r for r in self.running if not r.finished]
             self._to_release.extend(r.request_id for r in done)
             if self.release_eagerly:
                 self._release_now()
-        return []
 
     def _release_now(self) -> None:
         ids, self._to_release = self._to_release, []

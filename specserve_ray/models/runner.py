@@ -10,7 +10,6 @@ a 4D additive mask and explicit position ids (Llama, Qwen2, Mistral, GPT-2, ...)
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +193,3 @@ class ModelRunner:
         if order != list(range(len(order))):
             logits = logits[inverse.to(logits.device)]
         return logits
-
-
-def default_threads() -> int:
-    return int(os.environ.get("SPECSERVE_THREADS", "0")) or torch.get_num_threads()

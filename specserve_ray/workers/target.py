@@ -116,8 +116,10 @@ class TargetWorker:
                                            ).view(batch, rep, vocab)
             for i, seq in enumerate(seqs):
                 if not seq.sampling.greedy:
-                    # Per-request streams keep seeded output independent of the batch.
-                    uniform[i] = torch.rand(max_k, generator=seq.generator)
+                    # Per-request streams, and exactly one draw per own draft token, keep
+                    # seeded output independent of what else is in the batch.
+                    n = int(num_draft_tokens[i])
+                    uniform[i, :n] = torch.rand(n, generator=seq.generator)
                     noise[i] = torch.empty(vocab).exponential_(generator=seq.generator)
             if draft_probs is None:
                 draft_probs = torch.zeros(batch, max_k, vocab)
