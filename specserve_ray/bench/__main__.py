@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    args.func(args)
+    report = args.func(args)   # every benchmark returns its report as a dict
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ the router's own counters (`GET /v1/stats`) before and after each run.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -164,12 +163,4 @@ def add_parser(sub):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> None:
-    report = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    p.set_defaults(func=run)

@@ -7,8 +7,6 @@ costs and reports the cost-model limit: tokens per target call over the time of 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import time
 
@@ -168,12 +166,4 @@ def add_parser(sub):
     p.add_argument("--max-k", type=int, default=8)
     p.add_argument("--hf-assistant-tokens", type=int, nargs="*", default=[3, 5, 8])
     p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> None:
-    report = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    p.set_defaults(func=run)
