@@ -28,6 +28,7 @@ from specserve_ray.async_engine import AsyncSpecEngine, StepFailed
 from specserve_ray.config import AppConfig, SamplingParams, SpeculationConfig
 from specserve_ray.engine import SpecEngine
 from specserve_ray.errors import OverloadedError, RequestError
+from specserve_ray.policy import CostModel
 
 from deployments.transport import ActorTransport, CompiledGraphTransport
 from deployments.workers import DraftActor, TargetActor
@@ -85,6 +86,26 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
                         status_code=exc.status_code)
 
 
+@ray.remote(num_cpus=0)
+def _fit_cost_model_task(target, draft, spec: dict, limits: dict, key: str) -> dict:
+    """Profile the worker actors (bounded) unless the fitted model is cached; a task so
+    that both start-up (sync) and reconfigure (async) can wait on it."""
+    from specserve_ray.policy.profile import load_or_profile, profile_cost_model
+
+    def verify(grid, budget):
+        return ray.get(target.profile.remote("verify", grid, 2, budget))
+
+    draft_fn = None
+    if draft is not None:
+        def draft_fn(grid, budget):
+            return ray.get(draft.profile.remote("draft", grid, 2, budget))
+
+    model = load_or_profile(None, key, lambda: profile_cost_model(
+        verify, draft_fn, limits["max_num_seqs"], spec["num_speculative_tokens"],
+        limits["max_model_len"], spec["profile_budget_s"]))
+    return model.to_dict()
+
+
 @serve.deployment(name="SpecRouter", max_ongoing_requests=128, health_check_period_s=10)
 @serve.ingress(api)
 class SpecRouter:
@@ -111,21 +132,46 @@ class SpecRouter:
         transport_cls = (CompiledGraphTransport if self.cfg.transport == "compiled_graph"
                          else ActorTransport)
         self.transport = transport_cls(self.draft, self.target)
+        self.cost_model = None
+        if eng_cfg.speculation.needs_cost_model:   # only adaptive policies need a profile
+            self.cost_model = CostModel.from_dict(ray.get(self._fit_cost_model(eng_cfg.speculation)))
         self.engine = SpecEngine.remote(self.tokenizer, target_info["vocab_size"],
                                         self.draft is not None, eng_cfg.limits,
-                                        eng_cfg.speculation)
+                                        eng_cfg.speculation, cost_model=self.cost_model)
         self.serving = AsyncSpecEngine(self.engine, self.transport.execute,
                                        max_queued=self.cfg.max_queued_requests)
         self.model_name = self.cfg.model_name
         self.created = int(time.time())
 
+    # -- cost model -------------------------------------------------------------------------
+    def _fit_cost_model(self, spec: SpeculationConfig):
+        """An ObjectRef to the fitted CostModel's dict (cached on disk by the task)."""
+        from specserve_ray.policy.profile import cost_model_key
+
+        eng = self.cfg.engine
+        key = cost_model_key(eng.target.path, eng.draft.path if eng.draft else None,
+                             eng.target.dtype, eng.target.device)
+        return _fit_cost_model_task.remote(
+            self.target, self.draft, spec.model_dump(), eng.limits.model_dump(), key)
+
     # -- runtime knobs ----------------------------------------------------------------------
-    def reconfigure(self, user_config: dict) -> None:
-        """Change speculation and batch limits without restarting the replica."""
+    async def reconfigure(self, user_config: dict) -> None:
+        """Change speculation (policy included) and batch limits without restarting.
+
+        Switching to an adaptive policy for the first time profiles the workers once
+        (bounded by profile_budget_s, cached on disk); requests keep flowing meanwhile.
+        """
         user_config = dict(user_config or {})
-        if "num_speculative_tokens" in user_config:
-            self.engine.speculation = SpeculationConfig(
-                num_speculative_tokens=int(user_config.pop("num_speculative_tokens")))
+        spec_keys = ("num_speculative_tokens", "policy", "profile_budget_s")
+        updates = {k: user_config.pop(k) for k in spec_keys if k in user_config}
+        if updates:
+            spec = SpeculationConfig(**{**self.engine.speculation.model_dump(), **updates})
+            if spec.needs_cost_model and self.cost_model is None:
+                # Pause the step loop: profiling shares the workers' models and slots.
+                async with self.serving.step_lock:
+                    self.cost_model = CostModel.from_dict(await self._fit_cost_model(spec))
+                self.engine.cost_model = self.cost_model
+            self.engine.speculation = spec
         if "max_num_seqs" in user_config:
             value = int(user_config.pop("max_num_seqs"))
             cap = self.cfg.engine.limits.max_num_seqs

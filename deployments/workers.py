@@ -27,6 +27,12 @@ class _Base:
     def ready(self) -> bool:
         return True
 
+    def profile(self, kind: str, grid: list, repeats: int = 2, budget_s: float = 5.0) -> list:
+        """Time this actor's forwards over `grid` (scratch sequences; see profile_runner)."""
+        from specserve_ray.policy.profile import profile_runner
+
+        return profile_runner(self.runner, kind, [tuple(p) for p in grid], repeats, budget_s)
+
     def forward_stats(self) -> dict:
         return {"forward_calls": self.runner.forward_calls,
                 "forward_seconds": self.runner.forward_seconds,

@@ -43,6 +43,9 @@ class AsyncSpecEngine:
         self.num_decode_steps = 0
         self.num_decode_rows = 0      # requests verified, summed over steps
         self.step_seconds = 0.0
+        # Held for each whole step (plan -> execute -> apply); holding it elsewhere pauses
+        # the loop between steps (e.g. to profile the workers for a policy switch).
+        self.step_lock = asyncio.Lock()
 
     def start(self) -> None:
         if self._task is None:
@@ -109,33 +112,41 @@ class AsyncSpecEngine:
     # -- the loop --------------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            start = time.perf_counter()   # a step's time includes planning (router work)
-            plan = self.engine.plan_step()
-            if plan is None:
+            async with self.step_lock:
+                idle = not await self._step()
+            if idle:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            try:
-                result = await self.execute(plan)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a worker failed: fail this step's requests, live on
-                log.exception("step failed")
-                self._fail(plan, StepFailed(f"worker step failed: {exc}"))
-                continue
-            seconds = time.perf_counter() - start
-            self.num_steps += 1
-            self.num_target_calls += 1
-            if plan.decode_ids:
-                self.num_decode_steps += 1
-                self.num_decode_rows += len(plan.decode_ids)
-            self.step_seconds += seconds
-            for out in self.engine.apply_step(plan, result, seconds):
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
             # Yield to the event loop so arrivals and cancellations land between steps.
             await asyncio.sleep(0)
+
+    async def _step(self) -> bool:
+        """Plan, execute and apply one step; False when there was nothing to do."""
+        start = time.perf_counter()   # a step's time includes planning (router work)
+        plan = self.engine.plan_step()
+        if plan is None:
+            return False
+        try:
+            result = await self.execute(plan)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a worker failed: fail this step's requests, live on
+            log.exception("step failed")
+            self._fail(plan, StepFailed(f"worker step failed: {exc}"))
+            return True
+        seconds = time.perf_counter() - start
+        self.num_steps += 1
+        self.num_target_calls += 1
+        if plan.decode_ids:
+            self.num_decode_steps += 1
+            self.num_decode_rows += len(plan.decode_ids)
+        self.step_seconds += seconds
+        for out in self.engine.apply_step(plan, result, seconds):
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+        return True
 
     def _fail(self, plan: StepPlan, error: Exception) -> None:
         ids = [p.seq_id for p in plan.prefill] + list(plan.decode_ids)
@@ -155,4 +166,7 @@ class AsyncSpecEngine:
             "target_calls_per_step": (self.num_target_calls / self.num_steps) if self.num_steps else 0.0,
             "mean_batch_size": (self.num_decode_rows / self.num_decode_steps) if self.num_decode_steps else 0.0,
             "speculation": eng.totals.summary(),
+            "policy": eng.speculation.policy,
+            # Mean k chosen per decode row since the policy last changed.
+            "mean_chosen_k": eng.mean_chosen_k,
         }

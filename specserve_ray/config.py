@@ -60,7 +60,39 @@ class SpeculationConfig(_Strict):
 
     num_speculative_tokens: int = Field(4, ge=0, le=16, description="Static k: draft "
                                         "tokens proposed per request per step (0 = plain "
-                                        "decoding).")
+                                        "decoding). Also the most an adaptive policy may "
+                                        "draft (its max_k).")
+    policy: str = Field("static", description="Speculation policy: 'static' (= static:"
+                        "<num_speculative_tokens>), 'static:K', 'none', 'threshold', "
+                        "'threshold:T', 'smartspec' or 'specserve'. The adaptive ones choose "
+                        "each request's k every step from a start-up cost profile.")
+    profile_budget_s: float = Field(10.0, gt=0, le=600, description="Seconds the start-up "
+                                    "profile of draft and target forwards may take (adaptive "
+                                    "policies only; the fitted model is cached on disk).")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_known(cls, value: str) -> str:
+        from specserve_ray.policy import CostModel, make_policy
+
+        spec = value.strip().lower() if isinstance(value, str) else value
+        if spec == "static":
+            return spec
+        # Parse only: a placeholder cost model stands in for the profiled one.
+        make_policy(spec, CostModel((1e-3, 0, 0, 0), (1e-3, 1e-3, 0, 0)))
+        return spec
+
+    @property
+    def static_k(self) -> int | None:
+        """The fixed k of a static policy; None for the adaptive ones ('none' included)."""
+        if self.policy == "static":
+            return self.num_speculative_tokens
+        name, _, arg = self.policy.partition(":")
+        return int(arg) if name == "static" else None
+
+    @property
+    def needs_cost_model(self) -> bool:
+        return self.policy.partition(":")[0] in ("smartspec", "specserve")
 
 
 class LimitsConfig(_Strict):

@@ -19,11 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from specserve_ray.config import EngineConfig, LimitsConfig, SamplingParams, SpeculationConfig
 from specserve_ray.errors import RequestError
 from specserve_ray.models.runner import ModelRunner
+from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
+                                  make_policy, update_confidence_ema)
 from specserve_ray.stats import SpecStats, StepStats, StepTotals
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
@@ -47,6 +50,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     spec: SpecStats = field(default_factory=SpecStats)
+    confidence_ema: float = 0.5     # running mean draft confidence (adaptive policies)
 
     @property
     def context_len(self) -> int:
@@ -93,14 +97,19 @@ def check_pair_compatible(target_tokenizer, draft_tokenizer, target_vocab: int, 
 class SpecEngine:
     def __init__(self, target: TargetWorker, draft: DraftWorker | None, tokenizer,
                  limits: LimitsConfig | None = None, speculation: SpeculationConfig | None = None,
-                 k_chooser: KChooser | None = None):
+                 k_chooser: KChooser | None = None, cost_model: CostModel | None = None):
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
         self.limits = limits or LimitsConfig()
+        self.cost_model = cost_model
+        self.policy: SpeculationPolicy | None = None
+        self._decided_by: SpeculationPolicy | None = None   # the policy that planned the step
+        self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
+        self.chosen_k_rows = 0
         self.speculation = speculation or SpeculationConfig()
         self.eos_token_id = tokenizer.eos_token_id
-        self.k_chooser = k_chooser or self._static_k
+        self.k_chooser = k_chooser or self._choose_k
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -115,8 +124,33 @@ class SpecEngine:
         self.totals = SpecStats()
 
     # -- construction -------------------------------------------------------------------------
+    @property
+    def speculation(self) -> SpeculationConfig:
+        return self._speculation
+
+    @speculation.setter
+    def speculation(self, spec: SpeculationConfig) -> None:
+        """Switch speculation (policy included) between steps; the old one stays on error."""
+        policy = None
+        if spec.static_k is None:
+            if spec.needs_cost_model and self.cost_model is None:
+                raise ValueError(f"policy {spec.policy!r} needs a cost model; profile the "
+                                 "workers first (SpecEngine.from_config does)")
+            policy = make_policy(spec.policy, self.cost_model,
+                                 max_k=spec.num_speculative_tokens)
+        self._speculation, self.policy = spec, policy
+        self.chosen_k_sum = self.chosen_k_rows = 0
+
+    @property
+    def mean_chosen_k(self) -> float:
+        """Mean k per decode row (after clamping) since the policy last changed."""
+        return self.chosen_k_sum / self.chosen_k_rows if self.chosen_k_rows else 0.0
+
     @classmethod
-    def from_config(cls, config: EngineConfig | None = None, k_chooser: KChooser | None = None):
+    def from_config(cls, config: EngineConfig | None = None, k_chooser: KChooser | None = None,
+                    cost_model: CostModel | None = None, cache_dir: str | None = None):
+        """Load both models; with an adaptive policy and no `cost_model`, profile the
+        local runners (within speculation.profile_budget_s; cached on disk)."""
         config = config or EngineConfig()
         lim = config.limits
         target_runner, tokenizer = ModelRunner.from_config(
@@ -128,22 +162,56 @@ class SpecEngine:
             check_pair_compatible(tokenizer, draft_tok, target_runner.vocab_size,
                                   draft_runner.vocab_size)
             draft = DraftWorker(draft_runner)
+        spec = config.speculation
+        if cost_model is None and spec.needs_cost_model:
+            from specserve_ray.policy.profile import (cost_model_key, load_or_profile,
+                                                      profile_cost_model, profile_runner)
+
+            key = cost_model_key(config.target.path,
+                                 config.draft.path if config.draft is not None else None,
+                                 config.target.dtype, config.target.device)
+            draft_profile = None
+            if draft is not None:
+                def draft_profile(grid, budget):
+                    return profile_runner(draft.runner, "draft", grid, 2, budget)
+
+            cost_model = load_or_profile(cache_dir, key, lambda: profile_cost_model(
+                lambda grid, budget: profile_runner(target_runner, "verify", grid, 2, budget),
+                draft_profile, lim.max_num_seqs, spec.num_speculative_tokens,
+                lim.max_model_len, spec.profile_budget_s))
         return cls(TargetWorker(target_runner), draft, tokenizer, config.limits, config.speculation,
-                   k_chooser)
+                   k_chooser, cost_model)
 
     @classmethod
     def remote(cls, tokenizer, vocab_size: int, has_draft: bool, limits: LimitsConfig,
-               speculation: SpeculationConfig, k_chooser: KChooser | None = None):
+               speculation: SpeculationConfig, k_chooser: KChooser | None = None,
+               cost_model: CostModel | None = None):
         """An engine that only plans and applies; the workers live elsewhere (Ray actors)."""
-        engine = cls(None, None, tokenizer, limits, speculation, k_chooser)
+        engine = cls(None, None, tokenizer, limits, speculation, k_chooser, cost_model)
         engine.has_draft, engine.vocab_size = has_draft, vocab_size
         engine.release_eagerly = False
         return engine
 
     def _static_k(self, requests: Sequence[Request]) -> list[int]:
-        k = self.speculation.num_speculative_tokens
+        k = self.speculation.static_k
         return [k if r.num_speculative_tokens is None else r.num_speculative_tokens
                 for r in requests]
+
+    def _choose_k(self, requests: Sequence[Request]) -> list[int]:
+        """The default k_chooser: the static k, or the policy's per-request caps."""
+        policy = self.policy
+        if policy is None:
+            return self._static_k(requests)
+        state = BatchState(
+            context_len=[r.context_len for r in requests],
+            remaining_tokens=[r.params.max_tokens - len(r.output_ids) for r in requests],
+            confidence_ema=[r.confidence_ema for r in requests],
+            queue_depth=len(self.waiting))
+        decision = policy.decide(state)
+        self._decided_by = policy
+        # A per-request num_speculative_tokens caps what the policy chose.
+        return [k if r.num_speculative_tokens is None else min(k, r.num_speculative_tokens)
+                for r, k in zip(requests, decision.max_k)]
 
     # -- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -214,7 +282,10 @@ class SpecEngine:
         admitted, self.waiting = self.waiting[:free], self.waiting[free:]
         release, self._to_release = self._to_release, []
         batch = [r for r in self.running if not r.finished]
+        self._decided_by = None
         ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))] if batch else []
+        self.chosen_k_sum += sum(ks)
+        self.chosen_k_rows += len(ks)
         prefill = []
         for req in admitted:
             p = req.params
@@ -262,8 +333,30 @@ class SpecEngine:
             self.recent_steps.append(stats)
             self.step_totals.add(stats)
             self.totals.merge_step(stats)
+            if self.policy is not None and self._decided_by is self.policy:
+                self._feed_policy(plan, result, by_id, seconds)
         self._retire_finished()
         return outputs
+
+    def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float) -> None:
+        """Per-request confidence EMAs, then the policy's own step feedback."""
+        v, proposal = result.verify, result.proposal
+        counts = np.asarray(plan.num_draft, np.int64)
+        if proposal is not None and proposal.draft_confidence.shape[1] > 0:
+            confidences = proposal.draft_confidence.numpy()
+        else:
+            confidences = np.zeros((len(plan.decode_ids), 0))
+        ema = np.array([by_id[rid].confidence_ema if rid in by_id else 0.5
+                        for rid in plan.decode_ids])
+        ema = update_confidence_ema(ema, confidences, counts)
+        for rid, value in zip(plan.decode_ids, ema):
+            if rid in by_id:
+                by_id[rid].confidence_ema = float(value)
+        self.policy.observe(StepFeedback(
+            num_drafted=tuple(int(k) for k in counts), num_accepted=tuple(v.num_accepted),
+            step_seconds=seconds, draft_seconds=proposal.seconds if proposal is not None else None,
+            verify_seconds=v.seconds))
+        self._decided_by = None
 
     def _retire_finished(self) -> None:
         done = [r for r in self.running if r.finished]

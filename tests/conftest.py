@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -7,3 +8,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Tiny test models run fastest single-threaded; it also keeps parallel Ray actors from
 # oversubscribing the two cores.
 torch.set_num_threads(int(os.environ.get("SPECSERVE_TEST_THREADS", "1")))
+# Fitted cost models go to a scratch cache, never the user's ~/.cache (Ray workers
+# started by the tests inherit this too).
+if "SPECSERVE_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+
+    os.environ["SPECSERVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="specserve-cache-")
+    atexit.register(shutil.rmtree, os.environ["SPECSERVE_CACHE_DIR"], ignore_errors=True)

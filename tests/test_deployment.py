@@ -214,6 +214,33 @@ def test_concurrent_greedy_equals_target_only_and_batches(app, reference):
     assert rows / steps > 2.0, (rows, steps)
 
 
+def test_policy_switch_keeps_greedy_equality(app, reference):
+    """Reconfigure the live app to the adaptive policy (profiles once), then back."""
+    handle = app["handle"]
+    handle.reconfigure.remote({"policy": "specserve", "profile_budget_s": 3.0}).result()
+    try:
+        stats = handle.stats.remote().result()
+        assert stats["policy"] == "specserve"
+        lengths = [21, 13]
+        responses = [handle.generate.remote(p, max_tokens=n, ignore_eos=True)
+                     for p, n in zip(PROMPTS[:2], lengths)]
+        for p, n, r in zip(PROMPTS, lengths, responses):
+            assert r.result()["token_ids"] == reference(p, n), p
+        stats = httpx.get(app["http"] + "/v1/stats", timeout=30).json()
+        assert stats["policy"] == "specserve"
+        assert 0.0 <= stats["mean_chosen_k"] <= 4.0
+        with pytest.raises(Exception, match="unknown speculation policy"):
+            handle.reconfigure.remote({"policy": "bogus"}).result()
+        assert handle.stats.remote().result()["policy"] == "specserve"
+    finally:
+        handle.reconfigure.remote({"policy": "static"}).result()
+    stats = handle.stats.remote().result()
+    assert stats["policy"] == "static"
+    r = handle.generate.remote(PROMPTS[2], max_tokens=9, ignore_eos=True).result()
+    assert r["token_ids"] == reference(PROMPTS[2], 9)
+    assert handle.stats.remote().result()["mean_chosen_k"] > 0   # static k = 4 again
+
+
 # -- stress: cancellation, backpressure, bad input ---------------------------------------------------
 def _worker_seqs(app) -> tuple[int, int]:
     s = app["handle"].worker_stats.remote().result()

@@ -182,6 +182,8 @@ def _check_serve_config(data: dict, local_pair, where: str):
             user = router.get("user_config") or {}
             if "num_speculative_tokens" in user:
                 assert 0 <= user["num_speculative_tokens"] <= 16, at
+            if "policy" in user:
+                sconfig.SpeculationConfig(policy=user["policy"])  # raises if unknown
             if "max_num_seqs" in user:
                 assert 1 <= user["max_num_seqs"] <= cfg.engine.limits.max_num_seqs, (
                     f"{at}: user_config.max_num_seqs exceeds engine.limits.max_num_seqs")
