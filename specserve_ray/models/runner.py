@@ -188,8 +188,8 @@ class ModelRunner:
                 logits = logits[:, 0]
             else:
                 logits = gather_last(logits, batch.num_tokens.to(logits.device))
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        if order != list(range(len(order))):
+        if order != list(range(len(order))):   # back to the caller's row order
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
             logits = logits[inverse.to(logits.device)]
         return logits
