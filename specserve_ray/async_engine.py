@@ -169,4 +169,6 @@ class AsyncSpecEngine:
             "policy": eng.speculation.policy,
             # Mean k chosen per decode row since the policy last changed.
             "mean_chosen_k": eng.mean_chosen_k,
+            # Decode rows per chosen k, cumulative since start (diff two snapshots).
+            "chosen_k_counts": list(eng.chosen_k_counts),
         }

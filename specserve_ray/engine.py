@@ -27,7 +27,7 @@ from specserve_ray.errors import RequestError
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
                                   make_policy, update_confidence_ema)
-from specserve_ray.stats import SpecStats, StepStats, StepTotals
+from specserve_ray.stats import SpecStats, StepStats, StepTotals, count_values
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
 from specserve_ray.workers.host import StepPlan, StepResult, run_draft, run_target
@@ -107,6 +107,8 @@ class SpecEngine:
         self._decided_by: SpeculationPolicy | None = None   # the policy that planned the step
         self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
         self.chosen_k_rows = 0
+        # Rows per chosen k, cumulative since start (never reset; clients diff snapshots).
+        self.chosen_k_counts: list[int] = []
         self.speculation = speculation or SpeculationConfig()
         self.eos_token_id = tokenizer.eos_token_id
         self.k_chooser = k_chooser or self._choose_k
@@ -286,6 +288,7 @@ class SpecEngine:
         ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))] if batch else []
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
+        count_values(self.chosen_k_counts, ks)
         prefill = []
         for req in admitted:
             p = req.params

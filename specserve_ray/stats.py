@@ -8,6 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 
+def count_values(counts: list[int], values) -> None:
+    """Histogram in place: counts[v] += 1 for every v in `values` (the list grows)."""
+    for v in values:
+        if v >= len(counts):
+            counts.extend([0] * (v + 1 - len(counts)))
+        counts[v] += 1
+
+
 @dataclass
 class SpecStats:
     num_steps: int = 0              # target calls (verification steps) for this request
