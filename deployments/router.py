@@ -116,7 +116,7 @@ class SpecRouter:
         eng_cfg = self.cfg.engine
         limits = eng_cfg.limits.model_dump()
         self.target = TargetActor.options(**_actor_options(self.cfg.target_resources, 2)).remote(
-            eng_cfg.target.model_dump(), limits)
+            eng_cfg.target.model_dump(), limits, eng_cfg.speculation.synthetic_acceptance_rate)
         self.draft = None
         if eng_cfg.draft is not None:
             self.draft = DraftActor.options(**_actor_options(self.cfg.draft_resources, 1)).remote(

@@ -51,9 +51,9 @@ class DraftActor(_Base):
 
 @ray.remote
 class TargetActor(_Base):
-    def __init__(self, model: dict, limits: dict):
+    def __init__(self, model: dict, limits: dict, synthetic_acceptance_rate: float | None = None):
         super().__init__(model, limits, "target")
-        self.worker = TargetWorker(self.runner)
+        self.worker = TargetWorker(self.runner, synthetic_acceptance_rate)
 
     def step(self, draft_out: DraftOutput) -> StepResult:
         return run_target(self.worker, draft_out)

@@ -171,4 +171,5 @@ class AsyncSpecEngine:
             "mean_chosen_k": eng.mean_chosen_k,
             # Decode rows per chosen k, cumulative since start (diff two snapshots).
             "chosen_k_counts": list(eng.chosen_k_counts),
+            "synthetic_acceptance_rate": eng.speculation.synthetic_acceptance_rate,
         }

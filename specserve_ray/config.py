@@ -69,6 +69,11 @@ class SpeculationConfig(_Strict):
     profile_budget_s: float = Field(10.0, gt=0, le=600, description="Seconds the start-up "
                                     "profile of draft and target forwards may take (adaptive "
                                     "policies only; the fitted model is cached on disk).")
+    synthetic_acceptance_rate: float | None = Field(
+        None, ge=0.0, le=1.0, description="BENCHMARK ONLY, NOT LOSSLESS: the target accepts "
+        "each draft token with this probability instead of verifying it (the forward still "
+        "runs, so costs are real), to measure a system at a chosen acceptance rate. None "
+        "(the default) = real lossless verification.")
 
     @field_validator("policy")
     @classmethod

@@ -181,7 +181,8 @@ class SpecEngine:
                 lambda grid, budget: profile_runner(target_runner, "verify", grid, 2, budget),
                 draft_profile, lim.max_num_seqs, spec.num_speculative_tokens,
                 lim.max_model_len, spec.profile_budget_s))
-        return cls(TargetWorker(target_runner), draft, tokenizer, config.limits, config.speculation,
+        target = TargetWorker(target_runner, spec.synthetic_acceptance_rate)
+        return cls(target, draft, tokenizer, config.limits, config.speculation,
                    k_chooser, cost_model)
 
     @classmethod

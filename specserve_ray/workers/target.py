@@ -13,6 +13,7 @@ import torch
 from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
 from specserve_ray.core.sampling import logits_to_probs, sample_from_probs
 from specserve_ray.models.runner import ModelRunner
+from specserve_ray.workers.synthetic import synthetic_accept
 from specserve_ray.workers.types import PrefillItem, SeqSampling, VerifyResult
 
 # Target and draft draw from separate streams of the same request seed.
@@ -40,9 +41,12 @@ def sampling_tensors(samplings: list[SeqSampling]):
 
 
 class TargetWorker:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, synthetic_acceptance_rate: float | None = None):
         self.runner = runner
         self._seqs: dict[str, _TargetSeq] = {}
+        # Benchmark only, NOT lossless: see workers/synthetic.py. None = real verification.
+        self.synthetic_acceptance_rate = synthetic_acceptance_rate
+        self._synthetic_gen = torch.Generator().manual_seed(0x5EED)
 
     @property
     def vocab_size(self) -> int:
@@ -126,6 +130,10 @@ class TargetWorker:
         output_ids, num_emitted = rejection_sample(
             draft_token_ids, num_draft_tokens, draft_probs, target_probs, target_argmax,
             is_greedy, uniform, noise)
+        if self.synthetic_acceptance_rate is not None:   # replaces the outcome, not the cost
+            output_ids, num_emitted = synthetic_accept(
+                draft_token_ids, num_draft_tokens, target_argmax,
+                self.synthetic_acceptance_rate, self._synthetic_gen)
         emitted, accepted = [], []
         for i, seq_id in enumerate(seq_ids):
             n_out = int(num_emitted[i])
