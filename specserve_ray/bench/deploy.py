@@ -78,7 +78,9 @@ def engine_run(engine, prompt_ids: list[list[int]], concurrency: int, max_tokens
     return {"tok_s": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2)}
 
 
-def start_app(transport: str, k: int) -> tuple[str, callable]:
+def start_app(transport: str, k: int, engine_overrides: dict | None = None) -> tuple[str, callable]:
+    """Start Ray and the default app; `engine_overrides` ({section: {key: value}}) are
+    merged into the config's engine sections (e.g. {"target": {"dtype": "bfloat16"}})."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
@@ -96,6 +98,8 @@ def start_app(transport: str, k: int) -> tuple[str, callable]:
         args = yaml.safe_load(f)["applications"][0]["args"]
     args["transport"] = transport
     args["engine"]["speculation"] = {"num_speculative_tokens": k}
+    for section, values in (engine_overrides or {}).items():
+        args["engine"][section] = {**(args["engine"].get(section) or {}), **values}
     serve.run(build_app(args), name="specserve", route_prefix="/")
 
     def stop():

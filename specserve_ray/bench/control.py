@@ -1,0 +1,114 @@
+"""Starting the app under test and switching its speculation policy between runs.
+
+Three ways to switch, all ending in the router's `reconfigure(user_config)` (no restart):
+- `HandleSwitcher`: an app this process started (or one reachable with `ray.init(address)`):
+  a DeploymentHandle call `reconfigure.remote({...})`. Reaches one replica, so the sweep
+  starts its own app with one replica.
+- `RestSwitcher`: any cluster with a Ray dashboard (KubeRay: port-forward 8265): GET the
+  declarative Serve config (`/api/serve/applications/`), change the router's user_config,
+  PUT it back; Serve then reconfigures every replica in place. Needs an app deployed
+  declaratively (`serve deploy`, `serve run config.yaml`, a RayService).
+- none: `--url` alone can only measure the policy that is live.
+Every switch is confirmed by polling `GET /v1/stats` until it reports the new policy.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import httpx
+
+from specserve_ray.bench.loadgen import get_json
+
+APP_NAME = "specserve"
+ROUTER = "SpecRouter"
+
+
+def start_app(regime_dtype: str, max_k: int, synthetic_acceptance_rate: float | None,
+              max_num_seqs: int | None = None):
+    """The default app (deployments/default.yaml's args), target in `regime_dtype`.
+    Returns (url, handle, stop)."""
+    from ray import serve
+
+    from specserve_ray.bench.deploy import start_app as start_default_app
+
+    spec = {"num_speculative_tokens": max_k}
+    if synthetic_acceptance_rate is not None:
+        spec["synthetic_acceptance_rate"] = synthetic_acceptance_rate
+    overrides = {"target": {"dtype": regime_dtype}, "speculation": spec}
+    if max_num_seqs is not None:
+        overrides["limits"] = {"max_num_seqs": max_num_seqs}
+    url, stop = start_default_app("actor", max_k, engine_overrides=overrides)
+    return url, serve.get_app_handle(APP_NAME), stop
+
+
+async def wait_for_policy(url: str, policy: str, timeout_s: float) -> dict:
+    """Poll /v1/stats until it reports `policy`; returns that snapshot."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = await get_json(url, "/v1/stats")
+            if str(last.get("policy", "")).lower() == policy.lower():
+                return last
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"the server still reports policy {last and last.get('policy')!r}, "
+                       f"not {policy!r}, after {timeout_s:.0f} s")
+
+
+class HandleSwitcher:
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def switch(self, policy: str, max_k: int) -> None:
+        # Sync handle calls may not run inside an event loop: do it in a thread.
+        user_config = {"policy": policy, "num_speculative_tokens": max_k}
+        await asyncio.to_thread(
+            lambda: self.handle.reconfigure.remote(user_config).result(timeout_s=600))
+
+
+class RestSwitcher:
+    def __init__(self, dashboard_url: str, app_name: str = APP_NAME):
+        self.dashboard = dashboard_url.rstrip("/")
+        self.app_name = app_name
+
+    def _config(self, details: dict, policy: str, max_k: int) -> dict:
+        """The full declarative config with the router's user_config changed."""
+        apps = details.get("applications", {})
+        if self.app_name not in apps:
+            raise RuntimeError(f"no Serve application {self.app_name!r} at {self.dashboard} "
+                               f"(found {sorted(apps)})")
+        configs = []
+        for name, app in apps.items():
+            cfg = app.get("deployed_app_config")
+            if cfg is None:
+                raise RuntimeError(f"application {name!r} was deployed imperatively "
+                                   "(serve.run from Python); the REST API can only update "
+                                   "declaratively deployed apps (serve deploy / RayService)")
+            configs.append(copy.deepcopy(cfg))
+        mine = next(c for c in configs if c["name"] == self.app_name)
+        deps = mine.setdefault("deployments", [])
+        router = next((d for d in deps if d.get("name") == ROUTER), None)
+        if router is None:
+            router = {"name": ROUTER}
+            deps.append(router)
+        router["user_config"] = {**(router.get("user_config") or {}),
+                                 "policy": policy, "num_speculative_tokens": max_k}
+        out = {"applications": configs}
+        for key in ("proxy_location", "http_options", "grpc_options"):
+            if details.get(key) is not None:
+                out[key] = details[key]
+        return out
+
+    async def switch(self, policy: str, max_k: int) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            r = await client.get(self.dashboard + "/api/serve/applications/")
+            r.raise_for_status()
+            r = await client.put(self.dashboard + "/api/serve/applications/",
+                                 json=self._config(r.json(), policy, max_k))
+            if r.status_code != 200:
+                raise RuntimeError(f"Serve REST API refused the config: {r.status_code} "
+                                   f"{r.text[:300]}")
