@@ -224,19 +224,23 @@ def test_synthetic_accept_rate_and_shape():
     n_draft[:1000] = 2
     argmax = torch.randint(100, 200, (batch, k + 1))
     gen = torch.Generator().manual_seed(0)
-    out, emitted = synthetic_accept(drafts, n_draft, argmax, 0.6, gen)
+    argmax[:100, :] = drafts[:100, :1]       # the target agrees with a rejected draft token
+    out, emitted = synthetic_accept(drafts, n_draft, argmax, 0.6, 200, gen)
     accepted = emitted - 1
     assert int(accepted[:1000].max()) <= 2 and int(accepted.max()) <= k
     # Leading successes of Bernoulli(0.6) over 4 positions: E = .6 + .36 + .216 + .1296.
     assert float(accepted[1000:].float().mean()) == pytest.approx(1.3056, rel=0.05)
-    for i in range(50):
+    for i in range(2000):
         n = int(accepted[i])
         assert out[i, :n].tolist() == drafts[i, :n].tolist()
-        assert int(out[i, n]) == int(argmax[i, n])
+        if n < int(n_draft[i]):   # a rejection never emits the rejected draft token
+            assert int(out[i, n]) != int(drafts[i, n])
+        if i >= 100:
+            assert int(out[i, n]) == int(argmax[i, n])
         assert (out[i, n + 1:] == PLACEHOLDER_TOKEN_ID).all()
-    out0, e0 = synthetic_accept(drafts, n_draft, argmax, 0.0)
-    assert (e0 == 1).all() and (out0[:, 0] == argmax[:, 0]).all()
-    _, e1 = synthetic_accept(drafts, n_draft, argmax, 1.0)
+    out0, e0 = synthetic_accept(drafts[100:], n_draft[100:], argmax[100:], 0.0, 200)
+    assert (e0 == 1).all() and (out0[:, 0] == argmax[100:, 0]).all()
+    _, e1 = synthetic_accept(drafts, n_draft, argmax, 1.0, 200)
     assert (e1 == n_draft + 1).all()
 
 
@@ -247,14 +251,19 @@ def test_synthetic_acceptance_in_the_engine_and_k_histogram():
     assert SpeculationConfig().synthetic_acceptance_rate is None      # never the default
     with pytest.raises(Exception):
         SpeculationConfig(synthetic_acceptance_rate=1.5)
-    cfg = EngineConfig(speculation={"num_speculative_tokens": 3, "synthetic_acceptance_rate": 1.0},
-                       limits={"max_model_len": 128, "max_num_seqs": 2})
-    engine = SpecEngine.from_config(cfg)
-    outs = engine.generate(["def f(x):\n", "import os\n"],
-                           SamplingParams(max_tokens=17, ignore_eos=True))
-    assert all(len(o.output_ids) == 17 for o in outs)
-    # Every draft accepted: each step emits k + 1 = 4 tokens (the last steps are clamped).
-    assert engine.totals.acceptance_rate == 1.0
-    assert engine.totals.mean_acceptance_length > 3.0
-    counts = engine.chosen_k_counts
-    assert sum(counts) == engine.totals.num_steps and counts[3] > 0
+    prompts = ["def f(x):\n", "import os\n", "class A:\n    def ", "    return self."]
+    for rate in (1.0, 0.5):
+        cfg = EngineConfig(speculation={"num_speculative_tokens": 3,
+                                        "synthetic_acceptance_rate": rate},
+                           limits={"max_model_len": 256, "max_num_seqs": 4})
+        engine = SpecEngine.from_config(cfg)
+        # Long enough that the draft's cache sync meets rejections the target agrees with.
+        outs = engine.generate(prompts, SamplingParams(max_tokens=60, ignore_eos=True))
+        assert all(len(o.output_ids) == 60 for o in outs)
+        counts = engine.chosen_k_counts
+        assert sum(counts) == engine.totals.num_steps and counts[3] > 0
+        if rate == 1.0:   # every draft accepted: k + 1 = 4 tokens a step (last ones clamped)
+            assert engine.totals.acceptance_rate == 1.0
+            assert engine.totals.mean_acceptance_length > 3.0
+        else:             # leading successes of Bernoulli(.5) over 3: E = .875 a step
+            assert 0.6 < engine.totals.mean_acceptance_length - 1 < 1.15

@@ -133,7 +133,7 @@ class TargetWorker:
         if self.synthetic_acceptance_rate is not None:   # replaces the outcome, not the cost
             output_ids, num_emitted = synthetic_accept(
                 draft_token_ids, num_draft_tokens, target_argmax,
-                self.synthetic_acceptance_rate, self._synthetic_gen)
+                self.synthetic_acceptance_rate, vocab, self._synthetic_gen)
         emitted, accepted = [], []
         for i, seq_id in enumerate(seq_ids):
             n_out = int(num_emitted[i])
