@@ -73,12 +73,15 @@ def run_metrics(records: list[RequestRecord], duration_s: float, slo: SLO) -> di
     good = sum(meets_slo(r, slo) for r in records)
     out_tokens = sum(r.output_tokens for r in ok)
     errors: dict[str, int] = {}
+    samples: list[str] = []     # a few full messages, so a failure can be diagnosed
     for r in records:
         if not r.ok:
             kind = (r.error or "unknown").split(":")[0]
             errors[kind] = errors.get(kind, 0) + 1
+            if r.error not in samples and len(samples) < 3:
+                samples.append(r.error)
     m = {"num_requests": len(records), "completed": len(ok), "failed": len(records) - len(ok),
-         "errors": errors, "duration_s": duration_s,
+         "errors": errors, "error_samples": samples, "duration_s": duration_s,
          "request_throughput": len(ok) / duration_s,
          "output_tok_s": out_tokens / duration_s,
          "goodput_req_s": good / duration_s,

@@ -61,7 +61,7 @@ class Sweep:
     # -- workloads ----------------------------------------------------------------------------
     def fit(self, reqs, max_model_len: int):
         a = self.args
-        budget = max_model_len - min(a.max_output_tokens, max_model_len // 4)
+        budget = min(a.input_budget, max_model_len - min(a.max_output_tokens, max_model_len // 4))
         scale = (tr.auto_input_scale(self.trace, budget) if a.input_scale == "auto"
                  else float(a.input_scale))
         return tr.fit_lengths(reqs, max_model_len, input_scale=scale, output_scale=a.output_scale,
@@ -222,6 +222,7 @@ def _run_regime(sweep: Sweep, regime: str, url: str, switcher, report: dict, bar
                f"TPOT {cal['single_stream_tpot_s'] * 1000:.1f} ms; capacity "
                f"{cal['capacity_req_s']:.2f} req/s ({cal['capacity_tok_s']:.0f} out tok/s); "
                f"SLOs: TTFT <= {slo.ttft_s:.3f} s, TPOT <= {slo.tpot_s * 1000:.0f} ms")
+    levels = []
     for load, frac, abs_rate in args.load_levels:
         if frac:
             rate = frac * cal["capacity_req_s"]
@@ -230,7 +231,13 @@ def _run_regime(sweep: Sweep, regime: str, url: str, switcher, report: dict, bar
         else:   # --time-scale: the trace window's own rate, scaled
             rate = tr.mean_rate(tr.window(sweep.trace, args.trace_start, 200)) / args.time_scale
         reqs, prompts = sweep.workload(rate, max_model_len)
-        offered = tr.mean_rate(reqs) if len(reqs) > 1 else rate
+        levels.append((load, frac, reqs, prompts))
+    # Now the arrival spans are known (--min-requests can stretch a low-load run).
+    span = sum(r[-1].arrival_s for _, _, r, _ in levels)
+    tqdm.write(f"[{regime}] arrivals: {span:.0f} s per policy; this regime's runs need about "
+               f"{len(args.policies) * (span + len(levels) * (PER_RUN_OVERHEAD_S + 2)) / 60:.1f} min")
+    for load, frac, reqs, prompts in levels:
+        offered = tr.mean_rate(reqs) if len(reqs) > 1 else 0.0
         for policy in args.policies:
             bar.set_description(f"{regime} {load} {policy}")
             inner = tqdm(total=len(reqs), desc="  requests", unit="req", leave=False, position=1)
@@ -269,7 +276,7 @@ def _f(v):
 def _setup(args) -> dict:
     keys = ("trace", "url", "dashboard_url", "regimes", "policies", "max_k", "load_levels",
             "arrival", "burstiness", "time_scale", "duration", "min_requests", "max_requests",
-            "trace_start", "input_scale", "output_scale", "max_input_tokens",
+            "trace_start", "input_scale", "input_budget", "output_scale", "max_input_tokens",
             "max_output_tokens", "slo_ttft", "slo_tpot", "slo_ttft_factor", "slo_tpot_factor",
             "warmup_requests", "synthetic_acceptance", "capacity_policy", "max_num_seqs", "seed")
     return {k: getattr(args, k, None) for k in keys}
