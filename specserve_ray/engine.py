@@ -25,6 +25,7 @@ import torch
 from specserve_ray.config import EngineConfig, LimitsConfig, SamplingParams, SpeculationConfig
 from specserve_ray.errors import RequestError
 from specserve_ray.models.runner import ModelRunner
+from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
                                   make_policy, update_confidence_ema)
 from specserve_ray.stats import SpecStats, StepStats, StepTotals
@@ -105,6 +106,7 @@ class SpecEngine:
         self.cost_model = cost_model
         self.policy: SpeculationPolicy | None = None
         self._decided_by: SpeculationPolicy | None = None   # the policy that planned the step
+        self._control: DraftControl | None = None           # its in-draft-loop rules
         self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
         self.chosen_k_rows = 0
         self.speculation = speculation or SpeculationConfig()
@@ -209,6 +211,7 @@ class SpecEngine:
             queue_depth=len(self.waiting))
         decision = policy.decide(state)
         self._decided_by = policy
+        self._control = decision.control
         # A per-request num_speculative_tokens caps what the policy chose.
         return [k if r.num_speculative_tokens is None else min(k, r.num_speculative_tokens)
                 for r, k in zip(requests, decision.max_k)]
@@ -282,7 +285,7 @@ class SpecEngine:
         admitted, self.waiting = self.waiting[:free], self.waiting[free:]
         release, self._to_release = self._to_release, []
         batch = [r for r in self.running if not r.finished]
-        self._decided_by = None
+        self._decided_by = self._control = None
         ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))] if batch else []
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
@@ -298,7 +301,8 @@ class SpecEngine:
         for r in batch:
             new_tokens.append(r.unsynced_draft)
             r.unsynced_draft = []
-        return StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks)
+        control = self._control if any(ks) else None
+        return StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control)
 
     def apply_step(self, plan: StepPlan, result: StepResult, seconds: float) -> list[RequestOutput]:
         """Commit what the workers produced; return the per-request deltas."""
@@ -315,7 +319,10 @@ class SpecEngine:
         if result.verify is not None:
             v = result.verify
             drafted = accepted = emitted_total = 0
-            for rid, k, tokens, n_acc in zip(plan.decode_ids, plan.num_draft, v.emitted,
+            # Verified counts: an in-loop early stop or trim can leave them below the caps.
+            verified = (result.proposal.num_draft_tokens.tolist() if result.proposal is not None
+                        else plan.num_draft)
+            for rid, k, tokens, n_acc in zip(plan.decode_ids, verified, v.emitted,
                                              v.num_accepted):
                 req = by_id.get(rid)
                 if req is None:        # aborted while the step was in flight
@@ -341,7 +348,12 @@ class SpecEngine:
     def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float) -> None:
         """Per-request confidence EMAs, then the policy's own step feedback."""
         v, proposal = result.verify, result.proposal
-        counts = np.asarray(plan.num_draft, np.int64)
+        if proposal is not None:
+            counts = proposal.drafted.numpy().astype(np.int64)
+            verified = tuple(int(n) for n in proposal.num_draft_tokens)
+        else:
+            counts = np.asarray(plan.num_draft, np.int64)
+            verified = None
         if proposal is not None and proposal.draft_confidence.shape[1] > 0:
             confidences = proposal.draft_confidence.numpy()
         else:
@@ -354,7 +366,8 @@ class SpecEngine:
                 by_id[rid].confidence_ema = float(value)
         self.policy.observe(StepFeedback(
             num_drafted=tuple(int(k) for k in counts), num_accepted=tuple(v.num_accepted),
-            step_seconds=seconds, draft_seconds=proposal.seconds if proposal is not None else None,
+            step_seconds=seconds, num_verified=verified,
+            draft_seconds=proposal.seconds if proposal is not None else None,
             verify_seconds=v.seconds))
         self._decided_by = None
 
