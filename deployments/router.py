@@ -139,7 +139,8 @@ class SpecRouter:
                                         self.draft is not None, eng_cfg.limits,
                                         eng_cfg.speculation, cost_model=self.cost_model)
         self.serving = AsyncSpecEngine(self.engine, self.transport.execute,
-                                       max_queued=self.cfg.max_queued_requests)
+                                       max_queued=self.cfg.max_queued_requests,
+                                       pipeline=self.cfg.pipeline)
         self.model_name = self.cfg.model_name
         self.created = int(time.time())
 
@@ -168,7 +169,7 @@ class SpecRouter:
             spec = SpeculationConfig(**{**self.engine.speculation.model_dump(), **updates})
             if spec.needs_cost_model and self.cost_model is None:
                 # Pause the step loop: profiling shares the workers' models and slots.
-                async with self.serving.step_lock:
+                async with self.serving.paused():
                     self.cost_model = CostModel.from_dict(await self._fit_cost_model(spec))
                 self.engine.cost_model = self.cost_model
             self.engine.speculation = spec
@@ -180,6 +181,11 @@ class SpecRouter:
             self.engine.limits = self.engine.limits.model_copy(update={"max_num_seqs": value})
         if "max_queued_requests" in user_config:
             self.serving.max_queued = int(user_config.pop("max_queued_requests"))
+        if "pipeline" in user_config:
+            value = user_config.pop("pipeline")
+            if not isinstance(value, bool):
+                raise ValueError(f"pipeline must be true or false, got {value!r}")
+            self.serving.pipeline = value
         if user_config:
             raise ValueError(f"unknown user_config keys: {sorted(user_config)}")
 

@@ -200,6 +200,11 @@ class AppConfig(_Strict):
         "draft's output passed by reference to the target) or a Ray compiled graph "
         "(draft -> target, ~0.2 ms, but its waiting actors poll; on a 2-core CPU that "
         "steals the target's cores).")
+    pipeline: bool = Field(
+        False, description="Draft/verify pipelining: split the running requests into two "
+        "micro-batches so the draft worker drafts one while the target verifies the other "
+        "(each request is in one step at a time, so output is unchanged). Pays when draft "
+        "and target run on separate devices; changeable at runtime (user_config).")
     router_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.2},
         description="Placement-group bundle of the router replica itself.")

@@ -105,7 +105,9 @@ class SpecEngine:
         self.limits = limits or LimitsConfig()
         self.cost_model = cost_model
         self.policy: SpeculationPolicy | None = None
-        self._decided_by: SpeculationPolicy | None = None   # the policy that planned the step
+        self._decided_by: SpeculationPolicy | None = None   # the policy planning this step
+        # id(plan) -> (policy that decided it, mean context) until the plan is applied.
+        self._in_flight: dict[int, tuple[SpeculationPolicy, float]] = {}
         self._control: DraftControl | None = None           # its in-draft-loop rules
         self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
         self.chosen_k_rows = 0
@@ -279,12 +281,20 @@ class SpecEngine:
         result = run_target(self.target, run_draft(self.draft, plan))
         return self.apply_step(plan, result, time.perf_counter() - start)
 
-    def plan_step(self) -> StepPlan | None:
-        """Admit waiting requests, choose every running request's k, release finished ones."""
+    def plan_step(self, busy: frozenset[str] | set[str] = frozenset(),
+                  max_rows: int | None = None) -> StepPlan | None:
+        """Admit waiting requests, choose every running request's k, release finished ones.
+
+        `busy` are requests in a step still in flight (draft/verify pipelining): they are
+        left out, so a request is in at most one step at a time. `max_rows` caps the
+        decode batch, to split the running requests into micro-batches.
+        """
         free = self.limits.max_num_seqs - len(self.running)
         admitted, self.waiting = self.waiting[:free], self.waiting[free:]
         release, self._to_release = self._to_release, []
-        batch = [r for r in self.running if not r.finished]
+        batch = [r for r in self.running if not r.finished and r.request_id not in busy]
+        if max_rows is not None:
+            batch = batch[:max(max_rows, 0)]
         self._decided_by = self._control = None
         ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))] if batch else []
         self.chosen_k_sum += sum(ks)
@@ -302,7 +312,16 @@ class SpecEngine:
             new_tokens.append(r.unsynced_draft)
             r.unsynced_draft = []
         control = self._control if any(ks) else None
-        return StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control)
+        plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control)
+        if self._decided_by is not None:
+            # Kept per plan: with pipelining another plan is decided before this one returns.
+            context = sum(r.context_len for r in batch) / len(batch)
+            self._in_flight[id(plan)] = (self._decided_by, context)
+        return plan
+
+    def forget_plan(self, plan: StepPlan) -> None:
+        """A plan that will never be applied (its execution failed)."""
+        self._in_flight.pop(id(plan), None)
 
     def apply_step(self, plan: StepPlan, result: StepResult, seconds: float) -> list[RequestOutput]:
         """Commit what the workers produced; return the per-request deltas."""
@@ -340,12 +359,14 @@ class SpecEngine:
             self.recent_steps.append(stats)
             self.step_totals.add(stats)
             self.totals.merge_step(stats)
-            if self.policy is not None and self._decided_by is self.policy:
-                self._feed_policy(plan, result, by_id, seconds)
+            decided = self._in_flight.pop(id(plan), None)
+            if decided is not None and decided[0] is self.policy:
+                self._feed_policy(plan, result, by_id, seconds, decided[1])
         self._retire_finished()
         return outputs
 
-    def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float) -> None:
+    def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float,
+                     context: float) -> None:
         """Per-request confidence EMAs, then the policy's own step feedback."""
         v, proposal = result.verify, result.proposal
         if proposal is not None:
@@ -368,8 +389,7 @@ class SpecEngine:
             num_drafted=tuple(int(k) for k in counts), num_accepted=tuple(v.num_accepted),
             step_seconds=seconds, num_verified=verified,
             draft_seconds=proposal.seconds if proposal is not None else None,
-            verify_seconds=v.seconds))
-        self._decided_by = None
+            verify_seconds=v.seconds, batch_size=len(plan.decode_ids), mean_context=context))
 
     def _retire_finished(self) -> None:
         done = [r for r in self.running if r.finished]

@@ -241,6 +241,27 @@ def test_policy_switch_keeps_greedy_equality(app, reference):
     assert handle.stats.remote().result()["mean_chosen_k"] > 0   # static k = 4 again
 
 
+def test_pipelining_keeps_greedy_equality(app, reference):
+    """Two micro-batches in flight (draft one while the target verifies the other)."""
+    handle = app["handle"]
+    handle.reconfigure.remote({"pipeline": True}).result()
+    try:
+        before = handle.stats.remote().result()
+        lengths = [19, 7, 26, 12]
+        responses = [handle.generate.remote(p, max_tokens=n, ignore_eos=True)
+                     for p, n in zip(PROMPTS, lengths)]
+        for p, n, r in zip(PROMPTS, lengths, responses):
+            assert r.result()["token_ids"] == reference(p, n), p
+        after = handle.stats.remote().result()
+        assert after["pipeline"] is True
+        assert after["overlapped_steps"] > before["overlapped_steps"]
+        with pytest.raises(Exception, match="pipeline must be"):
+            handle.reconfigure.remote({"pipeline": "yes"}).result()
+    finally:
+        handle.reconfigure.remote({"pipeline": False}).result()
+    assert handle.stats.remote().result()["pipeline"] is False
+
+
 # -- stress: cancellation, backpressure, bad input ---------------------------------------------------
 def _worker_seqs(app) -> tuple[int, int]:
     s = app["handle"].worker_stats.remote().result()

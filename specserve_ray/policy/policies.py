@@ -109,6 +109,10 @@ class StepFeedback:
     draft_seconds: float | None = None    # the draft call alone, if measured
     verify_seconds: float | None = None   # the target forward alone, if measured
     confidences: Any = None               # [B, K] per-token draft confidences, if kept
+    # The step's batch and mean context; None = those of the last decide() (with
+    # pipelining, another step may have been decided since this one).
+    batch_size: int | None = None
+    mean_context: float | None = None
 
     @property
     def verified(self) -> tuple[int, ...]:
@@ -353,7 +357,8 @@ class SpecServe(SpeculationPolicy):
     def observe(self, feedback):
         """Correct the cost model from measured draft/verify times; True if it moved."""
         state = self._current_state()
-        batch, context = state.batch_size, state.mean_context
+        batch = state.batch_size if feedback.batch_size is None else feedback.batch_size
+        context = state.mean_context if feedback.mean_context is None else feedback.mean_context
         changed = False
         if feedback.verify_seconds is not None:
             changed |= self.cost.observe(Sample("verify", batch, batch + sum(feedback.verified),
