@@ -137,7 +137,8 @@ class SpecRouter:
             self.cost_model = CostModel.from_dict(ray.get(self._fit_cost_model(eng_cfg.speculation)))
         self.engine = SpecEngine.remote(self.tokenizer, target_info["vocab_size"],
                                         self.draft is not None, eng_cfg.limits,
-                                        eng_cfg.speculation, cost_model=self.cost_model)
+                                        eng_cfg.speculation, cost_model=self.cost_model,
+                                        slo=eng_cfg.slo)
         self.serving = AsyncSpecEngine(self.engine, self.transport.execute,
                                        max_queued=self.cfg.max_queued_requests,
                                        pipeline=self.cfg.pipeline)
@@ -206,18 +207,21 @@ class SpecRouter:
         """Generate a completion for `prompt` (text or token ids).
 
         Sampling keywords are those of `SamplingParams` (max_tokens, temperature, top_p,
-        top_k, seed, stop, ignore_eos). Returns a dict with text, token_ids, finish_reason,
+        top_k, seed, stop, ignore_eos); `slo_class` names a configured latency class
+        (None = the default one). Returns a dict with text, token_ids, finish_reason,
         prompt_tokens, completion_tokens and speculation. With `stream=True` (call through
         `handle.options(stream=True)`) it yields one dict per step with the new text and
         token ids instead.
         """
         params = SamplingParams(**sampling)
         if stream:
-            return self._stream_dicts(prompt, params, request_id, num_speculative_tokens)
-        return await self.serving.generate(prompt, params, request_id, num_speculative_tokens)
+            return self._stream_dicts(prompt, params, request_id, num_speculative_tokens,
+                                      slo_class)
+        return await self.serving.generate(prompt, params, request_id, num_speculative_tokens,
+                                           slo_class)
 
-    async def _stream_dicts(self, prompt, params, request_id, k):
-        async for out in self.serving.generate_stream(prompt, params, request_id, k):
+    async def _stream_dicts(self, prompt, params, request_id, k, slo_class):
+        async for out in self.serving.generate_stream(prompt, params, request_id, k, slo_class):
             yield {"request_id": out.request_id, "text": out.new_text,
                    "token_ids": out.new_token_ids, "finished": out.finished,
                    "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
@@ -262,7 +266,8 @@ class SpecRouter:
             prompt = body.prompt_input()
             if body.stream:
                 return await self._sse(prompt, params, body, chat=False)
-            result = await self.serving.generate(prompt, params, None, body.num_speculative_tokens)
+            result = await self.serving.generate(prompt, params, None, body.num_speculative_tokens,
+                                                 body.slo_class)
             return oai.completion_response(oai.new_id("cmpl"), self.model_name, result)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._log_and_respond(exc)
@@ -276,7 +281,8 @@ class SpecRouter:
             prompt = oai.render_chat(self.tokenizer, body.messages, self.cfg.chat_template)
             if body.stream:
                 return await self._sse(prompt, params, body, chat=True)
-            result = await self.serving.generate(prompt, params, None, body.num_speculative_tokens)
+            result = await self.serving.generate(prompt, params, None, body.num_speculative_tokens,
+                                                 body.slo_class)
             return oai.chat_response(oai.new_id("chatcmpl"), self.model_name, result)
         except Exception as exc:  # noqa: BLE001
             return self._log_and_respond(exc)
@@ -289,7 +295,8 @@ class SpecRouter:
     async def _sse(self, prompt, params: SamplingParams, body: oai._Common, chat: bool):
         rid = oai.new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
-        stream = self.serving.generate_stream(prompt, params, None, body.num_speculative_tokens)
+        stream = self.serving.generate_stream(prompt, params, None, body.num_speculative_tokens,
+                                              body.slo_class)
         # Pull the first delta before answering 200, so admission errors (400/503) are
         # still proper status codes rather than errors inside an event stream.
         first = await stream.__anext__()
@@ -343,7 +350,9 @@ class SpecRouter:
         if request.HasField("seed"):
             sampling["seed"] = request.seed
         k = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else None
-        return pb, SamplingParams(**sampling), k, (request.request_id or None)
+        # proto3 strings cannot be unset: empty means the default class.
+        return (pb, SamplingParams(**sampling), k, (request.request_id or None),
+                request.slo_class or None)
 
     @staticmethod
     def _grpc_error(grpc_context, exc: BaseException) -> None:
@@ -362,8 +371,8 @@ class SpecRouter:
         from deployments.proto import specserve_pb2 as pb
 
         try:
-            pb, params, k, rid = self._grpc_args(request)
-            r = await self.serving.generate(request.prompt or "", params, rid, k)
+            pb, params, k, rid, slo_class = self._grpc_args(request)
+            r = await self.serving.generate(request.prompt or "", params, rid, k, slo_class)
             return pb.GenerateResponse(
                 request_id=r["request_id"], text=r["text"], token_ids=r["token_ids"],
                 finished=True, finish_reason=r["finish_reason"], prompt_tokens=r["prompt_tokens"],
@@ -379,8 +388,9 @@ class SpecRouter:
         from deployments.proto import specserve_pb2 as pb
 
         try:
-            pb, params, k, rid = self._grpc_args(request)
-            async for out in self.serving.generate_stream(request.prompt or "", params, rid, k):
+            pb, params, k, rid, slo_class = self._grpc_args(request)
+            async for out in self.serving.generate_stream(request.prompt or "", params, rid, k,
+                                                          slo_class):
                 yield pb.GenerateResponse(
                     request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids,
                     finished=out.finished, finish_reason=out.finish_reason or "",

@@ -72,8 +72,8 @@ class AsyncSpecEngine:
     # -- requests --------------------------------------------------------------------------------
     async def generate_stream(self, prompt, params: SamplingParams | None = None,
                               request_id: str | None = None,
-                              num_speculative_tokens: int | None = None
-                              ) -> AsyncIterator[RequestOutput]:
+                              num_speculative_tokens: int | None = None,
+                              slo_class: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield one delta per step until the request finishes.
 
         Leaving the iteration early (client disconnect, cancellation) aborts the request
@@ -83,7 +83,8 @@ class AsyncSpecEngine:
         if len(self.engine.waiting) >= self.max_queued:
             raise OverloadedError(f"server overloaded: {len(self.engine.waiting)} requests "
                                   "already queued; retry later")
-        rid = self.engine.add_request(prompt, params, request_id, num_speculative_tokens)
+        rid = self.engine.add_request(prompt, params, request_id, num_speculative_tokens,
+                                      slo_class)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
         self._wake.set()
@@ -105,12 +106,14 @@ class AsyncSpecEngine:
 
     async def generate(self, prompt, params: SamplingParams | None = None,
                        request_id: str | None = None,
-                       num_speculative_tokens: int | None = None) -> dict:
+                       num_speculative_tokens: int | None = None,
+                       slo_class: str | None = None) -> dict:
         """Run one request to completion; returns its text, token ids and statistics."""
         token_ids: list[int] = []
         text = []
         last = None
-        async for out in self.generate_stream(prompt, params, request_id, num_speculative_tokens):
+        async for out in self.generate_stream(prompt, params, request_id, num_speculative_tokens,
+                                              slo_class):
             token_ids.extend(out.new_token_ids)
             text.append(out.new_text)
             last = out
@@ -229,4 +232,6 @@ class AsyncSpecEngine:
             "pipeline": self.pipeline, "overlapped_steps": self.num_overlapped_steps,
             # Mean k chosen per decode row since the policy last changed.
             "mean_chosen_k": eng.mean_chosen_k,
+            # Per SLO class: budgets, finished requests, attained fraction, TTFT/TPOT.
+            "slo": eng.slo_summary(),
         }
