@@ -187,6 +187,13 @@ class MetricsAggregator:
             entry[0] += 1
             entry[1] += bool(attained)
 
+    def current(self) -> Counts:
+        """Totals including what the next drain will hand out (a copy; drains unaffected)."""
+        out = Counts()
+        out.add(self.totals)
+        out.add(self._delta)
+        return out
+
     def drain(self, now: float, queue_depth: int = 0, running: int = 0) -> MetricsDelta:
         """Increments since the last drain (folded into `totals`), then start afresh."""
         delta, self._delta = self._delta, Counts()

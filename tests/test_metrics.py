@@ -56,7 +56,12 @@ def test_drain_hands_out_increments_and_totals_add_up():
     assert [c for c, _ in second.ttft] == ["chat", "chat", "batch"] and len(second.tpot) == 2
     assert agg.totals.num_accepted_tokens == 4 and agg.totals.accepted_per_pos == [2, 1, 1]
     assert agg.totals.num_drafts == 3 and agg.totals.decode_steps == 2
+    agg.observe_step(0.01, 0, [1], [1], [1], 2)
+    assert agg.current().num_accepted_tokens == 5 and agg.totals.num_accepted_tokens == 4
+    third = agg.drain(3.5)
+    assert third.counts.num_accepted_tokens == 1
     summed = Counts()
+    summed.add(third.counts)
     summed.add(first.counts)
     summed.add(second.counts)
     assert summed.summary() == agg.totals.summary()
