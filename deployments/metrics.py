@@ -31,9 +31,14 @@ class RayMetricsExporter:
         self.num_emitted = c("spec_decode_num_emitted_tokens",
                              "Tokens emitted by decode steps (accepted + one final token per row).")
         self.decode_steps = c("decode_steps", "Steps that verified at least one running request.")
+        self.decode_rows = c("decode_rows", "Requests verified, summed over decode steps.")
+        self.decode_seconds = c("decode_seconds", "Wall time of decode steps, summed (exact; "
+                                "Ray's histogram sums are bucket-midpoint estimates).")
         self.chosen_k_rows = c("chosen_k_rows",
                                "Decode rows by the k the policy chose (an exact histogram of k).",
                                ("k",))
+        self.chosen_k_sum = c("chosen_k_sum", "Chosen k summed over decode rows (mean k = "
+                              "rate(chosen_k_sum) / rate(decode_rows)).")
         self.admitted = c("requests_admitted", "Requests that joined the batch (prefilled).")
         self.finished = c("requests_finished", "Requests that finished.")
         self.predicted_s = c("step_predicted_seconds",
@@ -78,8 +83,11 @@ class RayMetricsExporter:
             inc(self.accepted_per_pos, n, {"position": str(pos)})
         inc(self.num_emitted, d.num_emitted_tokens)
         inc(self.decode_steps, d.decode_steps)
+        inc(self.decode_rows, d.decode_rows)
+        inc(self.decode_seconds, d.decode_seconds)
         for k, n in d.chosen_k_rows.items():
             inc(self.chosen_k_rows, n, {"k": str(k)})
+        inc(self.chosen_k_sum, d.chosen_k_sum)
         inc(self.admitted, d.admitted)
         inc(self.finished, d.finished)
         inc(self.predicted_s, d.predicted_seconds)
