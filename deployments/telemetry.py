@@ -6,7 +6,7 @@
               ──> RouterSignals (windowed) ──> SpecController.report ──> engine.apply_bounds
 
 Both loops are asyncio tasks on the replica's event loop; the report waits at most
-`controller_timeout_s` and never holds the step lock except to swap bounds between steps.
+`controller_timeout_s` and never holds the step loop up.
 """
 from __future__ import annotations
 
@@ -113,8 +113,9 @@ class RouterTelemetry:
                 continue
             bounds = await self.client.report(self.latest)
             if bounds is not None and bounds != self.engine.bounds:
-                async with self.serving.step_lock:   # swap between steps, never mid-step
-                    self.engine.apply_bounds(bounds)
+                # No lock needed: planning is synchronous on this same event loop, so
+                # every plan sees either the old bounds or the new ones, never a mix.
+                self.engine.apply_bounds(bounds)
 
     # -- views ----------------------------------------------------------------------------
     def snapshot(self) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from helpers import tiny_model
 from test_engine_lossless import GREEDY, make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
-from specserve_ray.config import SamplingParams
+from specserve_ray.config import SamplingParams, SloConfig
 from specserve_ray.metrics import Counts, MetricsAggregator, request_latency, slo_attained
 from specserve_ray.policy import CostModel
 from specserve_ray.recorder import StepRecorder, slo_class_of
@@ -104,25 +104,29 @@ def pair():
     return target, perturbed(target, noise=0.15)
 
 
-def _serve(engine, recorder, prompts, params):
+def _serve(engine, recorder, prompts, params, slo_classes=None, pipeline=False):
     async def execute(plan):
         return run_target(engine.target, run_draft(engine.draft, plan))
 
+    classes = slo_classes or [None] * len(prompts)
+
     async def main():
-        serving = AsyncSpecEngine(engine, execute, on_step=recorder)
+        serving = AsyncSpecEngine(engine, execute, pipeline=pipeline, on_step=recorder)
         try:
-            return await asyncio.gather(*(serving.generate(p, params) for p in prompts))
+            return await asyncio.gather(*(serving.generate(p, params, slo_class=c)
+                                          for p, c in zip(prompts, classes)))
         finally:
             await serving.stop()
 
     return asyncio.run(main())
 
 
-def test_hook_counts_match_the_engine(pair):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_hook_counts_match_the_engine(pair, pipeline):
     engine = make_engine(*pair, k=4, max_seqs=4)
     recorder = StepRecorder(engine=engine)
     prompts = random_prompts(6, seed=3)
-    results = _serve(engine, recorder, prompts, GREEDY)
+    results = _serve(engine, recorder, prompts, GREEDY, pipeline=pipeline)
     totals = recorder.aggregator.drain(1.0).counts
     spec = engine.totals
     assert totals.num_draft_tokens == spec.num_draft_tokens > 0
@@ -143,7 +147,7 @@ def test_hook_records_latency_and_predictions_with_a_cost_model(pair):
     delta = recorder.aggregator.drain(1.0)
     d = delta.counts
     assert len(delta.ttft) == 3 and len(delta.tpot) == 3
-    assert all(c == "default" and s >= 0 for c, s in delta.ttft)
+    assert all(c == engine.slo.default and s >= 0 for c, s in delta.ttft)
     assert d.slo == {}                                      # no SLO budgets: no attainment
     assert 0 < d.predicted_steps <= d.decode_steps
     assert d.predicted_seconds > 0 and d.expected_tokens >= d.predicted_steps
@@ -161,3 +165,18 @@ def test_a_failing_hook_never_fails_a_request(pair, caplog):
     assert [r["completion_tokens"] for r in results] == [6, 6]
     assert len(calls) > 1
     assert sum("on_step hook failed" in r.message for r in caplog.records) == 1
+
+
+def test_slo_attainment_per_class_matches_the_engine(pair):
+    engine = make_engine(*pair, k=2, max_seqs=4)
+    engine.slo = SloConfig(classes=[{"name": "tight", "ttft_s": 1e-6, "tpot_s": 1e-6},
+                                    {"name": "loose", "ttft_s": 600.0, "tpot_s": 600.0}])
+    recorder = StepRecorder(engine=engine)
+    _serve(engine, recorder, random_prompts(4, seed=8), SamplingParams(max_tokens=6, ignore_eos=True),
+           slo_classes=["tight", "loose", "loose", None])
+    delta = recorder.aggregator.drain(1.0)
+    # Budgets no step can meet vs budgets no step can miss; best-effort is not counted.
+    assert delta.counts.slo == {"tight": [1, 0], "loose": [2, 2]}
+    assert sorted(c for c, _ in delta.ttft) == ["best-effort", "loose", "loose", "tight"]
+    tracked = engine.slo_tracker.per_class
+    assert tracked["loose"].attained == 2 and tracked["tight"].attained == 0
