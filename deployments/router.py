@@ -30,6 +30,8 @@ from specserve_ray.engine import SpecEngine
 from specserve_ray.errors import OverloadedError, RequestError
 from specserve_ray.policy import CostModel
 
+from deployments.controller import controller_name
+from deployments.telemetry import RouterTelemetry
 from deployments.transport import ActorTransport, CompiledGraphTransport
 from deployments.workers import DraftActor, TargetActor
 
@@ -106,6 +108,25 @@ def _fit_cost_model_task(target, draft, spec: dict, limits: dict, key: str) -> d
     return model.to_dict()
 
 
+def _telemetry(serving: AsyncSpecEngine, cfg: AppConfig) -> RouterTelemetry:
+    """Metrics export + controller reports for this replica, started on the running loop."""
+    from deployments.metrics import RayMetricsExporter
+
+    try:
+        ctx = serve.get_replica_context()
+        router_id, app = ctx.replica_tag, ctx.app_name
+    except Exception:  # noqa: BLE001 - outside a replica (direct construction in tests)
+        router_id, app = f"router-{id(serving):x}", None
+    telemetry = RouterTelemetry(serving, cfg.signals, router_id, controller_name(app),
+                                RayMetricsExporter() if cfg.signals.export_metrics else None)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return telemetry         # check_health starts it on the replica's loop
+    telemetry.start()
+    return telemetry
+
+
 @serve.deployment(name="SpecRouter", max_ongoing_requests=128, health_check_period_s=10)
 @serve.ingress(api)
 class SpecRouter:
@@ -144,6 +165,7 @@ class SpecRouter:
                                        pipeline=self.cfg.pipeline)
         self.model_name = self.cfg.model_name
         self.created = int(time.time())
+        self.telemetry = _telemetry(self.serving, self.cfg)
 
     # -- cost model -------------------------------------------------------------------------
     def _fit_cost_model(self, spec: SpeculationConfig):
@@ -191,6 +213,7 @@ class SpecRouter:
             raise ValueError(f"unknown user_config keys: {sorted(user_config)}")
 
     async def check_health(self) -> None:
+        self.telemetry.start()     # no-op once running (started here if __init__ had no loop)
         await asyncio.wait_for(self.target.ready.remote(), timeout=30)
         if self.draft is not None:
             await asyncio.wait_for(self.draft.ready.remote(), timeout=30)
@@ -230,6 +253,14 @@ class SpecRouter:
 
     async def stats(self) -> dict:
         return self.serving.stats()
+
+    async def metrics_snapshot(self) -> dict:
+        """The exported metrics as totals since start, current bounds, controller state."""
+        return self.telemetry.snapshot()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook (deployments/autoscaling.py reads them)."""
+        return self.telemetry.autoscaling_stats()
 
     async def worker_stats(self) -> dict:
         """Per-actor forward counts and live sequences (ordinary calls beside the graph)."""

@@ -24,6 +24,10 @@ from specserve_ray.workers.host import StepPlan, StepResult
 log = logging.getLogger("specserve_ray")
 
 Execute = Callable[[StepPlan], Awaitable[StepResult]]
+# on_step(plan, result, seconds, outputs, requests): called after every applied step with
+# the requests that were in the batch (finished ones included); must be cheap and never
+# block (metrics). Its errors are logged once and never fail a step.
+OnStep = Callable[[StepPlan, StepResult, float, list, list], None]
 
 
 class StepFailed(RuntimeError):
@@ -32,8 +36,10 @@ class StepFailed(RuntimeError):
 
 class AsyncSpecEngine:
     def __init__(self, engine: SpecEngine, execute: Execute, max_queued: int = 64,
-                 pipeline: bool = False):
+                 pipeline: bool = False, on_step: OnStep | None = None):
         self.engine = engine
+        self.on_step = on_step
+        self._on_step_failed = False
         engine.release_eagerly = False
         self.execute = execute
         self.max_queued = max_queued
@@ -205,10 +211,26 @@ class AsyncSpecEngine:
             self.num_decode_steps += 1
             self.num_decode_rows += len(plan.decode_ids)
         self.step_seconds += seconds
-        for out in self.engine.apply_step(plan, result, seconds):
+        batch = None
+        if self.on_step is not None:
+            # This plan's requests only: with pipelining another micro-batch is running too.
+            rows = {*plan.decode_ids, *(p.seq_id for p in plan.prefill)}
+            batch = [r for r in self.engine.running if r.request_id in rows]
+        outputs = self.engine.apply_step(plan, result, seconds)
+        for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
+        if batch is not None:
+            self._notify(plan, result, seconds, outputs, batch)
+
+    def _notify(self, plan, result, seconds, outputs, batch) -> None:
+        try:
+            self.on_step(plan, result, seconds, outputs, batch)
+        except Exception:  # noqa: BLE001 - metrics must never fail a step
+            if not self._on_step_failed:
+                self._on_step_failed = True
+                log.exception("on_step hook failed (logged once; serving goes on)")
 
     def _fail(self, plan: StepPlan, error: Exception) -> None:
         ids = [p.seq_id for p in plan.prefill] + list(plan.decode_ids)

@@ -255,6 +255,35 @@ class SamplingParams(_Strict):
         return self.temperature == 0.0
 
 
+class SignalsConfig(_Strict):
+    """Router metrics (Prometheus via Ray) and the cluster speculation controller."""
+
+    report_interval_s: float = Field(1.0, gt=0, le=60, description="How often each router "
+                                     "exports its metrics and reports to the controller.")
+    export_metrics: bool = Field(True, description="Export the specserve_* metrics through "
+                                 "Ray's metrics agent (README lists them).")
+    controller: bool = Field(False, description="Cap speculation by cluster-wide bounds from "
+                             "the SpecController actor (deployments/controller.py).")
+    controller_timeout_s: float = Field(2.0, gt=0, description="A report slower than this "
+                                        "counts as a failure; the router keeps its last bounds.")
+    controller_retry_s: float = Field(5.0, gt=0, description="Wait after a failed report "
+                                      "before trying (or recreating the controller) again.")
+    rule: dict = Field(default_factory=dict, description="Overrides of the bounds rule "
+                       "(specserve_ray.policy.cluster.ClusterBoundsConfig), e.g. "
+                       "{high_utilization: 0.9, verify_knee_tokens: 256}.")
+
+    @field_validator("rule")
+    @classmethod
+    def _rule_ok(cls, value: dict) -> dict:
+        from specserve_ray.policy.cluster import ClusterBoundsConfig
+
+        try:
+            ClusterBoundsConfig(**value)
+        except TypeError as exc:
+            raise ValueError(f"unknown bounds rule field: {exc}") from None
+        return value
+
+
 class AppConfig(_Strict):
     """Arguments of `deployments.app:build_app` (the `args:` of a Serve config)."""
 
@@ -281,6 +310,8 @@ class AppConfig(_Strict):
         description="Bundle of the target worker actor, e.g. {'CPU': 1, 'GPU': 1}.")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="How the router, draft and target bundles are placed.")
+    signals: SignalsConfig = Field(default_factory=SignalsConfig, description="Metrics "
+                                   "export and the cluster speculation controller.")
     max_queued_requests: int = Field(64, ge=0, description="Requests waiting for a batch "
                                      "slot before new ones get HTTP 503.")
     max_ongoing_requests: int = Field(128, ge=1, description="Serve's per-replica cap on "

@@ -30,6 +30,8 @@ from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
                                   make_policy, update_confidence_ema)
+from specserve_ray.policy.cluster import bound_ks
+from specserve_ray.policy.policies import RuntimeBounds
 from specserve_ray.policy.slo import (NO_SLO, ClassAttainment, SloClass, SloRegistry, SloTracker,
                                      admission_order)
 from specserve_ray.stats import SpecStats, StepStats, StepTotals
@@ -88,6 +90,7 @@ class GenerationResult:
 
 
 KChooser = Callable[[Sequence[Request]], list[int]]
+_NO_BOUNDS = RuntimeBounds()
 
 
 def check_pair_compatible(target_tokenizer, draft_tokenizer, target_vocab: int, draft_vocab: int):
@@ -117,6 +120,7 @@ class SpecEngine:
         self._control: DraftControl | None = None           # its in-draft-loop rules
         self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
         self.chosen_k_rows = 0
+        self.bounds = RuntimeBounds()   # cluster controller's caps; kept across policy switches
         self.speculation = speculation or SpeculationConfig()
         self.eos_token_id = tokenizer.eos_token_id
         self.k_chooser = k_chooser or self._choose_k
@@ -167,6 +171,16 @@ class SpecEngine:
                                  max_k=spec.num_speculative_tokens)
         self._speculation, self.policy = spec, policy
         self.chosen_k_sum = self.chosen_k_rows = 0
+        self.apply_bounds(self.bounds)
+
+    def apply_bounds(self, bounds: RuntimeBounds) -> None:
+        """Cap speculation from outside (cluster controller), for every policy, static
+        included; the caps survive policy switches. They only ever lower k (lossless)."""
+        self.bounds = bounds
+        if self.policy is not None:
+            self.policy.apply_bounds(bounds.speculation_enabled,
+                                     self.policy.max_k if bounds.max_k is None else bounds.max_k,
+                                     bounds.verify_budget)
 
     @property
     def mean_chosen_k(self) -> float:
@@ -331,6 +345,7 @@ class SpecEngine:
             batch = batch[:max(max_rows, 0)]
         self._decided_by = self._control = None
         ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))] if batch else []
+        ks = bound_ks(ks, self.bounds) if self.bounds != _NO_BOUNDS else ks
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
         prefill = []
