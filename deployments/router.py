@@ -30,6 +30,8 @@ from specserve_ray.engine import SpecEngine
 from specserve_ray.errors import OverloadedError, RequestError
 from specserve_ray.policy import CostModel
 
+from deployments.controller import controller_name
+from deployments.telemetry import RouterTelemetry
 from deployments.transport import ActorTransport, CompiledGraphTransport
 from deployments.workers import DraftActor, TargetActor
 
@@ -106,6 +108,25 @@ def _fit_cost_model_task(target, draft, spec: dict, limits: dict, key: str) -> d
     return model.to_dict()
 
 
+def _telemetry(serving: AsyncSpecEngine, cfg: AppConfig) -> RouterTelemetry:
+    """Metrics export + controller reports for this replica, started on the running loop."""
+    from deployments.metrics import RayMetricsExporter
+
+    try:
+        ctx = serve.get_replica_context()
+        router_id, app = ctx.replica_tag, ctx.app_name
+    except Exception:  # noqa: BLE001 - outside a replica (direct construction in tests)
+        router_id, app = f"router-{id(serving):x}", None
+    telemetry = RouterTelemetry(serving, cfg.signals, router_id, controller_name(app),
+                                RayMetricsExporter() if cfg.signals.export_metrics else None)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return telemetry         # check_health starts it on the replica's loop
+    telemetry.start()
+    return telemetry
+
+
 @serve.deployment(name="SpecRouter", max_ongoing_requests=128, health_check_period_s=10)
 @serve.ingress(api)
 class SpecRouter:
@@ -137,11 +158,14 @@ class SpecRouter:
             self.cost_model = CostModel.from_dict(ray.get(self._fit_cost_model(eng_cfg.speculation)))
         self.engine = SpecEngine.remote(self.tokenizer, target_info["vocab_size"],
                                         self.draft is not None, eng_cfg.limits,
-                                        eng_cfg.speculation, cost_model=self.cost_model)
+                                        eng_cfg.speculation, cost_model=self.cost_model,
+                                        slo=eng_cfg.slo)
         self.serving = AsyncSpecEngine(self.engine, self.transport.execute,
-                                       max_queued=self.cfg.max_queued_requests)
+                                       max_queued=self.cfg.max_queued_requests,
+                                       pipeline=self.cfg.pipeline)
         self.model_name = self.cfg.model_name
         self.created = int(time.time())
+        self.telemetry = _telemetry(self.serving, self.cfg)
 
     # -- cost model -------------------------------------------------------------------------
     def _fit_cost_model(self, spec: SpeculationConfig):
@@ -168,7 +192,7 @@ class SpecRouter:
             spec = SpeculationConfig(**{**self.engine.speculation.model_dump(), **updates})
             if spec.needs_cost_model and self.cost_model is None:
                 # Pause the step loop: profiling shares the workers' models and slots.
-                async with self.serving.step_lock:
+                async with self.serving.paused():
                     self.cost_model = CostModel.from_dict(await self._fit_cost_model(spec))
                 self.engine.cost_model = self.cost_model
             self.engine.speculation = spec
@@ -180,10 +204,16 @@ class SpecRouter:
             self.engine.limits = self.engine.limits.model_copy(update={"max_num_seqs": value})
         if "max_queued_requests" in user_config:
             self.serving.max_queued = int(user_config.pop("max_queued_requests"))
+        if "pipeline" in user_config:
+            value = user_config.pop("pipeline")
+            if not isinstance(value, bool):
+                raise ValueError(f"pipeline must be true or false, got {value!r}")
+            self.serving.pipeline = value
         if user_config:
             raise ValueError(f"unknown user_config keys: {sorted(user_config)}")
 
     async def check_health(self) -> None:
+        self.telemetry.start()     # no-op once running (started here if __init__ had no loop)
         await asyncio.wait_for(self.target.ready.remote(), timeout=30)
         if self.draft is not None:
             await asyncio.wait_for(self.draft.ready.remote(), timeout=30)
@@ -200,18 +230,21 @@ class SpecRouter:
         """Generate a completion for `prompt` (text or token ids).
 
         Sampling keywords are those of `SamplingParams` (max_tokens, temperature, top_p,
-        top_k, seed, stop, ignore_eos). Returns a dict with text, token_ids, finish_reason,
+        top_k, seed, stop, ignore_eos); `slo_class` names a configured latency class
+        (None = the default one). Returns a dict with text, token_ids, finish_reason,
         prompt_tokens, completion_tokens and speculation. With `stream=True` (call through
         `handle.options(stream=True)`) it yields one dict per step with the new text and
         token ids instead.
         """
         params = SamplingParams(**sampling)
         if stream:
-            return self._stream_dicts(prompt, params, request_id, num_speculative_tokens)
-        return await self.serving.generate(prompt, params, request_id, num_speculative_tokens)
+            return self._stream_dicts(prompt, params, request_id, num_speculative_tokens,
+                                      slo_class)
+        return await self.serving.generate(prompt, params, request_id, num_speculative_tokens,
+                                           slo_class)
 
-    async def _stream_dicts(self, prompt, params, request_id, k):
-        async for out in self.serving.generate_stream(prompt, params, request_id, k):
+    async def _stream_dicts(self, prompt, params, request_id, k, slo_class):
+        async for out in self.serving.generate_stream(prompt, params, request_id, k, slo_class):
             yield {"request_id": out.request_id, "text": out.new_text,
                    "token_ids": out.new_token_ids, "finished": out.finished,
                    "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
@@ -220,6 +253,14 @@ class SpecRouter:
 
     async def stats(self) -> dict:
         return self.serving.stats()
+
+    async def metrics_snapshot(self) -> dict:
+        """The exported metrics as totals since start, current bounds, controller state."""
+        return self.telemetry.snapshot()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook (deployments/autoscaling.py reads them)."""
+        return self.telemetry.autoscaling_stats()
 
     async def worker_stats(self) -> dict:
         """Per-actor forward counts and live sequences (ordinary calls beside the graph)."""
@@ -256,7 +297,8 @@ class SpecRouter:
             prompt = body.prompt_input()
             if body.stream:
                 return await self._sse(prompt, params, body, chat=False)
-            result = await self.serving.generate(prompt, params, None, body.num_speculative_tokens)
+            result = await self.serving.generate(prompt, params, None, body.num_speculative_tokens,
+                                                 body.slo_class)
             return oai.completion_response(oai.new_id("cmpl"), self.model_name, result)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._log_and_respond(exc)
@@ -270,7 +312,8 @@ class SpecRouter:
             prompt = oai.render_chat(self.tokenizer, body.messages, self.cfg.chat_template)
             if body.stream:
                 return await self._sse(prompt, params, body, chat=True)
-            result = await self.serving.generate(prompt, params, None, body.num_speculative_tokens)
+            result = await self.serving.generate(prompt, params, None, body.num_speculative_tokens,
+                                                 body.slo_class)
             return oai.chat_response(oai.new_id("chatcmpl"), self.model_name, result)
         except Exception as exc:  # noqa: BLE001
             return self._log_and_respond(exc)
@@ -283,7 +326,8 @@ class SpecRouter:
     async def _sse(self, prompt, params: SamplingParams, body: oai._Common, chat: bool):
         rid = oai.new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
-        stream = self.serving.generate_stream(prompt, params, None, body.num_speculative_tokens)
+        stream = self.serving.generate_stream(prompt, params, None, body.num_speculative_tokens,
+                                              body.slo_class)
         # Pull the first delta before answering 200, so admission errors (400/503) are
         # still proper status codes rather than errors inside an event stream.
         first = await stream.__anext__()
@@ -337,7 +381,9 @@ class SpecRouter:
         if request.HasField("seed"):
             sampling["seed"] = request.seed
         k = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else None
-        return pb, SamplingParams(**sampling), k, (request.request_id or None)
+        # proto3 strings cannot be unset: empty means the default class.
+        return (pb, SamplingParams(**sampling), k, (request.request_id or None),
+                request.slo_class or None)
 
     @staticmethod
     def _grpc_error(grpc_context, exc: BaseException) -> None:
@@ -356,8 +402,8 @@ class SpecRouter:
         from deployments.proto import specserve_pb2 as pb
 
         try:
-            pb, params, k, rid = self._grpc_args(request)
-            r = await self.serving.generate(request.prompt or "", params, rid, k)
+            pb, params, k, rid, slo_class = self._grpc_args(request)
+            r = await self.serving.generate(request.prompt or "", params, rid, k, slo_class)
             return pb.GenerateResponse(
                 request_id=r["request_id"], text=r["text"], token_ids=r["token_ids"],
                 finished=True, finish_reason=r["finish_reason"], prompt_tokens=r["prompt_tokens"],
@@ -373,8 +419,9 @@ class SpecRouter:
         from deployments.proto import specserve_pb2 as pb
 
         try:
-            pb, params, k, rid = self._grpc_args(request)
-            async for out in self.serving.generate_stream(request.prompt or "", params, rid, k):
+            pb, params, k, rid, slo_class = self._grpc_args(request)
+            async for out in self.serving.generate_stream(request.prompt or "", params, rid, k,
+                                                          slo_class):
                 yield pb.GenerateResponse(
                     request_id=out.request_id, text=out.new_text, token_ids=out.new_token_ids,
                     finished=out.finished, finish_reason=out.finish_reason or "",

@@ -44,10 +44,10 @@ class CompiledGraphTransport:
         self._lock = asyncio.Lock()
 
     async def execute(self, plan: StepPlan) -> StepResult:
-        # One execution in flight: steps are sequential (pipelining comes later).
+        # Submissions are ordered (the lock); with pipelining two executions are in flight.
         async with self._lock:
             future = await self._graph.execute_async(plan)
-            return await future
+        return await future
 
     def teardown(self) -> None:
         try:

@@ -1,15 +1,18 @@
-"""The one typed configuration at the boundary: models, speculation, limits, sampling.
+"""The one typed configuration at the boundary: models, speculation, limits, SLOs, sampling.
 
 Everything a user sets (serve config, HTTP body, Python call) is validated here with a
 clear message; the hot path then works on the plain values these models hold.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from specserve_ray.policy.slo import NO_SLO, SloClass, SloRegistry
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_PAIR_DIR = ASSETS_DIR / "tiny-pair"
@@ -107,6 +110,66 @@ class LimitsConfig(_Strict):
     max_tokens: int = Field(1024, ge=1, description="Upper bound a request may ask for.")
 
 
+class SloClassConfig(_Strict):
+    """One latency class (SpecServe section 5.3); an omitted budget means none."""
+
+    name: str = Field(min_length=1, description="What requests name in `slo_class`.")
+    ttft_s: float | None = Field(None, gt=0, description="Time-to-first-token budget in "
+                                 "seconds, from arrival. Orders admission (least slack "
+                                 "first) and counts toward attainment.")
+    tpot_s: float | None = Field(None, gt=0, description="Budget for the mean time per "
+                                 "output token after the first, in seconds. The specserve "
+                                 "policy keeps each step's predicted time within the "
+                                 "tightest one in the batch.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if value != value.strip():
+            raise ValueError(f"SLO class name {value!r} has surrounding whitespace")
+        return value
+
+    def to_class(self) -> SloClass:
+        return SloClass(self.name, math.inf if self.ttft_s is None else self.ttft_s,
+                        math.inf if self.tpot_s is None else self.tpot_s)
+
+
+class SloConfig(_Strict):
+    """Named latency classes a request may ask for with `slo_class`.
+
+    A class named `best-effort` with no budgets always exists (define one of that name to
+    give it budgets), and is the default, so configs without SLOs behave as before.
+    """
+
+    classes: tuple[SloClassConfig, ...] = Field((), description="The classes, e.g. "
+                                                "[{name: interactive, ttft_s: 1.0, tpot_s: "
+                                                "0.1}, {name: batch}].")
+    default_class: str = Field(NO_SLO.name, description="The class of a request that names "
+                               "none.")
+
+    @model_validator(mode="after")
+    def _names_consistent(self) -> "SloConfig":
+        names = [c.name for c in self.classes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"SLO class names must be unique; repeated: {duplicates}")
+        known = self.class_names
+        if self.default_class not in known:
+            raise ValueError(f"default_class {self.default_class!r} is not a defined SLO "
+                             f"class; known: {known}")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted({c.name for c in self.classes} | {NO_SLO.name})
+
+    def registry(self) -> SloRegistry:
+        classes = [c.to_class() for c in self.classes]
+        if all(c.name != NO_SLO.name for c in classes):
+            classes.append(NO_SLO)
+        return SloRegistry(classes, self.default_class)
+
+
 class EngineConfig(_Strict):
     target: ModelConfig = Field(default_factory=lambda: ModelConfig(path=EMBEDDED_TARGET))
     draft: ModelConfig | None = Field(
@@ -115,6 +178,8 @@ class EngineConfig(_Strict):
     )
     speculation: SpeculationConfig = Field(default_factory=SpeculationConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    slo: SloConfig = Field(default_factory=SloConfig, description="Latency SLO classes; "
+                           "by default only `best-effort` (no budgets).")
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +260,35 @@ class SamplingParams(_Strict):
         return self.temperature == 0.0
 
 
+class SignalsConfig(_Strict):
+    """Router metrics (Prometheus via Ray) and the cluster speculation controller."""
+
+    report_interval_s: float = Field(1.0, gt=0, le=60, description="How often each router "
+                                     "exports its metrics and reports to the controller.")
+    export_metrics: bool = Field(True, description="Export the specserve_* metrics through "
+                                 "Ray's metrics agent (README lists them).")
+    controller: bool = Field(False, description="Cap speculation by cluster-wide bounds from "
+                             "the SpecController actor (deployments/controller.py).")
+    controller_timeout_s: float = Field(2.0, gt=0, description="A report slower than this "
+                                        "counts as a failure; the router keeps its last bounds.")
+    controller_retry_s: float = Field(5.0, gt=0, description="Wait after a failed report "
+                                      "before trying (or recreating the controller) again.")
+    rule: dict = Field(default_factory=dict, description="Overrides of the bounds rule "
+                       "(specserve_ray.policy.cluster.ClusterBoundsConfig), e.g. "
+                       "{high_utilization: 0.9, verify_knee_tokens: 256}.")
+
+    @field_validator("rule")
+    @classmethod
+    def _rule_ok(cls, value: dict) -> dict:
+        from specserve_ray.policy.cluster import ClusterBoundsConfig
+
+        try:
+            ClusterBoundsConfig(**value)
+        except TypeError as exc:
+            raise ValueError(f"unknown bounds rule field: {exc}") from None
+        return value
+
+
 class AppConfig(_Strict):
     """Arguments of `deployments.app:build_app` (the `args:` of a Serve config)."""
 
@@ -205,6 +299,11 @@ class AppConfig(_Strict):
         "draft's output passed by reference to the target) or a Ray compiled graph "
         "(draft -> target, ~0.2 ms, but its waiting actors poll; on a 2-core CPU that "
         "steals the target's cores).")
+    pipeline: bool = Field(
+        False, description="Draft/verify pipelining: split the running requests into two "
+        "micro-batches so the draft worker drafts one while the target verifies the other "
+        "(each request is in one step at a time, so output is unchanged). Pays when draft "
+        "and target run on separate devices; changeable at runtime (user_config).")
     router_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.2},
         description="Placement-group bundle of the router replica itself.")
@@ -216,6 +315,8 @@ class AppConfig(_Strict):
         description="Bundle of the target worker actor, e.g. {'CPU': 1, 'GPU': 1}.")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "STRICT_PACK", description="How the router, draft and target bundles are placed.")
+    signals: SignalsConfig = Field(default_factory=SignalsConfig, description="Metrics "
+                                   "export and the cluster speculation controller.")
     max_queued_requests: int = Field(64, ge=0, description="Requests waiting for a batch "
                                      "slot before new ones get HTTP 503.")
     max_ongoing_requests: int = Field(128, ge=1, description="Serve's per-replica cap on "

@@ -14,19 +14,26 @@ methods can stand in for them (the deployment does exactly that).
 from __future__ import annotations
 
 import itertools
-from collections import deque
+import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from specserve_ray.config import EngineConfig, LimitsConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import (EngineConfig, LimitsConfig, SamplingParams, SloConfig,
+                                   SpeculationConfig)
 from specserve_ray.errors import RequestError
 from specserve_ray.models.runner import ModelRunner
+from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
                                   make_policy, update_confidence_ema)
+from specserve_ray.policy.cluster import bound_ks
+from specserve_ray.policy.policies import RuntimeBounds
+from specserve_ray.policy.slo import (NO_SLO, ClassAttainment, SloClass, SloRegistry, SloTracker,
+                                     admission_order)
 from specserve_ray.stats import SpecStats, StepStats, StepTotals, count_values
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
@@ -40,6 +47,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     num_speculative_tokens: int | None = None    # per-request override of the static k
+    slo: SloClass = NO_SLO                        # latency class (TTFT / TPOT budgets)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent_text_len: int = 0
@@ -82,6 +90,7 @@ class GenerationResult:
 
 
 KChooser = Callable[[Sequence[Request]], list[int]]
+_NO_BOUNDS = RuntimeBounds()
 
 
 def check_pair_compatible(target_tokenizer, draft_tokenizer, target_vocab: int, draft_vocab: int):
@@ -97,18 +106,23 @@ def check_pair_compatible(target_tokenizer, draft_tokenizer, target_vocab: int, 
 class SpecEngine:
     def __init__(self, target: TargetWorker, draft: DraftWorker | None, tokenizer,
                  limits: LimitsConfig | None = None, speculation: SpeculationConfig | None = None,
-                 k_chooser: KChooser | None = None, cost_model: CostModel | None = None):
+                 k_chooser: KChooser | None = None, cost_model: CostModel | None = None,
+                 slo: SloConfig | SloRegistry | None = None):
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
         self.limits = limits or LimitsConfig()
         self.cost_model = cost_model
         self.policy: SpeculationPolicy | None = None
-        self._decided_by: SpeculationPolicy | None = None   # the policy that planned the step
+        self._decided_by: SpeculationPolicy | None = None   # the policy planning this step
+        # id(plan) -> (policy that decided it, mean context) until the plan is applied.
+        self._in_flight: dict[int, tuple[SpeculationPolicy, float]] = {}
+        self._control: DraftControl | None = None           # its in-draft-loop rules
         self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
         self.chosen_k_rows = 0
         # Rows per chosen k, cumulative since start (never reset; clients diff snapshots).
         self.chosen_k_counts: list[int] = []
+        self.bounds = RuntimeBounds()   # cluster controller's caps; kept across policy switches
         self.speculation = speculation or SpeculationConfig()
         self.eos_token_id = tokenizer.eos_token_id
         self.k_chooser = k_chooser or self._choose_k
@@ -124,8 +138,25 @@ class SpecEngine:
         self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
         self.step_totals = StepTotals()
         self.totals = SpecStats()
+        self.slo = slo or SloConfig()
+        self.slo_tracker = SloTracker()    # attainment of finished requests, per class name
 
     # -- construction -------------------------------------------------------------------------
+    @property
+    def slo(self) -> SloRegistry:
+        return self._slo
+
+    @slo.setter
+    def slo(self, slo: SloConfig | SloRegistry) -> None:
+        """Swap the SLO classes between steps (new requests resolve against them)."""
+        registry = slo if isinstance(slo, SloRegistry) else slo.registry()
+        classes = registry.classes.values()
+        # Decided here, not per step: without budgets admission stays FIFO and the
+        # policy sees no SLO at all.
+        self._slo_orders_admission = any(math.isfinite(c.ttft_s) for c in classes)
+        self._slo_caps_steps = any(math.isfinite(c.tpot_s) for c in classes)
+        self._slo = registry
+
     @property
     def speculation(self) -> SpeculationConfig:
         return self._speculation
@@ -142,6 +173,16 @@ class SpecEngine:
                                  max_k=spec.num_speculative_tokens)
         self._speculation, self.policy = spec, policy
         self.chosen_k_sum = self.chosen_k_rows = 0
+        self.apply_bounds(self.bounds)
+
+    def apply_bounds(self, bounds: RuntimeBounds) -> None:
+        """Cap speculation from outside (cluster controller), for every policy, static
+        included; the caps survive policy switches. They only ever lower k (lossless)."""
+        self.bounds = bounds
+        if self.policy is not None:
+            self.policy.apply_bounds(bounds.speculation_enabled,
+                                     self.policy.max_k if bounds.max_k is None else bounds.max_k,
+                                     bounds.verify_budget)
 
     @property
     def mean_chosen_k(self) -> float:
@@ -183,14 +224,14 @@ class SpecEngine:
                 lim.max_model_len, spec.profile_budget_s))
         target = TargetWorker(target_runner, spec.synthetic_acceptance_rate)
         return cls(target, draft, tokenizer, config.limits, config.speculation,
-                   k_chooser, cost_model)
+                   k_chooser, cost_model, config.slo)
 
     @classmethod
     def remote(cls, tokenizer, vocab_size: int, has_draft: bool, limits: LimitsConfig,
                speculation: SpeculationConfig, k_chooser: KChooser | None = None,
-               cost_model: CostModel | None = None):
+               cost_model: CostModel | None = None, slo: SloConfig | None = None):
         """An engine that only plans and applies; the workers live elsewhere (Ray actors)."""
-        engine = cls(None, None, tokenizer, limits, speculation, k_chooser, cost_model)
+        engine = cls(None, None, tokenizer, limits, speculation, k_chooser, cost_model, slo)
         engine.has_draft, engine.vocab_size = has_draft, vocab_size
         engine.release_eagerly = False
         return engine
@@ -209,9 +250,11 @@ class SpecEngine:
             context_len=[r.context_len for r in requests],
             remaining_tokens=[r.params.max_tokens - len(r.output_ids) for r in requests],
             confidence_ema=[r.confidence_ema for r in requests],
+            tpot_budget_s=[r.slo.tpot_s for r in requests] if self._slo_caps_steps else None,
             queue_depth=len(self.waiting))
         decision = policy.decide(state)
         self._decided_by = policy
+        self._control = decision.control
         # A per-request num_speculative_tokens caps what the policy chose.
         return [k if r.num_speculative_tokens is None else min(k, r.num_speculative_tokens)
                 for r, k in zip(requests, decision.max_k)]
@@ -230,8 +273,10 @@ class SpecEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None,
-                    num_speculative_tokens: int | None = None) -> str:
+                    num_speculative_tokens: int | None = None,
+                    slo_class: str | None = None) -> str:
         params = params or SamplingParams()
+        slo = self.resolve_slo_class(slo_class)
         prompt_ids = self.encode(prompt)
         lim = self.limits
         if not prompt_ids:
@@ -250,8 +295,17 @@ class SpecEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if any(r.request_id == rid for r in itertools.chain(self.waiting, self.running)):
             raise RequestError(f"request id {rid!r} is already in use")
-        self.waiting.append(Request(rid, prompt_ids, params, num_speculative_tokens))
+        self.waiting.append(Request(rid, prompt_ids, params, num_speculative_tokens, slo))
         return rid
+
+    def resolve_slo_class(self, name: str | None) -> SloClass:
+        """The class a request named (None = the default); RequestError if unknown."""
+        if name is not None and not isinstance(name, str):
+            raise RequestError(f"slo_class must be a string, got {type(name).__name__}")
+        try:
+            return self._slo.get(name)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its caches on both workers."""
@@ -279,14 +333,22 @@ class SpecEngine:
         result = run_target(self.target, run_draft(self.draft, plan))
         return self.apply_step(plan, result, time.perf_counter() - start)
 
-    def plan_step(self) -> StepPlan | None:
-        """Admit waiting requests, choose every running request's k, release finished ones."""
-        free = self.limits.max_num_seqs - len(self.running)
-        admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+    def plan_step(self, busy: frozenset[str] | set[str] = frozenset(),
+                  max_rows: int | None = None) -> StepPlan | None:
+        """Admit waiting requests, choose every running request's k, release finished ones.
+
+        `busy` are requests in a step still in flight (draft/verify pipelining): they are
+        left out, so a request is in at most one step at a time. `max_rows` caps the
+        decode batch, to split the running requests into micro-batches.
+        """
+        admitted = self._admit(self.limits.max_num_seqs - len(self.running))
         release, self._to_release = self._to_release, []
-        batch = [r for r in self.running if not r.finished]
-        self._decided_by = None
+        batch = [r for r in self.running if not r.finished and r.request_id not in busy]
+        if max_rows is not None:
+            batch = batch[:max(max_rows, 0)]
+        self._decided_by = self._control = None
         ks = [self._clamp_k(r, k) for r, k in zip(batch, self.k_chooser(batch))] if batch else []
+        ks = bound_ks(ks, self.bounds) if self.bounds != _NO_BOUNDS else ks
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
         count_values(self.chosen_k_counts, ks)
@@ -302,7 +364,32 @@ class SpecEngine:
         for r in batch:
             new_tokens.append(r.unsynced_draft)
             r.unsynced_draft = []
-        return StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks)
+        control = self._control if any(ks) else None
+        plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control)
+        if self._decided_by is not None:
+            # Kept per plan: with pipelining another plan is decided before this one returns.
+            context = sum(r.context_len for r in batch) / len(batch)
+            self._in_flight[id(plan)] = (self._decided_by, context)
+        return plan
+
+    def forget_plan(self, plan: StepPlan) -> None:
+        """A plan that will never be applied (its execution failed)."""
+        self._in_flight.pop(id(plan), None)
+
+    def _admit(self, free: int) -> list[Request]:
+        """Take up to `free` waiting requests: FIFO, or least TTFT slack first when the
+        classes have TTFT budgets and not everyone fits (the only case where order matters)."""
+        if free <= 0 or not self.waiting:
+            return []
+        if not self._slo_orders_admission or free >= len(self.waiting):
+            admitted, self.waiting = self.waiting[:free], self.waiting[free:]
+            return admitted
+        order = admission_order([(r.arrival_time, r.slo) for r in self.waiting], time.monotonic())
+        chosen = set(order[:free])
+        admitted = [self.waiting[i] for i in order[:free]]
+        # The rest keep their arrival order, so FIFO holds among equal classes.
+        self.waiting = [r for i, r in enumerate(self.waiting) if i not in chosen]
+        return admitted
 
     def apply_step(self, plan: StepPlan, result: StepResult, seconds: float) -> list[RequestOutput]:
         """Commit what the workers produced; return the per-request deltas."""
@@ -319,7 +406,10 @@ class SpecEngine:
         if result.verify is not None:
             v = result.verify
             drafted = accepted = emitted_total = 0
-            for rid, k, tokens, n_acc in zip(plan.decode_ids, plan.num_draft, v.emitted,
+            # Verified counts: an in-loop early stop or trim can leave them below the caps.
+            verified = (result.proposal.num_draft_tokens.tolist() if result.proposal is not None
+                        else plan.num_draft)
+            for rid, k, tokens, n_acc in zip(plan.decode_ids, verified, v.emitted,
                                              v.num_accepted):
                 req = by_id.get(rid)
                 if req is None:        # aborted while the step was in flight
@@ -337,15 +427,22 @@ class SpecEngine:
             self.recent_steps.append(stats)
             self.step_totals.add(stats)
             self.totals.merge_step(stats)
-            if self.policy is not None and self._decided_by is self.policy:
-                self._feed_policy(plan, result, by_id, seconds)
-        self._retire_finished()
+            decided = self._in_flight.pop(id(plan), None)
+            if decided is not None and decided[0] is self.policy:
+                self._feed_policy(plan, result, by_id, seconds, decided[1])
+        self._retire_finished(now)
         return outputs
 
-    def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float) -> None:
+    def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float,
+                     context: float) -> None:
         """Per-request confidence EMAs, then the policy's own step feedback."""
         v, proposal = result.verify, result.proposal
-        counts = np.asarray(plan.num_draft, np.int64)
+        if proposal is not None:
+            counts = proposal.drafted.numpy().astype(np.int64)
+            verified = tuple(int(n) for n in proposal.num_draft_tokens)
+        else:
+            counts = np.asarray(plan.num_draft, np.int64)
+            verified = None
         if proposal is not None and proposal.draft_confidence.shape[1] > 0:
             confidences = proposal.draft_confidence.numpy()
         else:
@@ -358,17 +455,37 @@ class SpecEngine:
                 by_id[rid].confidence_ema = float(value)
         self.policy.observe(StepFeedback(
             num_drafted=tuple(int(k) for k in counts), num_accepted=tuple(v.num_accepted),
-            step_seconds=seconds, draft_seconds=proposal.seconds if proposal is not None else None,
-            verify_seconds=v.seconds))
-        self._decided_by = None
+            step_seconds=seconds, num_verified=verified,
+            draft_seconds=proposal.seconds if proposal is not None else None,
+            verify_seconds=v.seconds, batch_size=len(plan.decode_ids), mean_context=context))
 
-    def _retire_finished(self) -> None:
+    def _retire_finished(self, now: float) -> None:
         done = [r for r in self.running if r.finished]
         if done:
+            for r in done:
+                self._record_slo(r, now)
             self.running = [r for r in self.running if not r.finished]
             self._to_release.extend(r.request_id for r in done)
             if self.release_eagerly:
                 self._release_now()
+
+    def _record_slo(self, req: Request, finished_at: float) -> None:
+        """Count a finished request toward its class's attainment (aborted ones never are)."""
+        ttft = req.first_token_time - req.arrival_time
+        later_tokens = len(req.output_ids) - 1
+        mean_tpot = (finished_at - req.first_token_time) / later_tokens if later_tokens > 0 else None
+        self.slo_tracker.record(req.slo, ttft, mean_tpot)
+
+    def slo_summary(self) -> dict:
+        """Per configured class: its budgets (None = none) and its finished requests'
+        attainment and latencies. JSON-safe (no infinities)."""
+        counts = self.slo_tracker.per_class
+        out = {}
+        for name, cls in sorted(self._slo.classes.items()):
+            out[name] = {"ttft_budget_s": cls.ttft_s if math.isfinite(cls.ttft_s) else None,
+                         "tpot_budget_s": cls.tpot_s if math.isfinite(cls.tpot_s) else None,
+                         **counts.get(name, ClassAttainment()).summary()}
+        return {"default_class": self._slo.default, "classes": out}
 
     def _release_now(self) -> None:
         ids, self._to_release = self._to_release, []
@@ -421,14 +538,15 @@ class SpecEngine:
     # -- convenience ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str | list[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 num_speculative_tokens: Sequence[int | None] | None = None
-                 ) -> list[GenerationResult]:
+                 num_speculative_tokens: Sequence[int | None] | None = None,
+                 slo_classes: Sequence[str | None] | None = None) -> list[GenerationResult]:
         """Run prompts to completion together (continuous batching) and return results."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         ks = num_speculative_tokens or [None] * len(prompts)
-        rids = [self.add_request(p, sp, num_speculative_tokens=k)
-                for p, sp, k in zip(prompts, params, ks)]
+        classes = slo_classes or [None] * len(prompts)
+        rids = [self.add_request(p, sp, num_speculative_tokens=k, slo_class=c)
+                for p, sp, k, c in zip(prompts, params, ks, classes)]
         by_id = {}
         reqs = {r.request_id: r for r in self.waiting}
         while any(rid not in by_id for rid in rids):

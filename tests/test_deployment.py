@@ -47,7 +47,12 @@ def app():
             "engine": {"target": {"num_threads": 2} | _embedded("target"),
                        "draft": {"num_threads": 1} | _embedded("draft"),
                        "speculation": {"num_speculative_tokens": 4},
-                       "limits": {"max_model_len": 512, "max_num_seqs": 8, "max_tokens": 256}},
+                       "limits": {"max_model_len": 512, "max_num_seqs": 8, "max_tokens": 256},
+                       # Loose budgets: the tests check routing and counting, not the
+                       # latency of a shared 2-core machine.
+                       "slo": {"classes": [{"name": "interactive", "ttft_s": 30.0,
+                                            "tpot_s": 5.0},
+                                           {"name": "batch"}]}},
             "max_queued_requests": 16}
     handle = serve.run(build_app(args), name=APP, route_prefix="/")
     yield {"handle": handle, "http": f"http://127.0.0.1:{http_port}",
@@ -193,6 +198,55 @@ def test_handle_generate_and_stream(app):
     assert deltas[-1]["finished"]
 
 
+def _slo_requests(app) -> dict[str, int]:
+    classes = httpx.get(app["http"] + "/v1/stats", timeout=30).json()["slo"]["classes"]
+    return {name: c["requests"] for name, c in classes.items()}
+
+
+def test_slo_class_over_every_front_door(app, client, reference):
+    from deployments.proto import specserve_pb2 as pb
+    from deployments.proto import specserve_pb2_grpc as pb_grpc
+
+    before = _slo_requests(app)
+    assert set(before) == {"interactive", "batch", "best-effort"}
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=11, temperature=0,
+                                  extra_body={"slo_class": "interactive", "ignore_eos": True})
+    assert r.usage.completion_tokens == 11
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "def f():"}], max_tokens=6,
+        temperature=0, stream=True, extra_body={"slo_class": "batch"}))
+    assert chunks[-1].choices[0].finish_reason is not None
+    with grpc.insecure_channel(app["grpc"]) as channel:
+        stub = pb_grpc.SpecServeStub(channel)
+        meta = (("application", APP),)
+        resp = stub.Generate(pb.GenerateRequest(prompt=PROMPTS[4], max_tokens=8, ignore_eos=True,
+                                                slo_class="interactive"),
+                             metadata=meta, timeout=120)
+        assert list(resp.token_ids) == reference(PROMPTS[4], 8)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(prompt=PROMPTS[4], max_tokens=4, slo_class="gold"),
+                          metadata=meta, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown SLO class 'gold'" in err.value.details()
+    h = app["handle"].generate.remote(PROMPTS[5], max_tokens=5, ignore_eos=True,
+                                      slo_class="batch").result()
+    assert h["token_ids"] == reference(PROMPTS[5], 5)
+    for stream in (False, True):
+        bad = httpx.post(app["http"] + "/v1/completions", timeout=60, json={
+            "prompt": "x", "max_tokens": 2, "slo_class": "gold", "stream": stream})
+        assert bad.status_code == 400, bad.text
+        message = bad.json()["error"]["message"]
+        assert "unknown SLO class 'gold'" in message and "interactive" in message
+    after = _slo_requests(app)
+    assert after["interactive"] - before["interactive"] == 2
+    assert after["batch"] - before["batch"] == 2
+    assert after["best-effort"] == before["best-effort"]
+    interactive = httpx.get(app["http"] + "/v1/stats", timeout=30).json()["slo"]["classes"][
+        "interactive"]
+    assert interactive["ttft_budget_s"] == 30.0 and interactive["tpot_budget_s"] == 5.0
+    assert 0.0 <= interactive["attainment"] <= 1.0 and interactive["mean_ttft_s"] > 0
+
+
 # -- lossless across actors, batching --------------------------------------------------------------
 def test_concurrent_greedy_equals_target_only_and_batches(app, reference):
     handle = app["handle"]
@@ -239,6 +293,27 @@ def test_policy_switch_keeps_greedy_equality(app, reference):
     r = handle.generate.remote(PROMPTS[2], max_tokens=9, ignore_eos=True).result()
     assert r["token_ids"] == reference(PROMPTS[2], 9)
     assert handle.stats.remote().result()["mean_chosen_k"] > 0   # static k = 4 again
+
+
+def test_pipelining_keeps_greedy_equality(app, reference):
+    """Two micro-batches in flight (draft one while the target verifies the other)."""
+    handle = app["handle"]
+    handle.reconfigure.remote({"pipeline": True}).result()
+    try:
+        before = handle.stats.remote().result()
+        lengths = [19, 7, 26, 12]
+        responses = [handle.generate.remote(p, max_tokens=n, ignore_eos=True)
+                     for p, n in zip(PROMPTS, lengths)]
+        for p, n, r in zip(PROMPTS, lengths, responses):
+            assert r.result()["token_ids"] == reference(p, n), p
+        after = handle.stats.remote().result()
+        assert after["pipeline"] is True
+        assert after["overlapped_steps"] > before["overlapped_steps"]
+        with pytest.raises(Exception, match="pipeline must be"):
+            handle.reconfigure.remote({"pipeline": "yes"}).result()
+    finally:
+        handle.reconfigure.remote({"pipeline": False}).result()
+    assert handle.stats.remote().result()["pipeline"] is False
 
 
 # -- stress: cancellation, backpressure, bad input ---------------------------------------------------
@@ -305,6 +380,8 @@ def test_backpressure_answers_503_not_hang(app):
     (b'{"prompt": "\xff\xfe bad utf8"}', "invalid request"),                  # invalid UTF-8
     (b'{"prompt": "", "max_tokens": 4}', "prompt is empty"),
     (b'{"prompt": "x", "n": 3}', "n = 1"),
+    (b'{"prompt": "x", "slo_class": "gold"}', "unknown SLO class"),
+    (b'{"prompt": "x", "slo_class": 7}', "slo_class"),
 ])
 def test_bad_input_gets_400_and_server_lives(app, payload, needle):
     r = httpx.post(app["http"] + "/v1/completions", content=payload,

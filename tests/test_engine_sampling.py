@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from specserve_ray.config import SamplingParams
+from specserve_ray.config import SamplingParams, SpeculationConfig
+from specserve_ray.policy import CostModel
 from specserve_ray.core.sampling import logits_to_probs
 from test_engine_lossless import make_engine, perturbed, random_prompts
 
@@ -56,13 +57,24 @@ def tv_bound(p, n):
     return 1.5 * float(torch.sqrt(p * (1 - p) / n).sum()) + 1e-3
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 6, 1.0), (0.8, 8, 0.9)])
-def test_sampled_tokens_follow_target_distribution(temperature, top_k, top_p):
+# Cheap drafts, costly verification: the adaptive policies speculate (cost model given,
+# not profiled, so the test does not depend on this machine's timings).
+SPEC_FRIENDLY = CostModel((0.01, 1e-4, 1e-5, 1e-8), (1e-4, 1e-4, 1e-5, 1e-9))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,policy", [
+    (1.0, 6, 1.0, "static"), (0.8, 8, 0.9, "static"),
+    # In-loop rules: rows stop drafting on low confidence (threshold), and SpecServe's
+    # drafter and confidence-prior verifier decide depth and verified length per row.
+    (1.0, 6, 1.0, "threshold:0.2"), (0.8, 8, 0.9, "specserve")])
+def test_sampled_tokens_follow_target_distribution(temperature, top_k, top_p, policy):
     target = tiny_model("llama", seed=11, scale=1.6)
     draft = perturbed(target, noise=0.5, seed=3)
     prompt = random_prompts(1, seed=11)[0]
     n = 1500
     engine = make_engine(target, draft, k=2, max_seqs=32)
+    engine.cost_model = SPEC_FRIENDLY
+    engine.speculation = SpeculationConfig(num_speculative_tokens=2, policy=policy)
     # max_tokens 4: after the first (prefill) token, k = 2 fits, so one verification
     # step produces tokens 2 and 3 (and a bonus 4th when both drafts are accepted).
     params = [SamplingParams(max_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -22,7 +22,8 @@ from specserve_ray.policy import (BatchState, ConfidenceThreshold, CostModel, De
                                   select_verify, should_continue, start_drafting, tightest_tpot,
                                   update_confidence_ema)
 from specserve_ray.policy.efficiency import cumulative_confidence, efficiency
-from specserve_ray.policy.policies import continue_while_confident, max_k_within_tpot
+from specserve_ray.policy.control import DraftControl
+from specserve_ray.policy.policies import max_k_within_tpot
 from specserve_ray.policy.verifier import plan_efficiency, trim_to_budget
 
 # Surrogate laws (seconds). Verify: v0 + v1 B + v2 tokens + v3 B L.
@@ -418,7 +419,8 @@ def test_threshold_stop_rule():
     progress = record_step(progress, np.array([0.9, 0.39, 0.4]), np.ones(3, bool))
     assert list(policy.should_continue(progress)) == [True, False, True]
     progress = record_step(progress, np.array([0.9, 0.9, 0.1]), policy.should_continue(progress))
-    assert list(continue_while_confident(progress, 0.4)) == [True, False, False]
+    assert list(DraftControl(stop="threshold", threshold=0.4).should_continue(progress)) == \
+        [True, False, False]
     assert list(progress.num_drafted) == [2, 1, 2]
 
 

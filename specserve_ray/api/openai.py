@@ -40,7 +40,8 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = Field(False, description="Extra: generate exactly max_tokens.")
-    slo_class: str | None = Field(None, description="Extra: latency class of the request.")
+    slo_class: str | None = Field(None, description="Extra: the request's latency SLO class, "
+                                  "one of engine.slo.classes (None = the default class).")
     num_speculative_tokens: int | None = Field(None, description="Extra: static k override.")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -64,7 +64,9 @@ async def http_run(url: str, prompts: list[str], concurrency: int, max_tokens: i
     return {"tok_s": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2),
             "step_split_s": split,
             "overhead_share": round(split["overhead"] / split["total"], 4) if split["total"] else None,
-            "mean_batch": round(split["rows"] / split["steps"], 2) if split["steps"] else None}
+            "mean_batch": round(split["rows"] / split["steps"], 2) if split["steps"] else None,
+            # Per step as a request sees it; with pipelining two steps overlap in time.
+            "mean_step_ms": round(1e3 * split["total"] / split["steps"], 2) if split["steps"] else None}
 
 
 def engine_run(engine, prompt_ids: list[list[int]], concurrency: int, max_tokens: int) -> dict:
@@ -109,6 +111,12 @@ def start_app(transport: str, k: int, engine_overrides: dict | None = None) -> t
     return f"http://127.0.0.1:{port}", stop
 
 
+def _set_pipeline(on: bool) -> None:
+    from ray import serve
+
+    serve.get_app_handle("specserve").reconfigure.remote({"pipeline": on}).result()
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     engine_cfg = EngineConfig()
@@ -130,17 +138,24 @@ def run(args) -> dict:
         url, stop = (args.url, None) if args.url else start_app(transport, args.k)
         runs = report["by_transport"][transport] = {}
         try:
-            for c in args.streams:
-                # Warm the deployment up once per concurrency level.
-                asyncio.run(http_run(url, prompts[:c], c, 8))
-                d = runs[c] = asyncio.run(http_run(url, prompts, c, args.new_tokens))
-                if i == 0:   # the headline keys describe the first (default) transport
-                    report[f"deploy_{c}"] = d
-                    report[f"deploy_tok_s_{c}"] = d["tok_s"]
-                    report[f"overhead_share_{c}"] = d["overhead_share"]
-                print(f"deployment ({transport}) {c} streams: {d['tok_s']:8.2f} tok/s  mean "
-                      f"batch {d['mean_batch']}  router/transport share {d['overhead_share']}",
-                      flush=True)
+            for pipeline in (args.pipeline if not args.url else ["as-deployed"]):
+                if pipeline != "as-deployed":
+                    _set_pipeline(pipeline == "on")
+                for c in args.streams:
+                    # Warm the deployment up once per concurrency level.
+                    asyncio.run(http_run(url, prompts[:c], c, 8))
+                    d = asyncio.run(http_run(url, prompts, c, args.new_tokens))
+                    d["pipeline"] = pipeline
+                    runs[c if pipeline in ("off", "as-deployed") else f"{c}_pipelined"] = d
+                    if i == 0 and pipeline in ("off", "as-deployed"):
+                        # The headline keys describe the first (default) transport.
+                        report[f"deploy_{c}"] = d
+                        report[f"deploy_tok_s_{c}"] = d["tok_s"]
+                        report[f"overhead_share_{c}"] = d["overhead_share"]
+                    print(f"deployment ({transport}, pipeline {pipeline}) {c} streams: "
+                          f"{d['tok_s']:8.2f} tok/s  mean step {d['mean_step_ms']} ms  mean "
+                          f"batch {d['mean_batch']}  router/transport share "
+                          f"{d['overhead_share']}", flush=True)
         finally:
             if stop:
                 stop()
@@ -162,6 +177,9 @@ def add_parser(sub):
                    choices=["compiled_graph", "actor"],
                    help="start the app with each transport in turn (first = headline)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--pipeline", nargs="+", default=["off", "on"], choices=["off", "on"],
+                   help="run each transport with draft/verify pipelining off and/or on "
+                        "(switched live through reconfigure; ignored with --url)")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)

@@ -82,6 +82,11 @@ class ModelRunner:
         self.forward_seconds = 0.0                       # cumulative, for the cost model
         self.forward_calls = 0
 
+    def synchronize(self) -> None:
+        """Wait for queued device work (GPU kernels run asynchronously): timing needs it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @staticmethod
     def _sliding_window(config, max_model_len: int) -> int | None:
         window = getattr(config, "sliding_window", None)

@@ -3,9 +3,8 @@
 One interface, one step protocol, five implementations:
 
     decision = policy.decide(state)                  # BatchState -> Decision (caps per request)
-    progress = start_drafting(decision.max_k)
-    while (rows := (policy.should_continue(progress) if decision.early_stop
-                    else progress.active)).any():
+    progress = start_drafting(decision.max_k)        # the draft worker runs decision.control:
+    while (rows := policy.should_continue(progress)).any():
         progress = record_step(progress, draft_one_step(rows), rows)
     num_verify = policy.select_verify(progress.confidences, progress.num_drafted)
     ...verify, accept...
@@ -33,13 +32,14 @@ from typing import Any
 import numpy as np
 
 from specserve_ray.policy import drafter, verifier
+from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.cost_model import CostModel, Sample
 from specserve_ray.policy.drafter import DraftProgress
 from specserve_ray.policy.efficiency import as_array, draft_mask, expected_tokens_uniform
 
 __all__ = ["BatchState", "Decision", "StepFeedback", "SpeculationPolicy", "NoSpeculation",
            "StaticK", "ConfidenceThreshold", "SmartSpec", "SpecServe", "max_k_within_tpot",
-           "continue_while_confident", "update_confidence_ema"]
+           "update_confidence_ema"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ class Decision:
     max_k: tuple[int, ...]                # per request: draft at most this many tokens
     early_stop: bool = False              # consult policy.should_continue after each draft step
     verify_budget: int | None = None      # draft tokens the target may verify in total
+    control: DraftControl | None = None   # the in-loop stop/trim rules; None = draft to max_k,
+                                          # verify all (the draft worker's fast path)
 
     @property
     def speculates(self) -> bool:
@@ -107,6 +109,10 @@ class StepFeedback:
     draft_seconds: float | None = None    # the draft call alone, if measured
     verify_seconds: float | None = None   # the target forward alone, if measured
     confidences: Any = None               # [B, K] per-token draft confidences, if kept
+    # The step's batch and mean context; None = those of the last decide() (with
+    # pipelining, another step may have been decided since this one).
+    batch_size: int | None = None
+    mean_context: float | None = None
 
     @property
     def verified(self) -> tuple[int, ...]:
@@ -148,14 +154,6 @@ def max_k_within_tpot(cost: CostModel, batch: int, context: float, tpot_s: float
     return max_k if fits.all() else max(int(np.argmin(fits)) - 1, 0)
 
 
-def continue_while_confident(progress: DraftProgress, threshold: float) -> np.ndarray:
-    """Hugging Face's stop rule: always draft one token, then go on while the last
-    drafted token's probability is at least `threshold`."""
-    if progress.step == 0:
-        return progress.active.copy()
-    return progress.active & (progress.last_confidence >= threshold)
-
-
 @dataclass(frozen=True)
 class RuntimeBounds:
     """Limits a cluster controller sets on top of any policy."""
@@ -177,6 +175,7 @@ class SpeculationPolicy:
         self.max_k = max_k
         self.bounds = RuntimeBounds()
         self._state: BatchState | None = None
+        self._control: DraftControl | None = None
 
     def apply_bounds(self, speculation_enabled: bool, max_k: int,
                      verify_budget: int | None) -> None:
@@ -204,18 +203,36 @@ class SpeculationPolicy:
             chosen, early_stop = self._choose_k(state, caps)
             caps = np.minimum(np.asarray(chosen, np.int64), caps)
         if caps.max(initial=0) <= 0:
+            self._control = None
             return Decision((0,) * state.batch_size, False, self.verify_budget)
-        return Decision(tuple(int(k) for k in caps), early_stop, self.verify_budget)
+        control = self._draft_control(state, early_stop)
+        self._control = None if control.is_trivial else control
+        return Decision(tuple(int(k) for k in caps), early_stop, self.verify_budget,
+                        self._control)
 
     def _choose_k(self, state: BatchState, caps: np.ndarray) -> tuple[np.ndarray, bool]:
         """Per-request k (clipped to caps afterwards) and whether to stop early."""
         raise NotImplementedError
 
+    def _draft_control(self, state: BatchState, early_stop: bool) -> DraftControl:
+        """The rules the draft loop applies this step; by default draft to the cap and
+        verify within the controller's budget."""
+        return DraftControl(stop="cap", trim="budget", verify_budget=self.verify_budget)
+
+    # The step-by-step hooks a draft loop calls; they apply the last decision's control.
     def should_continue(self, progress: DraftProgress) -> np.ndarray:  # [B] bool
-        return progress.active.copy()
+        control = self._last_control()
+        return progress.active.copy() if control is None else control.should_continue(progress)
 
     def select_verify(self, draft_confidences, num_draft) -> np.ndarray:  # [B] int64
-        return verifier.trim_to_budget(draft_confidences, num_draft, self.verify_budget)
+        control = self._last_control()
+        counts = as_array(num_draft, np.int64)
+        return counts.copy() if control is None else control.select_verify(draft_confidences,
+                                                                           counts)
+
+    def _last_control(self) -> DraftControl | None:
+        self._current_state()
+        return self._control
 
     def observe(self, feedback: StepFeedback) -> bool:
         return False
@@ -258,8 +275,9 @@ class ConfidenceThreshold(SpeculationPolicy):
     def _choose_k(self, state, caps):
         return caps, True
 
-    def should_continue(self, progress):
-        return continue_while_confident(progress, self.threshold)
+    def _draft_control(self, state, early_stop):
+        return DraftControl(stop="threshold", threshold=self.threshold, trim="budget",
+                            verify_budget=self.verify_budget)
 
 
 class SmartSpec(SpeculationPolicy):
@@ -331,24 +349,16 @@ class SpecServe(SpeculationPolicy):
             return np.zeros_like(caps), False
         return caps, True
 
-    def should_continue(self, progress):
-        state = self._current_state()
-        return drafter.should_continue(progress, state.confidence, self.cost,
-                                       state.mean_context)
-
-    def select_verify(self, draft_confidences, num_draft):
-        state = self._current_state()
-        counts = as_array(num_draft, np.int64)
-        # Rows draft contiguously from step 1, so step j ran the rows with k_i >= j.
-        active_counts = [int((counts >= j).sum()) for j in range(1, int(counts.max(initial=0)) + 1)]
-        spent = self.cost.predict_draft_ragged(active_counts, state.mean_context)
-        return verifier.select_verify(draft_confidences, counts, self.cost, state.mean_context,
-                                      verify_budget=self.verify_budget, fixed_seconds=spent)
+    def _draft_control(self, state, early_stop):
+        return DraftControl(stop="efficiency" if early_stop else "cap", trim="efficiency",
+                            verify_budget=self.verify_budget, cost=self.cost,
+                            mean_confidence=state.confidence, context=state.mean_context)
 
     def observe(self, feedback):
         """Correct the cost model from measured draft/verify times; True if it moved."""
         state = self._current_state()
-        batch, context = state.batch_size, state.mean_context
+        batch = state.batch_size if feedback.batch_size is None else feedback.batch_size
+        context = state.mean_context if feedback.mean_context is None else feedback.mean_context
         changed = False
         if feedback.verify_seconds is not None:
             changed |= self.cost.observe(Sample("verify", batch, batch + sum(feedback.verified),

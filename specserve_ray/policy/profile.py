@@ -46,6 +46,7 @@ def profile_runner(runner, kind: str, grid: Sequence[tuple[int, int, float]], re
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     deadline = time.perf_counter() + time_budget_s
+    sync = getattr(runner, "synchronize", None) or (lambda: None)
     free = runner.max_seqs - runner.num_seqs()
     rng = np.random.default_rng(seed)
     vocab = int(runner.vocab_size)
@@ -87,6 +88,7 @@ def profile_runner(runner, kind: str, grid: Sequence[tuple[int, int, float]], re
                     else:
                         for j in range(n):
                             runner.forward(ids, [[f[j]] for f in feed], all_logits=False)
+                    sync()   # GPU forwards return before their kernels finish
                     elapsed = time.perf_counter() - start
                     for sid in ids:
                         runner.truncate(sid, context)

@@ -82,20 +82,44 @@ def admission_order(waiting: Sequence[tuple[float, SloClass]], now: float) -> li
 
 @dataclass
 class ClassAttainment:
-    """Counts for one class; addable."""
+    """Counts and latency sums/maxima for one class; addable (means are derived)."""
 
     requests: int = 0
     attained: int = 0
     ttft_met: int = 0
     tpot_met: int = 0
+    ttft_sum_s: float = 0.0
+    ttft_max_s: float = 0.0
+    tpot_count: int = 0           # requests with a TPOT (more than one output token)
+    tpot_sum_s: float = 0.0
+    tpot_max_s: float = 0.0
 
     def __add__(self, other: "ClassAttainment") -> "ClassAttainment":
-        return ClassAttainment(self.requests + other.requests, self.attained + other.attained,
-                               self.ttft_met + other.ttft_met, self.tpot_met + other.tpot_met)
+        return ClassAttainment(
+            requests=self.requests + other.requests, attained=self.attained + other.attained,
+            ttft_met=self.ttft_met + other.ttft_met, tpot_met=self.tpot_met + other.tpot_met,
+            ttft_sum_s=self.ttft_sum_s + other.ttft_sum_s,
+            ttft_max_s=max(self.ttft_max_s, other.ttft_max_s),
+            tpot_count=self.tpot_count + other.tpot_count,
+            tpot_sum_s=self.tpot_sum_s + other.tpot_sum_s,
+            tpot_max_s=max(self.tpot_max_s, other.tpot_max_s))
 
     @property
     def rate(self) -> float:
         return self.attained / self.requests if self.requests else 1.0
+
+    def summary(self) -> dict:
+        """JSON-safe: latencies are None until a request measured them."""
+        def mean(total, n):
+            return round(total / n, 6) if n else None
+
+        return {"requests": self.requests, "attained": self.attained,
+                "ttft_met": self.ttft_met, "tpot_met": self.tpot_met,
+                "attainment": round(self.rate, 4),
+                "mean_ttft_s": mean(self.ttft_sum_s, self.requests),
+                "max_ttft_s": round(self.ttft_max_s, 6) if self.requests else None,
+                "mean_tpot_s": mean(self.tpot_sum_s, self.tpot_count),
+                "max_tpot_s": round(self.tpot_max_s, 6) if self.tpot_count else None}
 
 
 @dataclass
@@ -114,6 +138,12 @@ class SloTracker:
         counts.ttft_met += ttft_ok
         counts.tpot_met += tpot_ok
         counts.attained += ttft_ok and tpot_ok
+        counts.ttft_sum_s += ttft_s
+        counts.ttft_max_s = max(counts.ttft_max_s, ttft_s)
+        if mean_tpot_s is not None:
+            counts.tpot_count += 1
+            counts.tpot_sum_s += mean_tpot_s
+            counts.tpot_max_s = max(counts.tpot_max_s, mean_tpot_s)
         return ttft_ok and tpot_ok
 
     def __add__(self, other: "SloTracker") -> "SloTracker":
@@ -129,6 +159,4 @@ class SloTracker:
         return sum(self.per_class.values(), ClassAttainment()).rate
 
     def summary(self) -> dict:
-        return {name: {"requests": c.requests, "attained": c.attained, "ttft_met": c.ttft_met,
-                       "tpot_met": c.tpot_met, "attainment": round(c.rate, 4)}
-                for name, c in sorted(self.per_class.items())}
+        return {name: c.summary() for name, c in sorted(self.per_class.items())}

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID
 from specserve_ray.core.sampling import logits_to_probs, sample_from_probs
 from specserve_ray.models.runner import ModelRunner
+from specserve_ray.policy.control import DraftControl
+from specserve_ray.policy.drafter import record_step, start_drafting
 from specserve_ray.workers.target import sampling_tensors
 from specserve_ray.workers.types import PrefillItem, Proposal, SeqSampling
 
@@ -31,6 +34,12 @@ class _DraftSeq:
             self.generator.manual_seed(sampling.seed * 1_000_003 + _DRAFT_STREAM)
         else:
             self.generator.seed()
+
+
+def _mask(batch: int, rows: torch.Tensor) -> np.ndarray:
+    mask = np.zeros(batch, bool)
+    mask[rows.numpy()] = True
+    return mask
 
 
 class DraftWorker:
@@ -66,8 +75,13 @@ class DraftWorker:
         return seq.committed[keep:]
 
     def propose(self, seq_ids: list[str], new_tokens: list[list[int]],
-                num_draft: list[int]) -> Proposal:
-        """Draft `num_draft[i]` tokens for each row (0 = no drafting for that row)."""
+                num_draft: list[int], control: DraftControl | None = None) -> Proposal:
+        """Draft up to `num_draft[i]` tokens for each row (0 = no drafting for that row).
+
+        With a `control`, rows stop early by its stop rule (checked before every draft
+        step from the confidences so far) and the result is trimmed by its verify rule;
+        without one every row drafts exactly its cap (the fast path).
+        """
         start = time.perf_counter()
         batch = len(seq_ids)
         max_k = max(num_draft, default=0)
@@ -80,12 +94,19 @@ class DraftWorker:
         seqs = [self._seqs[seq_ids[i]] for i in rows]
         sampled = [not s.sampling.greedy for s in seqs]
         draft_probs = torch.zeros(batch, max_k, vocab) if any(sampled) else None
+        progress = start_drafting(num_draft) if control is not None else None
+        drafted_width = 0
         if rows:
             temperature, top_k, top_p = sampling_tensors([s.sampling for s in seqs])
             row_ids = torch.tensor(rows)
             active = list(range(len(rows)))   # positions in `rows` still drafting
             step_feed = [feeds[i] for i in rows]
             for j in range(max_k):
+                if progress is not None:
+                    keep = control.should_continue(progress)       # [B] bool
+                    active = [a for a in active if keep[rows[a]]]
+                    if not active:
+                        break
                 ids = [seq_ids[rows[a]] for a in active]
                 logits = self.runner.forward(ids, [step_feed[a] for a in active],
                                              all_logits=False).cpu()            # [A, V]
@@ -98,9 +119,15 @@ class DraftWorker:
                         tokens[a_pos] = sample_from_probs(probs[a_pos:a_pos + 1], noise)[0]
                 out_rows = row_ids[sel]
                 draft_ids[out_rows, j] = tokens
-                confidence[out_rows, j] = probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+                token_conf = probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+                confidence[out_rows, j] = token_conf
                 if draft_probs is not None:
                     draft_probs[out_rows, j] = probs
+                drafted_width = j + 1
+                if progress is not None:
+                    step_conf = np.zeros(batch)
+                    step_conf[out_rows.numpy()] = token_conf.numpy()
+                    progress = record_step(progress, step_conf, _mask(batch, out_rows))
                 # Rows whose k is reached stop; the others feed the token just drafted.
                 still = [a_pos for a_pos, a in enumerate(active) if num_draft[rows[a]] > j + 1]
                 step_feed = [None] * len(rows)
@@ -109,8 +136,22 @@ class DraftWorker:
                 active = [active[a_pos] for a_pos in still]
                 if not active:
                     break
-        num = torch.tensor(num_draft, dtype=torch.long)
-        return Proposal(draft_ids, num, draft_probs, confidence, time.perf_counter() - start)
+        if progress is None:
+            num = torch.tensor(num_draft, dtype=torch.long)
+            return Proposal(draft_ids, num, draft_probs, confidence,
+                            time.perf_counter() - start)
+        drafted = progress.num_drafted
+        verify = control.select_verify(confidence[:, :drafted_width].numpy().astype(np.float64),
+                                       drafted, progress.active_counts)
+        width = int(verify.max(initial=0))
+        # Tokens past a row's verified count are not scored: mark them and cut the width
+        # so the target's window is no wider than the longest verified row.
+        past = torch.arange(max_k).unsqueeze(0) >= torch.from_numpy(verify).unsqueeze(1)
+        draft_ids[past] = PLACEHOLDER_TOKEN_ID
+        return Proposal(draft_ids[:, :width].contiguous(), torch.from_numpy(verify),
+                        None if draft_probs is None else draft_probs[:, :width].contiguous(),
+                        confidence[:, :drafted_width].contiguous(),
+                        time.perf_counter() - start, torch.from_numpy(drafted.copy()))
 
     def release(self, seq_ids: list[str]) -> None:
         for s in seq_ids:

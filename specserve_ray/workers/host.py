@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from specserve_ray.policy.control import DraftControl
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
 from specserve_ray.workers.types import PrefillItem, Proposal, VerifyResult
@@ -23,7 +24,9 @@ class StepPlan:
     prefill: list[PrefillItem] = field(default_factory=list)  # admitted this step
     decode_ids: list[str] = field(default_factory=list)       # running requests
     new_tokens: list[list[int]] = field(default_factory=list) # emitted since the draft saw them
-    num_draft: list[int] = field(default_factory=list)        # k per running request
+    num_draft: list[int] = field(default_factory=list)        # k (cap) per running request
+    # The policy's in-loop stop/trim rules for this step; None = draft to the cap, verify all.
+    draft_control: DraftControl | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ def run_draft(worker: DraftWorker | None, plan: StepPlan) -> DraftOutput:
     prefill_s = time.perf_counter() - start
     proposal = None
     if plan.decode_ids:
-        proposal = worker.propose(plan.decode_ids, plan.new_tokens, plan.num_draft)
+        proposal = worker.propose(plan.decode_ids, plan.new_tokens, plan.num_draft,
+                                  plan.draft_control)
     return DraftOutput(plan, proposal, prefill_seconds=prefill_s)
 
 

@@ -36,10 +36,17 @@ class Proposal:
     """Draft tokens for a batch, rows aligned with the request order of the step."""
 
     draft_token_ids: torch.Tensor        # [B, K] int64, PLACEHOLDER past num_draft_tokens
-    num_draft_tokens: torch.Tensor       # [B] int64
+    num_draft_tokens: torch.Tensor       # [B] int64, tokens sent to the target for verification
     draft_probs: torch.Tensor | None     # [B, K, V] float32; None when every row is greedy
-    draft_confidence: torch.Tensor       # [B, K] float32: draft prob of each proposed token
+    draft_confidence: torch.Tensor       # [B, D] float32: draft prob of each drafted token
     seconds: float                       # time spent in draft forwards
+    # [B] int64 tokens drafted per row, when an early stop or a verify trim made it differ
+    # from both the plan's caps and num_draft_tokens; None = num_draft_tokens.
+    num_drafted: torch.Tensor | None = None
+
+    @property
+    def drafted(self) -> torch.Tensor:
+        return self.num_draft_tokens if self.num_drafted is None else self.num_drafted
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,229 @@
+"""Serving metrics as pure, summable records; exporters (Prometheus via Ray) live elsewhere.
+
+The router's step loop calls `MetricsAggregator.observe_step` once per step and
+`observe_finished` once per finished request: plain integer and float additions, no Ray
+calls, no I/O, so the hot path stays cheap. A background task calls `drain()` every
+report interval; the `MetricsDelta` it returns feeds both the Prometheus exporter
+(`deployments/metrics.py`) and the router's report to the cluster controller.
+
+Glossary as vLLM's (`spec_decode_*`): a *draft* is one request drafting >= 1 token in
+one step; per-position acceptance counts, for position j (0-based), the drafts whose
+j-th token was accepted. Derived, in PromQL (Ray prefixes `ray_`, counters end `_total`):
+
+    acceptance rate         = rate(ray_specserve_spec_decode_num_accepted_tokens_total[1m])
+                            / rate(ray_specserve_spec_decode_num_draft_tokens_total[1m])
+    mean acceptance length  = 1 + rate(ray_specserve_spec_decode_num_accepted_tokens_total[1m])
+                                / rate(ray_specserve_spec_decode_num_drafts_total[1m])
+    acceptance at pos j     = rate(ray_specserve_spec_decode_num_accepted_tokens_per_pos_total{position="j"}[1m])
+                            / rate(ray_specserve_spec_decode_num_drafts_total[1m])
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+DEFAULT_SLO_CLASS = "default"
+_MAX_BUFFERED = 4096        # histogram observations kept between drains (newest win)
+
+
+@dataclass
+class Counts:
+    """Summable counters: totals since start, or one drain's increments."""
+
+    steps: int = 0                   # executed plans
+    decode_steps: int = 0            # plans that verified >= 1 running request
+    decode_rows: int = 0             # requests verified, summed over decode steps
+    admitted: int = 0                # requests prefilled (joined the batch)
+    num_drafts: int = 0              # rows that drafted >= 1 token (vLLM num_drafts)
+    num_draft_tokens: int = 0        # tokens drafted
+    num_accepted_tokens: int = 0     # drafted tokens the target accepted
+    num_emitted_tokens: int = 0      # tokens committed by decode steps (accepted + final)
+    chosen_k_sum: int = 0            # k the plan asked for, summed over decode rows
+    decode_seconds: float = 0.0      # wall time of decode steps
+    predicted_seconds: float = 0.0   # cost-model prediction, over `predicted_steps` only
+    predicted_observed_seconds: float = 0.0   # measured time of those same steps
+    predicted_steps: int = 0
+    expected_tokens: float = 0.0     # N = B + sum c_ij predicted for those steps
+    expected_emitted: int = 0        # tokens those steps actually emitted
+    accepted_per_pos: list[int] = field(default_factory=list)
+    chosen_k_rows: dict[int, int] = field(default_factory=dict)   # k -> decode rows
+    finished: int = 0
+    slo: dict[str, list[int]] = field(default_factory=dict)      # class -> [requests, attained]
+
+    def add(self, other: "Counts") -> None:
+        for name in ("steps", "decode_steps", "decode_rows", "admitted", "num_drafts",
+                     "num_draft_tokens", "num_accepted_tokens", "num_emitted_tokens",
+                     "chosen_k_sum", "decode_seconds", "predicted_seconds",
+                     "predicted_observed_seconds", "predicted_steps", "expected_tokens",
+                     "expected_emitted", "finished"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        _add_list(self.accepted_per_pos, other.accepted_per_pos)
+        for k, n in other.chosen_k_rows.items():
+            self.chosen_k_rows[k] = self.chosen_k_rows.get(k, 0) + n
+        for name, (req, ok) in other.slo.items():
+            mine = self.slo.setdefault(name, [0, 0])
+            mine[0] += req
+            mine[1] += ok
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """1 + accepted / drafts, vLLM's definition (tokens per draft, bonus included)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    @property
+    def first_position_acceptance(self) -> float:
+        """Accepted-at-position-0 / drafts: an unbiased per-token acceptance estimate under
+        the uniform model, whatever k was (accepted/drafted falls with k)."""
+        if not self.num_drafts or not self.accepted_per_pos:
+            return 0.0
+        return self.accepted_per_pos[0] / self.num_drafts
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "decode_steps": self.decode_steps,
+                "decode_rows": self.decode_rows, "num_drafts": self.num_drafts,
+                "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "num_accepted_tokens_per_pos": list(self.accepted_per_pos),
+                "num_emitted_tokens": self.num_emitted_tokens,
+                "chosen_k_rows": {str(k): n for k, n in sorted(self.chosen_k_rows.items())},
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+                "decode_seconds": round(self.decode_seconds, 6),
+                "predicted_steps": self.predicted_steps,
+                "predicted_seconds": round(self.predicted_seconds, 6),
+                "predicted_observed_seconds": round(self.predicted_observed_seconds, 6),
+                "finished": self.finished,
+                "slo": {name: {"requests": r, "attained": a} for name, (r, a) in sorted(self.slo.items())}}
+
+
+def _add_list(into: list[int], other: Sequence[int]) -> None:
+    if len(into) < len(other):
+        into.extend([0] * (len(other) - len(into)))
+    for i, n in enumerate(other):
+        into[i] += n
+
+
+@dataclass
+class MetricsDelta:
+    """What happened since the previous drain, plus the load right now."""
+
+    counts: Counts
+    step_seconds: list[float]        # decode steps, for the step-time histogram
+    ttft: list[tuple[str, float]]    # (slo class, seconds) per finished request
+    tpot: list[tuple[str, float]]    # (slo class, mean seconds per output token)
+    window_s: float                  # seconds this delta covers
+    queue_depth: int = 0
+    running: int = 0
+    verify_budget: int | None = None
+    max_k: int | None = None
+
+
+class MetricsAggregator:
+    """Accumulates per-step and per-request observations; `drain` hands out increments."""
+
+    def __init__(self, now: float = 0.0):
+        self.totals = Counts()
+        self._delta = Counts()
+        self._step_seconds: deque[float] = deque(maxlen=_MAX_BUFFERED)
+        self._ttft: deque[tuple[str, float]] = deque(maxlen=_MAX_BUFFERED)
+        self._tpot: deque[tuple[str, float]] = deque(maxlen=_MAX_BUFFERED)
+        self._last_drain = now
+
+    def observe_step(self, seconds: float, admitted: int, chosen_k: Sequence[int],
+                     num_drafted: Sequence[int], num_accepted: Sequence[int],
+                     num_emitted: int, predicted_seconds: float | None = None,
+                     expected_tokens: float | None = None) -> None:
+        """One step: rows are aligned (chosen k, tokens drafted, tokens accepted)."""
+        d = self._delta
+        d.steps += 1
+        d.admitted += admitted
+        if not chosen_k:
+            return
+        d.decode_steps += 1
+        d.decode_rows += len(chosen_k)
+        d.decode_seconds += seconds
+        d.num_emitted_tokens += num_emitted
+        self._step_seconds.append(seconds)
+        rows_k = d.chosen_k_rows
+        for k in chosen_k:
+            rows_k[k] = rows_k.get(k, 0) + 1
+        d.chosen_k_sum += sum(chosen_k)
+        per_pos = d.accepted_per_pos
+        for drafted, accepted in zip(num_drafted, num_accepted):
+            if drafted > 0:
+                d.num_drafts += 1
+                d.num_draft_tokens += drafted
+            if accepted > 0:
+                d.num_accepted_tokens += accepted
+                if len(per_pos) < accepted:
+                    per_pos.extend([0] * (accepted - len(per_pos)))
+                for j in range(accepted):      # accepted <= k: a handful per row
+                    per_pos[j] += 1
+        if predicted_seconds is not None:
+            d.predicted_steps += 1
+            d.predicted_seconds += predicted_seconds
+            d.predicted_observed_seconds += seconds
+            if expected_tokens is not None:
+                d.expected_tokens += expected_tokens
+                d.expected_emitted += num_emitted
+
+    def observe_finished(self, slo_class: str, ttft_s: float | None, tpot_s: float | None,
+                         attained: bool | None) -> None:
+        """One finished request; `attained` None = no SLO to attain (not counted)."""
+        d = self._delta
+        d.finished += 1
+        if ttft_s is not None:
+            self._ttft.append((slo_class, ttft_s))
+        if tpot_s is not None:
+            self._tpot.append((slo_class, tpot_s))
+        if attained is not None:
+            entry = d.slo.setdefault(slo_class, [0, 0])
+            entry[0] += 1
+            entry[1] += bool(attained)
+
+    def current(self) -> Counts:
+        """Totals including what the next drain will hand out (a copy; drains unaffected)."""
+        out = Counts()
+        out.add(self.totals)
+        out.add(self._delta)
+        return out
+
+    def drain(self, now: float, queue_depth: int = 0, running: int = 0) -> MetricsDelta:
+        """Increments since the last drain (folded into `totals`), then start afresh."""
+        delta, self._delta = self._delta, Counts()
+        self.totals.add(delta)
+        out = MetricsDelta(delta, list(self._step_seconds), list(self._ttft), list(self._tpot),
+                           max(now - self._last_drain, 0.0), queue_depth, running)
+        self._step_seconds.clear()
+        self._ttft.clear()
+        self._tpot.clear()
+        self._last_drain = now
+        return out
+
+
+def request_latency(arrival: float, first_token: float | None, finish: float,
+                    num_output_tokens: int) -> tuple[float | None, float | None]:
+    """(TTFT, mean TPOT) of a finished request from monotonic timestamps. TPOT is the
+    mean time between later tokens; None for a one-token output (nothing to measure)."""
+    if first_token is None:
+        return None, None
+    ttft = max(first_token - arrival, 0.0)
+    if num_output_tokens <= 1:
+        return ttft, None
+    return ttft, max(finish - first_token, 0.0) / (num_output_tokens - 1)
+
+
+def slo_attained(ttft: float | None, tpot: float | None, ttft_budget: float,
+                 tpot_budget: float) -> bool | None:
+    """True/False against the budgets; None when the class sets no budget at all."""
+    if math.isinf(ttft_budget) and math.isinf(tpot_budget):
+        return None
+    ttft_ok = ttft is None or ttft <= ttft_budget
+    tpot_ok = tpot is None or tpot <= tpot_budget
+    return ttft_ok and tpot_ok
