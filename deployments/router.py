@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specserve_ray.api import openai as oai
 from specserve_ray.async_engine import AsyncSpecEngine, StepFailed
-from specserve_ray.config import AppConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import AppConfig, SamplingParams, SloConfig, SpeculationConfig
 from specserve_ray.engine import SpecEngine
 from specserve_ray.errors import OverloadedError, RequestError
 from specserve_ray.policy import CostModel
@@ -209,6 +209,10 @@ class SpecRouter:
             if not isinstance(value, bool):
                 raise ValueError(f"pipeline must be true or false, got {value!r}")
             self.serving.pipeline = value
+        if "slo" in user_config:
+            # Same shape as engine.slo in the app config; replaces the classes between
+            # steps (running requests keep the class objects they resolved on arrival).
+            self.engine.slo = SloConfig(**user_config.pop("slo"))
         if user_config:
             raise ValueError(f"unknown user_config keys: {sorted(user_config)}")
 

@@ -247,6 +247,25 @@ def test_slo_class_over_every_front_door(app, client, reference):
     assert 0.0 <= interactive["attainment"] <= 1.0 and interactive["mean_ttft_s"] > 0
 
 
+def test_slo_classes_reconfigure_live(app):
+    handle = app["handle"]
+    original = {"classes": [{"name": "interactive", "ttft_s": 30.0, "tpot_s": 5.0},
+                            {"name": "batch"}]}
+    handle.reconfigure.remote({"slo": {"classes": [{"name": "bench", "tpot_s": 4.0}]}}).result()
+    try:
+        r = handle.generate.remote(PROMPTS[0], max_tokens=3, slo_class="bench").result()
+        assert len(r["token_ids"]) == 3
+        classes = httpx.get(app["http"] + "/v1/stats", timeout=30).json()["slo"]["classes"]
+        assert classes["bench"]["tpot_budget_s"] == 4.0 and "interactive" not in classes
+        with pytest.raises(Exception, match="unknown SLO class"):
+            handle.generate.remote(PROMPTS[0], max_tokens=3, slo_class="interactive").result()
+        with pytest.raises(Exception, match="default_class"):
+            handle.reconfigure.remote({"slo": {"default_class": "nope"}}).result()
+    finally:
+        handle.reconfigure.remote({"slo": original}).result()
+    assert handle.generate.remote(PROMPTS[0], max_tokens=2, slo_class="interactive").result()
+
+
 # -- lossless across actors, batching --------------------------------------------------------------
 def test_concurrent_greedy_equals_target_only_and_batches(app, reference):
     handle = app["handle"]

@@ -64,8 +64,10 @@ class HandleSwitcher:
         self.handle = handle
 
     async def switch(self, policy: str, max_k: int) -> None:
+        await self.apply({"policy": policy, "num_speculative_tokens": max_k})
+
+    async def apply(self, user_config: dict) -> None:
         # Sync handle calls may not run inside an event loop: do it in a thread.
-        user_config = {"policy": policy, "num_speculative_tokens": max_k}
         await asyncio.to_thread(
             lambda: self.handle.reconfigure.remote(user_config).result(timeout_s=600))
 
@@ -75,7 +77,7 @@ class RestSwitcher:
         self.dashboard = dashboard_url.rstrip("/")
         self.app_name = app_name
 
-    def _config(self, details: dict, policy: str, max_k: int) -> dict:
+    def _config(self, details: dict, updates: dict) -> dict:
         """The full declarative config with the router's user_config changed."""
         apps = details.get("applications", {})
         if self.app_name not in apps:
@@ -95,8 +97,7 @@ class RestSwitcher:
         if router is None:
             router = {"name": ROUTER}
             deps.append(router)
-        router["user_config"] = {**(router.get("user_config") or {}),
-                                 "policy": policy, "num_speculative_tokens": max_k}
+        router["user_config"] = {**(router.get("user_config") or {}), **updates}
         out = {"applications": configs}
         for key in ("proxy_location", "http_options", "grpc_options"):
             if details.get(key) is not None:
@@ -104,11 +105,14 @@ class RestSwitcher:
         return out
 
     async def switch(self, policy: str, max_k: int) -> None:
+        await self.apply({"policy": policy, "num_speculative_tokens": max_k})
+
+    async def apply(self, user_config: dict) -> None:
         async with httpx.AsyncClient(timeout=60) as client:
             r = await client.get(self.dashboard + "/api/serve/applications/")
             r.raise_for_status()
             r = await client.put(self.dashboard + "/api/serve/applications/",
-                                 json=self._config(r.json(), policy, max_k))
+                                 json=self._config(r.json(), user_config))
             if r.status_code != 200:
                 raise RuntimeError(f"Serve REST API refused the config: {r.status_code} "
                                    f"{r.text[:300]}")

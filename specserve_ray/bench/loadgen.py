@@ -54,22 +54,27 @@ class RequestRecord:
         return [b - a for a, b in zip(self.chunk_s, self.chunk_s[1:])] if self.ok else []
 
 
-def completion_body(prompt: str, max_tokens: int, model: str | None) -> dict:
+def completion_body(prompt: str, max_tokens: int, model: str | None,
+                    slo_class: str | None = None) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             # Force the trace's output length: no early EOS.
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
+    if slo_class:
+        body["slo_class"] = slo_class
     return body
 
 
 async def send_one(client: httpx.AsyncClient, url: str, rec: RequestRecord, prompt: str,
-                   model: str | None, t0: float, timeout_s: float) -> RequestRecord:
+                   model: str | None, t0: float, timeout_s: float,
+                   slo_class: str | None = None) -> RequestRecord:
     """Stream one completion into `rec` (times relative to `t0`, a perf_counter)."""
     rec.sent_s = time.perf_counter() - t0
     try:
         # wait_for, not asyncio.timeout: the package supports Python 3.10.
-        await asyncio.wait_for(_stream(client, url, rec, prompt, model, t0), timeout_s)
+        await asyncio.wait_for(_stream(client, url, rec, prompt, model, t0, slo_class),
+                               timeout_s)
     except asyncio.TimeoutError:
         rec.error = f"timeout after {timeout_s:.0f} s"
     except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
@@ -78,8 +83,8 @@ async def send_one(client: httpx.AsyncClient, url: str, rec: RequestRecord, prom
 
 
 async def _stream(client: httpx.AsyncClient, url: str, rec: RequestRecord, prompt: str,
-                  model: str | None, t0: float) -> None:
-    body = completion_body(prompt, rec.max_tokens, model)
+                  model: str | None, t0: float, slo_class: str | None = None) -> None:
+    body = completion_body(prompt, rec.max_tokens, model, slo_class)
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             text = (await r.aread()).decode("utf-8", "replace")[:200]
@@ -113,7 +118,8 @@ async def _stream(client: httpx.AsyncClient, url: str, rec: RequestRecord, promp
 async def run_open_loop(url: str, prompts: list[str], input_tokens: list[int],
                         output_tokens: list[int], arrivals: list[float], model: str | None,
                         timeout_s: float = 120.0, drain_s: float = 120.0,
-                        progress=None) -> tuple[list[RequestRecord], float]:
+                        progress=None, slo_class: str | None = None
+                        ) -> tuple[list[RequestRecord], float]:
     """Send request i at arrivals[i] seconds; wait for all (at most `drain_s` after the
     last arrival). Returns the records and the run's duration (first send to last end)."""
     records = [RequestRecord(i, n_in, n_out) for i, (n_in, n_out)
@@ -124,7 +130,7 @@ async def run_open_loop(url: str, prompts: list[str], input_tokens: list[int],
 
         async def scheduled(rec: RequestRecord, prompt: str, at: float):
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
-            await send_one(client, url, rec, prompt, model, t0, timeout_s)
+            await send_one(client, url, rec, prompt, model, t0, timeout_s, slo_class)
             if progress is not None:
                 progress.update(1)
 

@@ -51,12 +51,16 @@ def estimate_seconds(args, n_regimes: int) -> float:
     return n_regimes * (start + CALIBRATION_S + (PROFILE_S if adaptive else 0) + n_runs * per_run)
 
 
+BENCH_SLO_CLASS = "bench"
+
+
 class Sweep:
     def __init__(self, args, tokenizer, prompts, full_trace):
         self.args = args
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.trace = full_trace
+        self.slo_class: str | None = None    # sent with every measured request, if set
 
     # -- workloads ----------------------------------------------------------------------------
     def fit(self, reqs, max_model_len: int):
@@ -135,7 +139,7 @@ class Sweep:
             url, prompts, [r.input_tokens for r in reqs], [r.output_tokens for r in reqs],
             [r.arrival_s for r in reqs], model, a.request_timeout,
             drain_s=a.drain_timeout if a.drain_timeout else 60.0 + a.duration,
-            progress=progress)
+            progress=progress, slo_class=self.slo_class)
         after = await get_json(url, "/v1/stats")
         return records, duration, before, after
 
@@ -218,6 +222,15 @@ def _run_regime(sweep: Sweep, regime: str, url: str, switcher, report: dict, bar
     cal["max_model_len"] = max_model_len
     report["calibration"][regime] = cal
     slo = SLO(cal["slo_ttft_s"], cal["slo_tpot_s"])
+    sweep.slo_class = None
+    if switcher is not None:
+        # The benchmark's SLO becomes a server-side class every measured request names,
+        # so SLO-aware policies (specserve) see the budget the goodput is judged by;
+        # the other policies ignore it. Without a switcher (--url alone) nothing is sent.
+        asyncio.run(switcher.apply({"slo": {"classes": [
+            {"name": BENCH_SLO_CLASS, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}]}}))
+        sweep.slo_class = BENCH_SLO_CLASS
+    cal["slo_class_sent"] = sweep.slo_class
     tqdm.write(f"[{regime}] single stream: TTFT {cal['single_stream_ttft_s'] * 1000:.0f} ms, "
                f"TPOT {cal['single_stream_tpot_s'] * 1000:.1f} ms; capacity "
                f"{cal['capacity_req_s']:.2f} req/s ({cal['capacity_tok_s']:.0f} out tok/s); "
