@@ -57,8 +57,9 @@ class StepRecorder:
             chosen = plan.num_draft
             accepted = verify.num_accepted
             proposal = result.proposal
-            # What the draft actually produced: an in-draft early stop may draft fewer than
-            # planned, and a failed draft produced nothing (the step fell back to plain).
+            # What the target actually verified: an in-draft early stop or the verifier's
+            # trim may send fewer than planned, and a failed draft sent nothing (the step
+            # fell back to plain). Acceptance rates are over verified tokens.
             drafted = (proposal.num_draft_tokens.tolist() if proposal is not None
                        else [0] * len(chosen))
             emitted = sum(len(e) for e in verify.emitted)
