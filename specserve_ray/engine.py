@@ -449,7 +449,7 @@ class SpecEngine:
             confidences = np.zeros((len(plan.decode_ids), 0))
         ema = np.array([by_id[rid].confidence_ema if rid in by_id else 0.5
                         for rid in plan.decode_ids])
-        ema = update_confidence_ema(ema, confidences, counts)
+        ema = update_confidence_ema(ema, self.policy.calibrate(confidences), counts)
         for rid, value in zip(plan.decode_ids, ema):
             if rid in by_id:
                 by_id[rid].confidence_ema = float(value)
@@ -457,7 +457,12 @@ class SpecEngine:
             num_drafted=tuple(int(k) for k in counts), num_accepted=tuple(v.num_accepted),
             step_seconds=seconds, num_verified=verified,
             draft_seconds=proposal.seconds if proposal is not None else None,
-            verify_seconds=v.seconds, batch_size=len(plan.decode_ids), mean_context=context))
+            verify_seconds=v.seconds, batch_size=len(plan.decode_ids), mean_context=context,
+            confidences=confidences if confidences.shape[1] else None))
+        if self.cost_model is not None and not plan.prefill:
+            # What the step cost beside its two forwards (router, transport, bookkeeping).
+            draft_s = proposal.seconds if proposal is not None else 0.0
+            self.cost_model.observe_step_overhead(max(seconds - draft_s - v.seconds, 0.0))
 
     def _retire_finished(self, now: float) -> None:
         done = [r for r in self.running if r.finished]

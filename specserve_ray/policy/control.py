@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from specserve_ray.policy import drafter, verifier
+from specserve_ray.policy.calibration import apply_table
 from specserve_ray.policy.cost_model import CostModel
 from specserve_ray.policy.drafter import DraftProgress
 
@@ -50,12 +51,21 @@ class DraftControl:
     cost: CostModel | None = None
     mean_confidence: np.ndarray | float = 0.5   # [B] running mean confidence per row
     context: float = 0.0                         # mean context length of the batch
+    # Per-bin acceptance probability of a draft token by its confidence (calibration.py);
+    # None = take the draft's probability at its word (the threshold rule always does).
+    calibration: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.stop not in STOP_RULES or self.trim not in TRIM_RULES:
             raise ValueError(f"unknown draft control {self.stop!r}/{self.trim!r}")
         if "efficiency" in (self.stop, self.trim) and self.cost is None:
             raise ValueError("the efficiency rules need a cost model")
+
+    def calibrated(self, confidences) -> np.ndarray:
+        """What the rules read as each token's acceptance probability."""
+        if self.calibration is None:
+            return np.asarray(confidences, np.float64)
+        return apply_table(self.calibration, confidences)
 
     @property
     def is_trivial(self) -> bool:
@@ -83,12 +93,15 @@ class DraftControl:
         counts = np.asarray(num_drafted, np.int64)
         if self.trim == "none" or counts.max(initial=0) == 0:
             return counts.copy()
+        draft_confidences = self.calibrated(draft_confidences)
         if self.trim == "budget":
             return verifier.trim_to_budget(draft_confidences, counts, self.verify_budget)
         if active_counts is None:
             active_counts = [int((counts >= j).sum())
                              for j in range(1, int(counts.max(initial=0)) + 1)]
-        # Drafting time is spent either way; it still sits in E's denominator.
-        spent = self.cost.predict_draft_ragged(active_counts, self.context)
+        # Drafting time is spent either way, and the step's fixed overhead is paid either
+        # way; both still sit in E's denominator.
+        spent = self.cost.predict_draft_ragged(active_counts, self.context) \
+            + self.cost.step_overhead
         return verifier.select_verify(draft_confidences, counts, self.cost, self.context,
                                       verify_budget=self.verify_budget, fixed_seconds=spent)

@@ -94,6 +94,10 @@ class CostModel:
         self.correction_tolerance = correction_tolerance  # relative move before applying
         self._log_scale = {"verify": 0.0, "draft": 0.0}   # EMA estimate
         self.scale = {"verify": 1.0, "draft": 1.0}        # what predictions use
+        # Seconds every step costs beside the two forwards (router, transport, sampling
+        # bookkeeping), whatever k is: learned while serving (observe_step_overhead),
+        # not profiled, since the profile times the models alone.
+        self.step_overhead = 0.0
 
     @staticmethod
     def _checked(coef, kind):
@@ -176,8 +180,13 @@ class CostModel:
     def predict_step(self, batch, num_draft, context):
         """Seconds of a step where every request drafts `num_draft` tokens, then verifies."""
         draft = self.predict_draft(batch, num_draft, context) if self.has_draft else 0.0
-        return draft + self.predict_verify(batch, np.asarray(batch) * (np.asarray(num_draft) + 1),
-                                           context)
+        return draft + self.step_overhead + self.predict_verify(
+            batch, np.asarray(batch) * (np.asarray(num_draft) + 1), context)
+
+    def observe_step_overhead(self, seconds: float, weight: float = 0.1) -> None:
+        """Fold one step's time outside the forwards into the overhead estimate (EMA)."""
+        if seconds >= 0 and math.isfinite(seconds):
+            self.step_overhead += weight * (seconds - self.step_overhead)
 
     def _predict(self, sample: Sample) -> float:
         if sample.kind == "verify":

@@ -122,7 +122,9 @@ def should_continue(progress: DraftProgress, mean_confidence, cost: CostModel,
     if progress.step == 0:
         draft_more = draft_more + cost.draft_overhead
 
-    sunk_draft = cost.predict_draft_ragged(progress.active_counts, context)
+    # Time the step costs whatever happens next: drafting already done, and the fixed
+    # per-step overhead (router, transport), which favours deeper drafts where it is large.
+    sunk_draft = cost.predict_draft_ragged(progress.active_counts, context) + cost.step_overhead
     tokens_now = batch + int(progress.num_drafted.sum())
     expected_now = batch + progress.expected_accepted
     e_now = expected_now / (sunk_draft + float(cost.predict_verify(batch, tokens_now, context)))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from specserve_ray.policy import drafter, verifier
+from specserve_ray.policy.calibration import ConfidenceCalibration
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.cost_model import CostModel, Sample
 from specserve_ray.policy.drafter import DraftProgress
@@ -237,6 +238,10 @@ class SpeculationPolicy:
     def observe(self, feedback: StepFeedback) -> bool:
         return False
 
+    def calibrate(self, draft_confidences) -> np.ndarray:
+        """Draft confidences as acceptance probabilities (identity unless calibrated)."""
+        return as_array(draft_confidences)
+
     def _current_state(self) -> BatchState:
         if self._state is None:
             raise RuntimeError("call decide() before the draft and verify hooks")
@@ -335,10 +340,14 @@ class SpecServe(SpeculationPolicy):
 
     name = "specserve"
 
-    def __init__(self, cost: CostModel, max_k: int = 8, *, enforce_slo: bool = True):
+    def __init__(self, cost: CostModel, max_k: int = 8, *, enforce_slo: bool = True,
+                 calibrate: bool = True):
         super().__init__(max_k)
         self.cost = cost
         self.enforce_slo = enforce_slo   # the released SpecServe code left this off; we don't
+        # Ours: read draft confidences through the acceptance curve measured while serving
+        # (calibration.py) instead of taking them as acceptance probabilities.
+        self.calibration = ConfidenceCalibration() if calibrate else None
 
     def _choose_k(self, state, caps):
         batch, context = state.batch_size, state.mean_context
@@ -352,10 +361,20 @@ class SpecServe(SpeculationPolicy):
     def _draft_control(self, state, early_stop):
         return DraftControl(stop="efficiency" if early_stop else "cap", trim="efficiency",
                             verify_budget=self.verify_budget, cost=self.cost,
-                            mean_confidence=state.confidence, context=state.mean_context)
+                            mean_confidence=state.confidence, context=state.mean_context,
+                            calibration=None if self.calibration is None
+                            else self.calibration.table())
+
+    def calibrate(self, draft_confidences):
+        if self.calibration is None:
+            return as_array(draft_confidences)
+        return self.calibration(draft_confidences)
 
     def observe(self, feedback):
         """Correct the cost model from measured draft/verify times; True if it moved."""
+        if self.calibration is not None and feedback.confidences is not None:
+            self.calibration.observe(feedback.confidences, feedback.verified,
+                                     feedback.num_accepted)
         state = self._current_state()
         batch = state.batch_size if feedback.batch_size is None else feedback.batch_size
         context = state.mean_context if feedback.mean_context is None else feedback.mean_context

@@ -127,7 +127,8 @@ class DraftWorker:
                 if progress is not None:
                     step_conf = np.zeros(batch)
                     step_conf[out_rows.numpy()] = token_conf.numpy()
-                    progress = record_step(progress, step_conf, _mask(batch, out_rows))
+                    progress = record_step(progress, control.calibrated(step_conf),
+                                           _mask(batch, out_rows))
                 # Rows whose k is reached stop; the others feed the token just drafted.
                 still = [a_pos for a_pos, a in enumerate(active) if num_draft[rows[a]] > j + 1]
                 step_feed = [None] * len(rows)

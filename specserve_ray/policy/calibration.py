@@ -1,0 +1,86 @@
+"""Confidence calibration: from the draft's own token probability to the chance the
+target accepts that token, learned online from what verification actually did.
+
+SpecServe's efficiency estimate treats a draft token's probability p as its acceptance
+probability. That holds for a well-calibrated draft under sampling; under greedy
+verification a token is accepted when the draft's argmax equals the target's, which a
+small, under-confident draft can do far more often than its p says (or less often, for
+an over-confident one). Reading p through a measured curve fixes the estimate without
+touching losslessness: the curve only steers how much is drafted and verified.
+
+The curve: `bins` equal-width bins of p, each with the tokens the target actually
+tested (a token is tested only if every earlier token of its row was accepted) and
+those accepted, plus a prior of `prior_weight` pseudo-tokens at the bin's centre (so an
+unseen bin means "trust p"). Bins are made non-decreasing by pool-adjacent-violators,
+so higher confidence never maps to a lower acceptance. Pure numpy; no Ray.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from specserve_ray.policy.efficiency import as_array
+
+__all__ = ["ConfidenceCalibration", "apply_table"]
+
+
+def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Non-decreasing weighted least-squares fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []       # [mean, weight, count]
+    for v, w in zip(values.tolist(), weights.tolist()):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.concatenate([np.full(n, v) for v, _, n in blocks])
+
+
+def apply_table(table, confidences) -> np.ndarray:
+    """Map confidences (any shape, in [0, 1]) through a per-bin table."""
+    table = np.asarray(table, np.float64)
+    values = np.clip(np.nan_to_num(as_array(confidences), nan=0.0), 0.0, 1.0)
+    index = np.minimum((values * table.size).astype(np.int64), table.size - 1)
+    return table[index]
+
+
+class ConfidenceCalibration:
+    def __init__(self, bins: int = 10, prior_weight: float = 8.0, decay: float = 0.999):
+        if bins < 1 or prior_weight <= 0 or not 0 < decay <= 1:
+            raise ValueError("calibration needs bins >= 1, prior_weight > 0, 0 < decay <= 1")
+        self.bins = bins
+        self.prior_weight = prior_weight
+        self.decay = decay                 # old evidence fades: text and load change
+        self.tested = np.zeros(bins)
+        self.accepted = np.zeros(bins)
+        self._table: tuple[float, ...] | None = None
+
+    def observe(self, draft_confidences, num_verified, num_accepted) -> None:
+        """One step: confidences [B, K] of the drafted tokens, how many of each row went
+        to the target, and how many it accepted."""
+        probs = as_array(draft_confidences)
+        verified = as_array(num_verified, np.int64)
+        accepted = as_array(num_accepted, np.int64)
+        if probs.ndim != 2 or probs.shape[1] == 0 or verified.max(initial=0) == 0:
+            return
+        columns = np.arange(probs.shape[1])[None, :]
+        # Tested: the accepted prefix plus the first rejected token, within what was sent.
+        tested = columns < np.minimum(verified, accepted + 1)[:, None]
+        hit = columns < accepted[:, None]
+        index = np.minimum((np.clip(probs, 0, 1) * self.bins).astype(np.int64), self.bins - 1)
+        self.tested *= self.decay
+        self.accepted *= self.decay
+        self.tested += np.bincount(index[tested], minlength=self.bins)
+        self.accepted += np.bincount(index[tested & hit], minlength=self.bins)
+        self._table = None
+
+    def table(self) -> tuple[float, ...]:
+        """Acceptance probability per confidence bin (non-decreasing)."""
+        if self._table is None:
+            centre = (np.arange(self.bins) + 0.5) / self.bins
+            weight = self.tested + self.prior_weight
+            rate = (self.accepted + self.prior_weight * centre) / weight
+            self._table = tuple(float(v) for v in _isotonic(rate, weight))
+        return self._table
+
+    def __call__(self, confidences) -> np.ndarray:
+        return apply_table(self.table(), confidences)
