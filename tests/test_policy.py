@@ -339,7 +339,7 @@ def test_speculation_shrinks_to_zero_at_large_batch_when_compute_bound(replay_re
 
 
 # -- SLO -------------------------------------------------------------------------------------
-def test_slo_constraint_keeps_predicted_step_time_within_tightest_tpot():
+def test_slo_constraint_keeps_predicted_time_per_token_within_tightest_tpot():
     rng = np.random.default_rng(4)
     for _ in range(100):
         regime = str(rng.choice(list(REGIMES)))
@@ -350,17 +350,23 @@ def test_slo_constraint_keeps_predicted_step_time_within_tightest_tpot():
                            tpot_budget_s=budgets)
         decision = SpecServe(cost).decide(state)
         k = max(decision.max_k)
-        predicted = float(cost.predict_step(batch, k, state.mean_context))
-        if float(cost.predict_step(batch, 0, state.mean_context)) <= min(budgets):
-            assert predicted <= min(budgets)
+        # TPOT is per emitted token: a step of k drafts emits N(a, k) tokens per request.
+        acceptance = float(np.mean(state.confidence_ema))
+        per_token = [float(cost.predict_step(batch, j, state.mean_context))
+                     / expected_tokens_uniform(acceptance, j) for j in range(9)]
+        fitting = [j for j in range(9) if per_token[j] <= min(budgets)]
+        if fitting:
+            assert k <= max(fitting)
+            assert k == 0 or per_token[k] <= min(budgets) * (1 + 1e-9) or k < max(fitting)
         else:
             assert k == 0
-    # Without an SLO the same state speculates deeper.
     cost = true_cost("memory-bound")
-    tight = state_for(8, 0.95, tpot_budget_s=(0.026,) * 8)
-    assert 0 < max(SpecServe(cost).decide(tight).max_k) < max(SpecServe(cost).decide(state_for(8, 0.95)).max_k)
     assert max_k_within_tpot(cost, 8, 512, 0.001, 8) == 0
     assert max_k_within_tpot(cost, 8, 512, math.inf, 8) == 8
+    # The same budget allows deeper drafts when drafts are likely accepted.
+    step1 = float(cost.predict_step(8, 1, 512))
+    assert max_k_within_tpot(cost, 8, 512, step1, 8) == 1
+    assert max_k_within_tpot(cost, 8, 512, step1, 8, acceptance=0.9) > 1
 
 
 def test_slo_classes_registry_order_and_tracker():

@@ -142,17 +142,21 @@ def update_confidence_ema(ema, draft_confidences, num_drafted, *, weight: float 
 
 
 def max_k_within_tpot(cost: CostModel, batch: int, context: float, tpot_s: float,
-                      max_k: int) -> int:
-    """Largest uniform k <= max_k whose predicted step time fits `tpot_s` (0 if none).
+                      max_k: int, acceptance: float = 0.0) -> int:
+    """Largest uniform k <= max_k whose predicted time *per emitted token* fits `tpot_s`.
 
-    Any ragged plan with every k_i <= this k is predicted no slower, so capping each
-    request here keeps the whole step within the budget.
+    TPOT is the time between a request's tokens, and a speculative step emits
+    1 + a + ... + a^k of them per request on average (a = acceptance), so the step may
+    take that many TPOT budgets. With a = 0 this is "the step fits the budget". The
+    result caps every request's k; 0 (plain decoding) if no k fits.
     """
     if max_k <= 0 or not math.isfinite(tpot_s):
         return max(max_k, 0)
-    fits = cost.predict_step(batch, np.arange(max_k + 1), context) <= tpot_s
-    # The longest prefix that fits: a fitted law need not be monotone in k.
-    return max_k if fits.all() else max(int(np.argmin(fits)) - 1, 0)
+    ks = np.arange(max_k + 1)
+    fits = cost.predict_step(batch, ks, context) <= tpot_s * expected_tokens_uniform(acceptance, ks)
+    # The deepest k that fits (per-token time need not be monotone in k: cheap
+    # verification makes deeper drafts *lower* it); none fits -> plain decoding.
+    return int(np.flatnonzero(fits)[-1]) if fits.any() else 0
 
 
 @dataclass(frozen=True)
@@ -352,8 +356,11 @@ class SpecServe(SpeculationPolicy):
     def _choose_k(self, state, caps):
         batch, context = state.batch_size, state.mean_context
         if self.enforce_slo:
-            caps = np.minimum(caps, max_k_within_tpot(self.cost, batch, context,
-                                                      state.tightest_tpot, int(caps.max())))
+            # The batch's mean (calibrated) confidence stands in for each request's
+            # acceptance: the cap is one k for the whole step.
+            caps = np.minimum(caps, max_k_within_tpot(
+                self.cost, batch, context, state.tightest_tpot, int(caps.max()),
+                float(state.confidence.mean())))
         if not drafter.precheck(batch, state.confidence, context, self.cost, caps):
             return np.zeros_like(caps), False
         return caps, True
