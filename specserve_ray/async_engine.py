@@ -67,12 +67,16 @@ class AsyncSpecEngine:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Stop the loop after the steps in flight finish (their results are applied):
+        a step abandoned mid-flight would leave the workers' state ahead of the engine's,
+        and a compiled graph expects every execution's result to be read."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            async with self.paused():
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    pass
             self._task = None
 
     # -- requests --------------------------------------------------------------------------------
