@@ -27,7 +27,7 @@ import ray
 
 from specserve_ray.policy.cluster import (ClusterBounds, ClusterBoundsConfig, ClusterSignals,
                                           RouterSignals, bounds_from_dict, bounds_to_dict)
-from specserve_ray.policy.policies import RuntimeBounds
+from specserve_ray.contracts import RuntimeBounds
 
 log = logging.getLogger("specserve_ray")
 NAMESPACE = "specserve"

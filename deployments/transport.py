@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from specserve_ray.workers.host import StepPlan, StepResult
+from specserve_ray.contracts import StepPlan, StepResult
 
 
 class ActorTransport:

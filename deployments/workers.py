@@ -10,7 +10,8 @@ import ray
 from specserve_ray.config import LimitsConfig, ModelConfig
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.workers.draft import DraftWorker
-from specserve_ray.workers.host import DraftOutput, StepPlan, StepResult, run_draft, run_target
+from specserve_ray.contracts import DraftOutput, StepPlan, StepResult
+from specserve_ray.workers.host import run_draft, run_target
 from specserve_ray.workers.target import TargetWorker
 
 

@@ -73,7 +73,7 @@ def exactness(dtype: str, new_tokens: int = 32) -> dict:
 
 
 def kernel_parity() -> dict:
-    from specserve_kernels.rejection import rejection_sample
+    from specserve_ray.core.rejection import rejection_sample
 
     gen = torch.Generator().manual_seed(0)
     batch, k, vocab = 16, 5, 512

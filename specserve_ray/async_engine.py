@@ -19,7 +19,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from specserve_ray.config import SamplingParams
 from specserve_ray.engine import RequestOutput, SpecEngine
 from specserve_ray.errors import OverloadedError
-from specserve_ray.workers.host import StepPlan, StepResult
+from specserve_ray.contracts import StepPlan, StepResult
 
 log = logging.getLogger("specserve_ray")
 

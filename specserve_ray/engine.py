@@ -31,14 +31,15 @@ from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
                                   make_policy, update_confidence_ema)
 from specserve_ray.policy.cluster import bound_ks
-from specserve_ray.policy.policies import RuntimeBounds
+from specserve_ray.contracts import RuntimeBounds
 from specserve_ray.policy.slo import (NO_SLO, ClassAttainment, SloClass, SloRegistry, SloTracker,
                                      admission_order)
 from specserve_ray.stats import SpecStats, StepStats, StepTotals, count_values
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
-from specserve_ray.workers.host import StepPlan, StepResult, run_draft, run_target
-from specserve_ray.workers.types import PrefillItem, SeqSampling
+from specserve_ray.contracts import StepPlan, StepResult
+from specserve_ray.workers.host import run_draft, run_target
+from specserve_ray.contracts import PrefillItem, SeqSampling
 
 
 @dataclass

@@ -215,7 +215,7 @@ def test_plots_are_written(tmp_path):
 
 # -- synthetic acceptance (benchmark only) and the chosen-k histogram -------------------------
 def test_synthetic_accept_rate_and_shape():
-    from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID
+    from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID
     from specserve_ray.workers.synthetic import synthetic_accept
 
     batch, k = 4000, 4

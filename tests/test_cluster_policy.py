@@ -15,7 +15,7 @@ from specserve_ray.policy import CostModel
 from specserve_ray.policy.cluster import (ClusterBounds, ClusterBoundsConfig, ClusterSignals,
                                           RouterSignals, bound_ks, bounds_from_dict,
                                           bounds_to_dict, useful_depth)
-from specserve_ray.policy.policies import RuntimeBounds
+from specserve_ray.contracts import RuntimeBounds
 from specserve_ray.policy.replicas import ReplicaLoad, desired_replicas
 
 from deployments.autoscaling import SpecAutoscalingPolicy, loads_from_metrics

@@ -18,7 +18,7 @@ from test_cluster_policy import router
 from test_engine_lossless import perturbed, make_engine, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
 from specserve_ray.config import SamplingParams, SignalsConfig
-from specserve_ray.policy.policies import RuntimeBounds
+from specserve_ray.contracts import RuntimeBounds
 from specserve_ray.workers.host import run_draft, run_target
 
 pytestmark = pytest.mark.slow

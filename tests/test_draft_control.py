@@ -15,13 +15,13 @@ import torch
 
 from helpers import hf_greedy, tiny_model
 from test_engine_lossless import GREEDY, make_engine, perturbed, random_prompts
-from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID
+from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID
 from specserve_ray.config import SpeculationConfig
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy import CostModel
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.workers.draft import DraftWorker
-from specserve_ray.workers.types import PrefillItem, SeqSampling
+from specserve_ray.contracts import PrefillItem, SeqSampling
 
 SPEC_FRIENDLY = CostModel((0.01, 1e-4, 1e-5, 1e-8), (1e-4, 1e-4, 1e-5, 1e-9))
 

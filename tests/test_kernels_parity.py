@@ -1,19 +1,15 @@
-"""Vectorized kernels vs their loop references, plus exact greedy cases and errors."""
+"""Core vectorized ops vs their loop references, kernels fast paths vs core, exact greedy
+cases and errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specserve_kernels import (
-    PLACEHOLDER_TOKEN_ID,
-    gather_last,
-    pack_ragged,
-    positions_and_mask,
-    rejection_sample,
-    unpad,
-)
-from specserve_kernels.reference import (
+from specserve_kernels import greedy_verify
+from specserve_ray.core.ragged import gather_last, pack_ragged, positions_and_mask, unpad
+from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
+from specserve_ray.core.reference import (
     gather_last_reference,
     pack_ragged_reference,
     positions_and_mask_reference,
@@ -305,3 +301,22 @@ def test_pack_then_unpad_roundtrip():
     packed = pack_ragged(token_lists, pad_id=0)
     assert torch.equal(unpad(packed.input_ids, packed.num_tokens), packed.flat_token_ids)
     assert gather_last(packed.input_ids, packed.num_tokens).tolist() == [4, 1, 9]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_verify_fast_path_matches_rejection_sample(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch, k = 5, 4
+    logits = torch.randn(batch, k + 1, VOCAB_SIZE, generator=gen)
+    argmax = logits.argmax(-1)
+    num_draft = torch.randint(0, k + 1, (batch,), generator=gen)
+    # Drafts that agree with the target for a random prefix, then disagree.
+    agree = torch.randint(0, k + 1, (batch,), generator=gen)
+    drafts = torch.where(torch.arange(k) < agree.unsqueeze(1), argmax[:, :k], (argmax[:, :k] + 1) % VOCAB_SIZE)
+    drafts = torch.where(torch.arange(k) < num_draft.unsqueeze(1), drafts, PH)
+    expected = rejection_sample(drafts, num_draft, None, None, argmax, torch.ones(batch, dtype=torch.bool),
+                                None, None)
+    got = greedy_verify(drafts, num_draft, logits)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # A wrong kernel (accepting one token too many) must fail the same comparison.
+    assert not torch.equal(expected[1] + 1, got[1])

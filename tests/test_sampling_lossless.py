@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from specserve_kernels import rejection_sample
+from specserve_ray.core.rejection import rejection_sample
 from specserve_ray.core.sampling import logits_to_probs, logits_to_probs_reference, sample_from_probs
 
 VOCAB_SIZE = 8

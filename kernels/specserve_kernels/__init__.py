@@ -1,18 +1,10 @@
-"""SpecServe kernels: pure tensor ops for speculative verification.
+"""Fast paths for the step loop's hot spots, each a drop-in for a function in
+`specserve_ray.core` and each held to it by a parity test (tests/test_kernels_parity.py).
 
-Vectorized implementations live in ``rejection`` and ``ragged``; ``reference``
-holds plain loop versions that tests compare them against.
+The math itself lives in `specserve_ray.core` (rejection sampling, ragged packing and
+their loop references); this package holds only faster ways to compute the same thing.
 """
 
-from .ragged import RaggedBatch, gather_last, pack_ragged, positions_and_mask, unpad
-from .rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
+from .greedy import greedy_verify
 
-__all__ = [
-    "PLACEHOLDER_TOKEN_ID",
-    "RaggedBatch",
-    "gather_last",
-    "pack_ragged",
-    "positions_and_mask",
-    "rejection_sample",
-    "unpad",
-]
+__all__ = ["greedy_verify"]

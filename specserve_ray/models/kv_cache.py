@@ -3,7 +3,7 @@
 Each running request owns one slot (a row) of preallocated key/value tensors, per layer
 `[num_slots, num_heads, capacity, head_dim]`. Requests have different lengths, so a
 forward writes each row's new keys at that row's own columns and the caller passes a
-custom 4D attention mask (see `specserve_kernels.ragged.positions_and_mask`) that hides
+custom 4D attention mask (see `specserve_ray.core.ragged.positions_and_mask`) that hides
 everything past a row's length. Rolling back rejected draft tokens is then free: only
 the row's length changes, the stale columns are masked and later overwritten.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from specserve_kernels.ragged import gather_last, pack_ragged, positions_and_mask
+from specserve_ray.core.ragged import gather_last, pack_ragged, positions_and_mask
 from specserve_ray.config import ModelConfig
 from specserve_ray.models.kv_cache import SlotKVCache
 

@@ -36,7 +36,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from specserve_ray.policy.policies import RuntimeBounds
+from specserve_ray.contracts import RuntimeBounds
 
 __all__ = ["RouterSignals", "ClusterSignals", "ClusterBoundsConfig", "ClusterBounds",
            "bound_ks", "bounds_to_dict", "bounds_from_dict"]

@@ -35,6 +35,7 @@ from specserve_ray.policy import drafter, verifier
 from specserve_ray.policy.calibration import ConfidenceCalibration
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.cost_model import CostModel, Sample
+from specserve_ray.contracts import RuntimeBounds  # noqa: F401 - re-exported for callers
 from specserve_ray.policy.drafter import DraftProgress
 from specserve_ray.policy.efficiency import as_array, draft_mask, expected_tokens_uniform
 
@@ -157,15 +158,6 @@ def max_k_within_tpot(cost: CostModel, batch: int, context: float, tpot_s: float
     # The deepest k that fits (per-token time need not be monotone in k: cheap
     # verification makes deeper drafts *lower* it); none fits -> plain decoding.
     return int(np.flatnonzero(fits)[-1]) if fits.any() else 0
-
-
-@dataclass(frozen=True)
-class RuntimeBounds:
-    """Limits a cluster controller sets on top of any policy."""
-
-    speculation_enabled: bool = True
-    max_k: int | None = None
-    verify_budget: int | None = None
 
 
 class SpeculationPolicy:

@@ -12,13 +12,13 @@ import time
 import numpy as np
 import torch
 
-from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID
+from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID
 from specserve_ray.core.sampling import logits_to_probs, sample_from_probs
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.drafter import record_step, start_drafting
 from specserve_ray.workers.target import sampling_tensors
-from specserve_ray.workers.types import PrefillItem, Proposal, SeqSampling
+from specserve_ray.contracts import PrefillItem, Proposal, SeqSampling
 
 _DRAFT_STREAM = 0xD2AF
 

@@ -1,4 +1,4 @@
-"""One step's work on each side, as pure-ish functions of a plan.
+"""One step's work on each side, as functions of a plan (messages: specserve_ray.contracts).
 
 The step loop (engine or Ray router) builds a `StepPlan`; the draft side runs its part
 and hands the plan on with its proposal; the target side finishes the step. The same
@@ -8,42 +8,13 @@ two calls run in-process, over plain Ray actor calls, or as a Ray compiled graph
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
-from specserve_ray.policy.control import DraftControl
+from specserve_ray.contracts import DraftOutput, StepPlan, StepResult
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
-from specserve_ray.workers.types import PrefillItem, Proposal, VerifyResult
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    release: list[str] = field(default_factory=list)          # finished / cancelled
-    prefill: list[PrefillItem] = field(default_factory=list)  # admitted this step
-    decode_ids: list[str] = field(default_factory=list)       # running requests
-    new_tokens: list[list[int]] = field(default_factory=list) # emitted since the draft saw them
-    num_draft: list[int] = field(default_factory=list)        # k (cap) per running request
-    # The policy's in-loop stop/trim rules for this step; None = draft to the cap, verify all.
-    draft_control: DraftControl | None = None
-
-
-@dataclass(frozen=True)
-class DraftOutput:
-    plan: StepPlan
-    proposal: Proposal | None
-    draft_error: str | None = None
-    prefill_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class StepResult:
-    first_tokens: list[int]                 # one per plan.prefill item
-    verify: VerifyResult | None
-    proposal: Proposal | None
-    draft_error: str | None = None
-    prefill_seconds: float = 0.0            # draft + target prefill time in this step
 
 
 def run_draft(worker: DraftWorker | None, plan: StepPlan) -> DraftOutput:

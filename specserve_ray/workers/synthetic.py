@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID
+from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID
 
 
 def synthetic_accept(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor,

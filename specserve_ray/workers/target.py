@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from specserve_kernels.rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
+from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
 from specserve_ray.core.sampling import logits_to_probs, sample_from_probs
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.workers.synthetic import synthetic_accept
-from specserve_ray.workers.types import PrefillItem, SeqSampling, VerifyResult
+from specserve_ray.contracts import PrefillItem, SeqSampling, VerifyResult
 
 # Target and draft draw from separate streams of the same request seed.
 _TARGET_STREAM = 0x7A11
