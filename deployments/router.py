@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specserve_ray.api import openai as oai
 from specserve_ray.async_engine import AsyncSpecEngine, StepFailed
@@ -32,24 +31,10 @@ from specserve_ray.policy import CostModel
 
 from deployments.controller import controller_name
 from deployments.telemetry import RouterTelemetry
-from deployments.transport import ActorTransport, CompiledGraphTransport
-from deployments.workers import DraftActor, TargetActor
+from deployments.worker_group import WorkerGroup
 
 log = logging.getLogger("specserve_ray")
 api = FastAPI(title="SpecServe-Ray", docs_url=None, redoc_url=None)
-
-
-def _actor_options(resources: dict[str, float], bundle_index: int) -> dict:
-    res = dict(resources)
-    opts: dict[str, Any] = {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0)}
-    if res:
-        opts["resources"] = res
-    pg = ray.util.get_current_placement_group()
-    if pg is not None:
-        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=bundle_index,
-            placement_group_capture_child_tasks=False)
-    return opts
 
 
 def _status_for(exc: BaseException) -> int:
@@ -135,34 +120,22 @@ class SpecRouter:
 
         self.cfg = AppConfig.model_validate(args)
         eng_cfg = self.cfg.engine
-        limits = eng_cfg.limits.model_dump()
-        self.target = TargetActor.options(**_actor_options(self.cfg.target_resources, 2)).remote(
-            eng_cfg.target.model_dump(), limits, eng_cfg.speculation.synthetic_acceptance_rate)
-        self.draft = None
-        if eng_cfg.draft is not None:
-            self.draft = DraftActor.options(**_actor_options(self.cfg.draft_resources, 1)).remote(
-                eng_cfg.draft.model_dump(), limits)
-        target_info = ray.get(self.target.describe.remote())
+        # The actors this replica owns, created in its placement group, and recreated
+        # when lost (deployments/worker_group.py).
+        self.workers = WorkerGroup(self.cfg)
+        target_info = self.workers.describe()
         self.tokenizer = AutoTokenizer.from_pretrained(eng_cfg.target.path, local_files_only=True)
-        if self.draft is not None:
-            draft_info = ray.get(self.draft.describe.remote())
-            if (draft_info["vocab_size"] != target_info["vocab_size"]
-                    or draft_info["vocab"] != target_info["vocab"]):
-                raise ValueError("draft and target tokenizers differ; speculative decoding "
-                                 "needs one shared vocabulary")
-        transport_cls = (CompiledGraphTransport if self.cfg.transport == "compiled_graph"
-                         else ActorTransport)
-        self.transport = transport_cls(self.draft, self.target)
         self.cost_model = None
         if eng_cfg.speculation.needs_cost_model:   # only adaptive policies need a profile
             self.cost_model = CostModel.from_dict(ray.get(self._fit_cost_model(eng_cfg.speculation)))
         self.engine = SpecEngine.remote(self.tokenizer, target_info["vocab_size"],
-                                        self.draft is not None, eng_cfg.limits,
+                                        self.workers.draft is not None, eng_cfg.limits,
                                         eng_cfg.speculation, cost_model=self.cost_model,
                                         slo=eng_cfg.slo)
-        self.serving = AsyncSpecEngine(self.engine, self.transport.execute,
+        self.serving = AsyncSpecEngine(self.engine, self.workers.execute,
                                        max_queued=self.cfg.max_queued_requests,
-                                       pipeline=self.cfg.pipeline)
+                                       pipeline=self.cfg.pipeline, faults=self.cfg.faults)
+        self.workers.attach(self.serving)
         self.model_name = self.cfg.model_name
         self.created = int(time.time())
         self.telemetry = _telemetry(self.serving, self.cfg)
@@ -176,7 +149,8 @@ class SpecRouter:
         key = cost_model_key(eng.target.path, eng.draft.path if eng.draft else None,
                              eng.target.dtype, eng.target.device)
         return _fit_cost_model_task.remote(
-            self.target, self.draft, spec.model_dump(), eng.limits.model_dump(), key)
+            self.workers.target, self.workers.draft if self.workers.draft_up else None,
+            spec.model_dump(), eng.limits.model_dump(), key)
 
     # -- runtime knobs ----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict) -> None:
@@ -217,38 +191,48 @@ class SpecRouter:
             raise ValueError(f"unknown user_config keys: {sorted(user_config)}")
 
     async def check_health(self) -> None:
+        """Liveness: green while a worker is being recovered (bounded); red only when
+        recovery failed or the step loop is gone, so Serve replaces the replica."""
         self.telemetry.start()     # no-op once running (started here if __init__ had no loop)
-        await asyncio.wait_for(self.target.ready.remote(), timeout=30)
-        if self.draft is not None:
-            await asyncio.wait_for(self.draft.ready.remote(), timeout=30)
+        self.serving.start()       # so a dead worker is recovered even while idle
+        await self.workers.check()
 
-    def __del__(self):
-        transport = getattr(self, "transport", None)
-        if transport is not None:
-            transport.teardown()
+    async def __del__(self):
+        """Graceful drain (Serve calls this on shutdown, redeploy or downscale, after
+        its own drain of ongoing calls): stop admitting, let running requests finish
+        within faults.drain_timeout_s, then release the workers."""
+        serving = getattr(self, "serving", None)
+        if serving is not None:
+            await serving.drain(self.cfg.faults.drain_timeout_s)
+        workers = getattr(self, "workers", None)
+        if workers is not None:
+            workers.shutdown()
 
     # -- Python handle API ------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], stream: bool = False,
                        request_id: str | None = None, num_speculative_tokens: int | None = None,
-                       slo_class: str | None = None, **sampling: Any):
+                       slo_class: str | None = None, timeout_s: float | None = None,
+                       **sampling: Any):
         """Generate a completion for `prompt` (text or token ids).
 
         Sampling keywords are those of `SamplingParams` (max_tokens, temperature, top_p,
         top_k, seed, stop, ignore_eos); `slo_class` names a configured latency class
         (None = the default one). Returns a dict with text, token_ids, finish_reason,
-        prompt_tokens, completion_tokens and speculation. With `stream=True` (call through
+        prompt_tokens, completion_tokens and speculation. `timeout_s` bounds the request
+        (at most faults.request_timeout_s). With `stream=True` (call through
         `handle.options(stream=True)`) it yields one dict per step with the new text and
         token ids instead.
         """
         params = SamplingParams(**sampling)
         if stream:
             return self._stream_dicts(prompt, params, request_id, num_speculative_tokens,
-                                      slo_class)
+                                      slo_class, timeout_s)
         return await self.serving.generate(prompt, params, request_id, num_speculative_tokens,
-                                           slo_class)
+                                           slo_class, timeout_s)
 
-    async def _stream_dicts(self, prompt, params, request_id, k, slo_class):
-        async for out in self.serving.generate_stream(prompt, params, request_id, k, slo_class):
+    async def _stream_dicts(self, prompt, params, request_id, k, slo_class, timeout_s=None):
+        async for out in self.serving.generate_stream(prompt, params, request_id, k, slo_class,
+                                                      timeout_s):
             yield {"request_id": out.request_id, "text": out.new_text,
                    "token_ids": out.new_token_ids, "finished": out.finished,
                    "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
@@ -268,15 +252,32 @@ class SpecRouter:
 
     async def worker_stats(self) -> dict:
         """Per-actor forward counts and live sequences (ordinary calls beside the graph)."""
-        out = {"target": await self.target.forward_stats.remote()}
-        out["draft"] = (await self.draft.forward_stats.remote() if self.draft is not None
-                        else {"forward_calls": 0, "forward_seconds": 0.0, "num_seqs": 0})
-        return out
+        return await self.workers.worker_stats()
+
+    async def inject_fault(self, role: str, action: str, at_step: int | None = None,
+                           request: str | None = None, stall_s: float = 5.0) -> int:
+        """TESTS ONLY: make a live worker raise, stall or die on its `at_step`-th next
+        step (or on steps carrying `request`). Refused unless faults.allow_fault_injection."""
+        from specserve_ray.config import FaultSpecConfig
+
+        if not self.cfg.faults.allow_fault_injection:
+            raise RequestError("fault injection is off (faults.allow_fault_injection)")
+        return await self.workers.arm_fault(FaultSpecConfig(
+            role=role, action=action, at_step=at_step, request=request, stall_s=stall_s))
+
+    async def worker_pids(self) -> dict:
+        """The worker actors' process ids (fault tests kill them for real)."""
+        return await self.workers.pids()
 
     # -- HTTP: OpenAI-compatible -------------------------------------------------------------
     @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    async def health(self):
+        """Readiness (load balancers): 503 while the target is recovering or draining."""
+        ready, why = self.serving.readiness()
+        if ready:
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable", "reason": why}, status_code=503,
+                            headers={"Retry-After": "5"})
 
     @api.get("/v1/models")
     async def models(self) -> dict:

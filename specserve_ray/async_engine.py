@@ -7,19 +7,30 @@ workers with the next plan, so one message per step carries everything.
 
 Backpressure: at most `max_queued` requests wait for a batch slot; past that a request
 fails at once with OverloadedError (HTTP 503), never hangs.
+
+Faults (README "Faults and recovery"): every step has a deadline; a step that raises
+sends its requests back with their committed tokens and retries each alone, so only a
+request that fails on its own is failed; a lost target (`TargetLost`) re-admits every
+running request as prompt + committed output after `recover_target`; the draft side
+degrades to target-only steps (`speculation_down` / `resync_draft`, driven by the
+worker group). A crash of the loop itself is restarted by a supervisor.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
+from collections import deque
+from dataclasses import replace
 from typing import AsyncIterator, Awaitable, Callable
 
-from specserve_ray.config import SamplingParams
-from specserve_ray.engine import RequestOutput, SpecEngine
-from specserve_ray.errors import OverloadedError
-from specserve_ray.contracts import StepPlan, StepResult
+from specserve_ray.config import FaultsConfig, SamplingParams
+from specserve_ray.contracts import PrefillItem, SeqSampling, StepPlan, StepResult
+from specserve_ray.engine import Request, RequestOutput, SpecEngine
+from specserve_ray.errors import OverloadedError, RequestError
+from specserve_ray.metrics import FaultCounts
 
 log = logging.getLogger("specserve_ray")
 
@@ -31,13 +42,45 @@ OnStep = Callable[[StepPlan, StepResult, float, list, list], None]
 
 
 class StepFailed(RuntimeError):
-    """The workers failed while executing a step; the requests in it are failed."""
+    """A request could not be finished because of a worker or loop failure (clean error)."""
+
+
+class RequestTimeout(StepFailed):
+    """A request passed its deadline (config default or its own `timeout_s`)."""
+
+
+class TargetLost(RuntimeError):
+    """The target worker died or hung: every running request must be re-admitted."""
+
+
+_MAX_LOOP_CRASHES = 5          # within _CRASH_WINDOW_S: then the replica is unhealthy
+_CRASH_WINDOW_S = 60.0
 
 
 class AsyncSpecEngine:
     def __init__(self, engine: SpecEngine, execute: Execute, max_queued: int = 64,
-                 pipeline: bool = False, on_step: OnStep | None = None):
+                 pipeline: bool = False, on_step: OnStep | None = None,
+                 faults: FaultsConfig | None = None,
+                 recover_target: Callable[[], Awaitable[None]] | None = None):
         self.engine = engine
+        self.fault_cfg = faults or FaultsConfig()
+        self.faults = FaultCounts()
+        # Recreates the target worker (the worker group); None = a lost target is fatal.
+        self.recover_target = recover_target
+        try:
+            self._timed_execute = "timeout" in inspect.signature(execute).parameters
+        except (TypeError, ValueError):
+            self._timed_execute = False
+        self._suspects: deque[Request] = deque()    # retried alone after a failed step
+        self._probe: Request | None = None          # the one being retried now
+        self._probe_steps = 0
+        self._probe_plan: StepPlan | None = None
+        self._target_lost_at: float | None = None
+        self._draft_down_at: float | None = None
+        self.draft_up = engine.has_draft
+        self.fatal: str | None = None       # unrecoverable: check_health turns red
+        self.draining = False
+        self._crashes: deque[float] = deque()
         self.on_step = on_step
         self._on_step_failed = False
         engine.release_eagerly = False
@@ -64,7 +107,7 @@ class AsyncSpecEngine:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def stop(self) -> None:
         """Stop the loop after the steps in flight finish (their results are applied):
@@ -83,16 +126,25 @@ class AsyncSpecEngine:
     async def generate_stream(self, prompt, params: SamplingParams | None = None,
                               request_id: str | None = None,
                               num_speculative_tokens: int | None = None,
-                              slo_class: str | None = None) -> AsyncIterator[RequestOutput]:
+                              slo_class: str | None = None,
+                              timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield one delta per step until the request finishes.
 
         Leaving the iteration early (client disconnect, cancellation) aborts the request
-        and frees its caches on both workers.
+        and frees its caches on both workers. Past its deadline (`timeout_s`, at most the
+        configured default) it ends with RequestTimeout.
         """
         self.start()
-        if len(self.engine.waiting) >= self.max_queued:
-            raise OverloadedError(f"server overloaded: {len(self.engine.waiting)} requests "
-                                  "already queued; retry later")
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError(f"request_id must be a string, got {type(request_id).__name__}")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or
+                                      not isinstance(timeout_s, (int, float)) or not timeout_s > 0):
+            raise RequestError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        self._refuse_if_unavailable()
+        limit = self.fault_cfg.request_timeout_s
+        if timeout_s is not None:
+            limit = timeout_s if limit is None else min(limit, timeout_s)
+        deadline = None if limit is None else time.monotonic() + limit
         rid = self.engine.add_request(prompt, params, request_id, num_speculative_tokens,
                                       slo_class)
         queue: asyncio.Queue = asyncio.Queue()
@@ -101,7 +153,14 @@ class AsyncSpecEngine:
         finished = False
         try:
             while True:
-                item = await queue.get()
+                try:
+                    if deadline is None:
+                        item = await queue.get()
+                    else:
+                        item = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    self.faults.add("request_timeouts")
+                    raise RequestTimeout(f"request {rid} passed its {limit:g} s deadline") from None
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -111,19 +170,40 @@ class AsyncSpecEngine:
         finally:
             self._queues.pop(rid, None)
             if not finished:
-                self.engine.abort(rid)
+                self._drop(rid)
                 self._wake.set()   # the release travels with the next plan
+
+    def _refuse_if_unavailable(self) -> None:
+        if self.fatal is not None:
+            self.faults.add("refused_unavailable")
+            raise OverloadedError(f"replica unavailable: {self.fatal}")
+        if self.draining:
+            self.faults.add("refused_draining")
+            raise OverloadedError("replica is shutting down; retry on another replica")
+        if len(self.engine.waiting) >= self.max_queued:
+            self.faults.add("refused_queue_full")
+            raise OverloadedError(f"server overloaded: {len(self.engine.waiting)} requests "
+                                  "already queued; retry later")
+
+    def _drop(self, rid: str) -> None:
+        """Abort a request wherever it is (queue, batch, or waiting for its isolated retry)."""
+        self.engine.abort(rid)
+        for r in list(self._suspects):
+            if r.request_id == rid:
+                self._suspects.remove(r)
+        if self._probe is not None and self._probe.request_id == rid:
+            self._probe = None
 
     async def generate(self, prompt, params: SamplingParams | None = None,
                        request_id: str | None = None,
                        num_speculative_tokens: int | None = None,
-                       slo_class: str | None = None) -> dict:
+                       slo_class: str | None = None, timeout_s: float | None = None) -> dict:
         """Run one request to completion; returns its text, token ids and statistics."""
         token_ids: list[int] = []
         text = []
         last = None
         async for out in self.generate_stream(prompt, params, request_id, num_speculative_tokens,
-                                              slo_class):
+                                              slo_class, timeout_s):
             token_ids.extend(out.new_token_ids)
             text.append(out.new_text)
             last = out
@@ -144,11 +224,43 @@ class AsyncSpecEngine:
             self._pause_waiters -= 1
             self._wake.set()
 
+    async def _supervise(self) -> None:
+        """Run the loop; restart it after a crash (its requests retried in isolation),
+        give up (check_health red) after repeated crashes."""
+        while True:
+            try:
+                await self._loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not freeze every request
+                log.exception("step loop crashed; restarting it")
+                self.faults.add("loop_restarts")
+                now = time.monotonic()
+                self._crashes.append(now)
+                while self._crashes and now - self._crashes[0] > _CRASH_WINDOW_S:
+                    self._crashes.popleft()
+                for plan in list(self._in_flight.values()):
+                    self.engine.forget_plan(plan)
+                    self.engine._to_release.extend(plan.release)
+                self._in_flight.clear()
+                self._busy.clear()
+                if len(self._crashes) > _MAX_LOOP_CRASHES:
+                    self._give_up(f"step loop keeps crashing: {exc}")
+                    return
+                if self._probe is not None:       # it crashed the loop on its own
+                    self._fail_request(self._probe, StepFailed(f"request failed: {exc}"))
+                    self._probe = None
+                self._isolate(list(self.engine.running))
+
     async def _loop(self) -> None:
         try:
             while True:
                 async with self.step_lock:
                     while not self._pause_waiters:
+                        if self._target_lost_at is not None and not self._in_flight:
+                            await self._recover_target()
+                            continue
                         self._wake.clear()
                         self._submit_steps()
                         # Wake on a finished step or on news (arrival, abort, pause).
@@ -165,13 +277,29 @@ class AsyncSpecEngine:
                                                      return_when=asyncio.FIRST_COMPLETED)
                         for task in done:
                             self._finish(task)
+                    if self._target_lost_at is not None:
+                        await self._recover_target()
                 await asyncio.sleep(0)        # paused() is queued on the lock: it goes first
         finally:
             for task in self._in_flight:
                 task.cancel()
 
+    def step_deadline(self) -> float:
+        """The watchdog: generous, and scaled by the measured mean step time."""
+        cfg = self.fault_cfg
+        mean = self.step_seconds / self.num_steps if self.num_steps else 0.0
+        return max(cfg.step_timeout_s, cfg.step_timeout_factor * mean)
+
     def _submit_steps(self) -> None:
         """Plan and launch steps until the pipeline is full or nothing is left to plan."""
+        if self._target_lost_at is not None or self.fatal is not None:
+            return
+        if self._probe is None and self._suspects:
+            self._probe, self._probe_steps = self._suspects.popleft(), 0
+        if self._probe is not None:
+            if not self._in_flight:
+                self._submit_probe()
+            return
         depth = 2 if self.pipeline else 1
         while len(self._in_flight) < depth and not self._pause_waiters:
             max_rows = None
@@ -186,29 +314,63 @@ class AsyncSpecEngine:
                 return
             if self._in_flight:
                 self.num_overlapped_steps += 1
-            self._busy.update(plan.decode_ids)
-            self._busy.update(p.seq_id for p in plan.prefill)
-            task = asyncio.get_running_loop().create_task(self._execute(plan))
-            self._in_flight[task] = plan
+            self._launch(plan)
+
+    def _launch(self, plan: StepPlan) -> None:
+        self._busy.update(plan.decode_ids)
+        self._busy.update(p.seq_id for p in plan.prefill)
+        task = asyncio.get_running_loop().create_task(self._execute(plan))
+        self._in_flight[task] = plan
+
+    def _submit_probe(self) -> None:
+        """One step with the suspect request alone: its prefill, then one decode step."""
+        eng, req = self.engine, self._probe
+        others = {r.request_id for r in eng.running if r is not req}
+        queued, eng.waiting = eng.waiting, ([] if req in eng.running else [req])
+        try:
+            plan = eng.plan_step(others)
+        finally:
+            left, eng.waiting = eng.waiting, queued
+        if left or plan is None:     # no slot or nothing to do: back to the normal batch
+            eng.waiting[:0] = left
+            self._probe = None
+            self._wake.set()
+            return
+        self._probe_plan = plan
+        self._launch(plan)
 
     async def _execute(self, plan: StepPlan):
         start = time.perf_counter()   # a step's time includes planning (router work)
-        result = await self.execute(plan)
+        deadline = self.step_deadline()
+        if self._timed_execute:
+            result = await self.execute(plan, timeout=deadline)
+        else:
+            result = await asyncio.wait_for(self.execute(plan), deadline)
         return result, time.perf_counter() - start
 
     def _finish(self, task: asyncio.Task) -> None:
         plan = self._in_flight.pop(task)
         self._busy.difference_update(plan.decode_ids)
         self._busy.difference_update(p.seq_id for p in plan.prefill)
+        probe = plan is self._probe_plan
+        if probe:
+            self._probe_plan = None
         try:
             result, seconds = task.result()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a worker failed: fail this step's requests, live on
-            log.exception("step failed")
-            self.engine.forget_plan(plan)
-            self._fail(plan, StepFailed(f"worker step failed: {exc}"))
+        except TargetLost as exc:
+            log.error("target worker lost: %s", exc)
+            self._on_target_lost(plan)
             return
+        except Exception as exc:  # a worker raised: retry its requests alone, live on
+            log.exception("step failed")
+            self._on_step_error(plan, exc, probe)
+            return
+        if result.draft_error is not None and any(plan.num_draft):
+            # The target alone finished this step (the draft failed): it is a k = 0 step.
+            self.engine.forget_plan(plan)
+            plan = replace(plan, num_draft=[0] * len(plan.decode_ids), draft_control=None)
         self.num_steps += 1
         self.num_target_calls += 1
         if plan.decode_ids:
@@ -225,6 +387,10 @@ class AsyncSpecEngine:
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
+        if probe and self._probe is not None:
+            self._probe_steps += 1
+            if self._probe.finished or self._probe_steps >= 2:
+                self._probe = None            # passed alone: back in the normal batch
         if batch is not None:
             self._notify(plan, result, seconds, outputs, batch)
 
@@ -236,13 +402,164 @@ class AsyncSpecEngine:
                 self._on_step_failed = True
                 log.exception("on_step hook failed (logged once; serving goes on)")
 
-    def _fail(self, plan: StepPlan, error: Exception) -> None:
-        ids = [p.seq_id for p in plan.prefill] + list(plan.decode_ids)
-        for rid in ids:
-            self.engine.abort(rid)
-            queue = self._queues.get(rid)
-            if queue is not None:
-                queue.put_nowait(error)
+    # -- faults ----------------------------------------------------------------------------------
+    def _plan_requests(self, plan: StepPlan) -> list[Request]:
+        ids = {*plan.decode_ids, *(p.seq_id for p in plan.prefill)}
+        return [r for r in self.engine.running if r.request_id in ids]
+
+    def _pull(self, req: Request) -> None:
+        """Take a request out of the batch and free its caches on both workers; it keeps
+        its committed tokens and re-enters as prompt + output (the stream goes on)."""
+        eng = self.engine
+        eng.running = [r for r in eng.running if r is not req]
+        eng._to_release.append(req.request_id)
+        req.unsynced_draft = []
+        self.faults.add("resumed_requests")
+
+    def _fail_request(self, req: Request, error: Exception) -> None:
+        self.engine.abort(req.request_id)
+        self.engine._to_release.append(req.request_id)
+        self.faults.add("failed_requests")
+        queue = self._queues.get(req.request_id)
+        if queue is not None:
+            queue.put_nowait(error)
+
+    def _isolate(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            self._pull(req)
+            self._suspects.append(req)
+            self.faults.add("isolation_retries")
+        self._wake.set()
+
+    def _on_step_error(self, plan: StepPlan, exc: Exception, probe: bool) -> None:
+        """A step raised (workers alive): its releases travel again; its requests are
+        retried one by one, and only one that fails alone is failed."""
+        self.faults.add("step_errors")
+        self.engine.forget_plan(plan)
+        self.engine._to_release.extend(plan.release)
+        reqs = self._plan_requests(plan)
+        culprit = self._probe if probe else None
+        if culprit is not None:      # it failed alone: it is the one to fail
+            self._fail_request(culprit, StepFailed(f"request failed in its step: {exc}"))
+            self._probe = None
+        self._isolate([r for r in reqs if not r.finished and r is not culprit])
+
+    def _on_target_lost(self, plan: StepPlan) -> None:
+        self.engine.forget_plan(plan)
+        self.engine._to_release.extend(plan.release)
+        if self._target_lost_at is None:
+            self._target_lost_at = time.monotonic()
+            self.faults.add("target_failures")
+
+    def report_target_lost(self) -> None:
+        """A health probe found the target gone (no step needed to notice)."""
+        if self._target_lost_at is None and self.fatal is None:
+            self._target_lost_at = time.monotonic()
+            self.faults.add("target_failures")
+            self._wake.set()
+
+    @property
+    def target_up(self) -> bool:
+        return self._target_lost_at is None and self.fatal is None
+
+    async def _recover_target(self) -> None:
+        """Re-admit every running request with its committed tokens, recreate the target
+        (bounded), and serve again; if that fails, fail everything cleanly (fatal)."""
+        eng = self.engine
+        if self._probe is not None:
+            self._suspects.appendleft(self._probe)
+            self._probe = None
+        resumed = [r for r in eng.running if not r.finished]
+        for r in resumed:
+            self._pull(r)
+        suspects = {id(r) for r in self._suspects}
+        eng.waiting[:0] = [r for r in resumed if id(r) not in suspects]
+        try:
+            if self.recover_target is None:
+                raise RuntimeError("no way to recreate the target worker")
+            await asyncio.wait_for(self.recover_target(), self.fault_cfg.recovery_timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("target recovery failed")
+            self._give_up(f"target worker lost and could not be recreated: {exc}")
+            return
+        self.faults.add("target_restarts")
+        self.faults.add("target_recovery_seconds", time.monotonic() - self._target_lost_at)
+        self._target_lost_at = None
+        self._wake.set()
+
+    def _give_up(self, reason: str) -> None:
+        """Unrecoverable: every request ends with a clean error; check_health goes red."""
+        self.fatal = reason
+        error = StepFailed(reason)
+        eng = self.engine
+        everyone = [*eng.running, *eng.waiting, *self._suspects]
+        if self._probe is not None:
+            everyone.append(self._probe)
+        self._suspects.clear()
+        self._probe = None
+        for req in everyone:
+            self._fail_request(req, error)
+
+    # -- the draft side (driven by the worker group) ------------------------------------------
+    def speculation_down(self) -> None:
+        """The draft worker is gone: plan k = 0 (target alone, exact) until resync."""
+        if self.draft_up:
+            self.draft_up = False
+            self.engine.has_draft = False
+            self._draft_down_at = time.monotonic()
+        self.faults.add("draft_failures")
+
+    async def resync_draft(self, install: Callable[[list[PrefillItem]], Awaitable[None]]) -> None:
+        """Between steps: hand a fresh draft every running request's committed tokens
+        (`install` prefills them and switches the transport back), then speculate again."""
+        async with self.paused():
+            running = [r for r in self.engine.running if not r.finished and r.output_ids]
+            items = [PrefillItem(r.request_id, r.prompt_ids + r.output_ids[:-1],
+                                 SeqSampling(r.params.temperature, r.params.top_k,
+                                             r.params.top_p, r.params.seed))
+                     for r in running]
+            await install(items)
+            for r in running:   # the last committed token reaches the draft with the next step
+                r.unsynced_draft = r.output_ids[-1:]
+            self.engine.has_draft = True
+            self.draft_up = True
+            self.faults.add("draft_restarts")
+            if self._draft_down_at is not None:
+                self.faults.add("draft_recovery_seconds", time.monotonic() - self._draft_down_at)
+                self._draft_down_at = None
+
+    # -- health and drain ------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): for /health; false while the target is down or draining."""
+        if self.fatal is not None:
+            return False, self.fatal
+        if self._target_lost_at is not None:
+            return False, "target worker recovering"
+        if self.draining:
+            return False, "draining"
+        return True, "ok"
+
+    def liveness(self) -> None:
+        """Raise when the replica cannot recover (Serve's check_health replaces it)."""
+        if self.fatal is not None:
+            raise RuntimeError(self.fatal)
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            raise RuntimeError("the step loop has stopped")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop admitting; let running and queued requests finish within `timeout_s`;
+        returns how many were still unfinished (they end with a clean error)."""
+        self.draining = True
+        end = time.monotonic() + timeout_s
+        eng = self.engine
+        while (eng.running or eng.waiting or self._suspects or self._probe) \
+                and time.monotonic() < end and self.fatal is None:
+            await asyncio.sleep(0.05)
+        left = len(eng.running) + len(eng.waiting) + len(self._suspects)
+        if left:
+            self._give_up("replica shut down before the request finished")
+        await self.stop()
+        return left
 
     def stats(self) -> dict:
         eng = self.engine
@@ -263,4 +580,10 @@ class AsyncSpecEngine:
             "synthetic_acceptance_rate": eng.speculation.synthetic_acceptance_rate,
             # Per SLO class: budgets, finished requests, attained fraction, TTFT/TPOT.
             "slo": eng.slo_summary(),
+            # Fault and recovery counters (README "Faults and recovery") and state now.
+            "faults": {**self.faults.summary(), "draft_up": self.draft_up,
+                       "target_up": self.target_up, "healthy": self.fatal is None,
+                       "fatal": self.fatal, "draining": self.draining,
+                       "isolating": len(self._suspects) + (self._probe is not None),
+                       "step_deadline_s": round(self.step_deadline(), 3)},
         }

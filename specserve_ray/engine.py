@@ -356,7 +356,8 @@ class SpecEngine:
         prefill = []
         for req in admitted:
             p = req.params
-            prefill.append(PrefillItem(req.request_id, req.prompt_ids,
+            # A re-admitted request (worker recovery) prefills its committed output too.
+            prefill.append(PrefillItem(req.request_id, req.prompt_ids + req.output_ids,
                                        SeqSampling(p.temperature, p.top_k, p.top_p, p.seed)))
             self.running.append(req)
         if not (release or prefill or batch):
@@ -401,7 +402,8 @@ class SpecEngine:
             req = by_id.get(item.seq_id)
             if req is None:
                 continue
-            req.first_token_time = now
+            if req.first_token_time is None:     # not again on re-admission
+                req.first_token_time = now
             self._commit(req, [token])
             outputs.append(self._delta(req))
         if result.verify is not None:

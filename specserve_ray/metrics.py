@@ -51,6 +51,7 @@ class Counts:
     chosen_k_rows: dict[int, int] = field(default_factory=dict)   # k -> decode rows
     finished: int = 0
     slo: dict[str, list[int]] = field(default_factory=dict)      # class -> [requests, attained]
+    faults: dict[str, float] = field(default_factory=dict)       # FAULT_EVENTS name -> count
 
     def add(self, other: "Counts") -> None:
         for name in ("steps", "decode_steps", "decode_rows", "admitted", "num_drafts",
@@ -66,6 +67,8 @@ class Counts:
             mine = self.slo.setdefault(name, [0, 0])
             mine[0] += req
             mine[1] += ok
+        for name, n in other.faults.items():
+            self.faults[name] = self.faults.get(name, 0) + n
 
     @property
     def acceptance_rate(self) -> float:
@@ -99,7 +102,45 @@ class Counts:
                 "predicted_seconds": round(self.predicted_seconds, 6),
                 "predicted_observed_seconds": round(self.predicted_observed_seconds, 6),
                 "finished": self.finished,
-                "slo": {name: {"requests": r, "attained": a} for name, (r, a) in sorted(self.slo.items())}}
+                "slo": {name: {"requests": r, "attained": a} for name, (r, a) in sorted(self.slo.items())},
+                "faults": dict(sorted(self.faults.items()))}
+
+
+# Fault and recovery events, counted by the router's step loop (AsyncSpecEngine.faults).
+FAULT_EVENTS = (
+    "draft_failures",          # draft steps that raised, died or missed the deadline
+    "draft_fallback_steps",    # steps finished by the target alone because of them
+    "draft_restarts",          # draft workers recreated and resynced (speculation resumed)
+    "draft_recovery_seconds",  # draft failure -> speculation resumed, summed
+    "target_failures",         # target steps that died or missed the deadline
+    "target_restarts",         # target workers recreated
+    "target_recovery_seconds", # target failure -> serving again, summed
+    "step_errors",             # steps that raised (requests retried in isolation)
+    "isolation_retries",       # requests retried alone after such a step
+    "resumed_requests",        # requests re-admitted with their committed tokens
+    "failed_requests",         # requests ended by a fault (clean error)
+    "request_timeouts",        # requests past their deadline
+    "loop_restarts",           # step-loop crashes restarted by the supervisor
+    "refused_queue_full",      # refusals by reason
+    "refused_draining",
+    "refused_unavailable",
+)
+
+
+class FaultCounts:
+    """Totals of FAULT_EVENTS since start (pure), with a hook for the exporter."""
+
+    def __init__(self, on_event=None):
+        self.counts = {name: 0 for name in FAULT_EVENTS}
+        self.on_event = on_event          # (event, amount) -> None; e.g. the aggregator
+
+    def add(self, event: str, amount: float = 1) -> None:
+        self.counts[event] = self.counts.get(event, 0) + amount
+        if self.on_event is not None:
+            self.on_event(event, amount)
+
+    def summary(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.counts.items()}
 
 
 def _add_list(into: list[int], other: Sequence[int]) -> None:
@@ -186,6 +227,11 @@ class MetricsAggregator:
             entry = d.slo.setdefault(slo_class, [0, 0])
             entry[0] += 1
             entry[1] += bool(attained)
+
+    def observe_fault(self, event: str, amount: float = 1) -> None:
+        """One fault/recovery event (FAULT_EVENTS), or seconds for the *_seconds ones."""
+        d = self._delta.faults
+        d[event] = d.get(event, 0) + amount
 
     def current(self) -> Counts:
         """Totals including what the next drain will hand out (a copy; drains unaffected)."""
