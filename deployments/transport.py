@@ -25,9 +25,12 @@ class WorkerFault(RuntimeError):
     """A step failed because of one worker: `role` draft/target, `kind` raised, died or
     timeout."""
 
-    def __init__(self, role: str, kind: str, detail: str):
+    def __init__(self, role: str, kind: str, detail: str, target_untouched: bool = False):
         super().__init__(f"{role} worker {kind}: {detail}")
         self.role, self.kind, self.detail = role, kind, detail
+        # True only when the target provably never ran this step (its call failed on the
+        # draft's output), so the step may be run again on the target alone.
+        self.target_untouched = target_untouched
 
 
 async def _get(ref):
@@ -108,8 +111,11 @@ class ActorTransport:
         except Exception as exc:  # noqa: BLE001 - classified, then raised again
             try:
                 await asyncio.wait_for(_get(draft_ref), 1.0)
+            except asyncio.TimeoutError:
+                raise WorkerFault("draft", "timeout", _detail(exc)) from exc
             except Exception as draft_exc:  # noqa: BLE001 - the draft's own failure
-                raise WorkerFault("draft", _kind(draft_exc), _detail(draft_exc)) from exc
+                raise WorkerFault("draft", _kind(draft_exc), _detail(draft_exc),
+                                  target_untouched=True) from exc
             raise WorkerFault("target", _kind(exc), _detail(exc)) from exc
 
     def teardown(self) -> None:

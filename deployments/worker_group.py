@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from specserve_ray.async_engine import TargetLost
+from specserve_ray.async_engine import StepAbandoned, TargetLost
 from specserve_ray.config import AppConfig
 from specserve_ray.contracts import StepPlan, StepResult
 from specserve_ray.faults import role_faults
@@ -120,6 +120,12 @@ class WorkerGroup:
                 raise TargetLost(str(fault)) from fault
             draft_fault = fault
             self._draft_lost(transport, fault)
+            if self.serving is not None:
+                self.serving.faults.add("draft_fallback_steps")
+            if not fault.target_untouched:
+                # The target may have run this step (a graph, a draft that answered too
+                # late): running it again would commit twice. Its requests are re-admitted.
+                raise StepAbandoned(str(fault)) from fault
         # The same step again on the target alone (the failed one never reached it).
         try:
             result = await self.transport.execute(plan, timeout)
@@ -127,8 +133,6 @@ class WorkerGroup:
             if fault.role == "target" and fault.kind == "raised":
                 raise
             raise TargetLost(str(fault)) from fault
-        if self.serving is not None:
-            self.serving.faults.add("draft_fallback_steps")
         return replace(result, draft_error=str(draft_fault))
 
     # -- draft: degrade, recreate, resync ---------------------------------------------------

@@ -49,6 +49,11 @@ class RequestTimeout(StepFailed):
     """A request passed its deadline (config default or its own `timeout_s`)."""
 
 
+class StepAbandoned(RuntimeError):
+    """A step's effect on the workers is unknown (a worker failed mid-step) but nothing
+    is wrong with its requests: they are re-admitted with their committed tokens."""
+
+
 class TargetLost(RuntimeError):
     """The target worker died or hung: every running request must be re-admitted."""
 
@@ -363,6 +368,10 @@ class AsyncSpecEngine:
             log.error("target worker lost: %s", exc)
             self._on_target_lost(plan)
             return
+        except StepAbandoned as exc:
+            log.warning("step abandoned (%s); its requests are re-admitted", exc)
+            self._readmit_plan(plan, probe)
+            return
         except Exception as exc:  # a worker raised: retry its requests alone, live on
             log.exception("step failed")
             self._on_step_error(plan, exc, probe)
@@ -443,6 +452,18 @@ class AsyncSpecEngine:
             self._fail_request(culprit, StepFailed(f"request failed in its step: {exc}"))
             self._probe = None
         self._isolate([r for r in reqs if not r.finished and r is not culprit])
+
+    def _readmit_plan(self, plan: StepPlan, probe: bool) -> None:
+        self.engine.forget_plan(plan)
+        self.engine._to_release.extend(plan.release)
+        reqs = [r for r in self._plan_requests(plan) if not r.finished]
+        for r in reqs:
+            self._pull(r)
+        if probe and self._probe is not None:     # it starts its isolated retry again
+            self._probe_steps = 0
+            reqs = [r for r in reqs if r is not self._probe]
+        self.engine.waiting[:0] = reqs
+        self._wake.set()
 
     def _on_target_lost(self, plan: StepPlan) -> None:
         self.engine.forget_plan(plan)

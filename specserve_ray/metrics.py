@@ -109,7 +109,8 @@ class Counts:
 # Fault and recovery events, counted by the router's step loop (AsyncSpecEngine.faults).
 FAULT_EVENTS = (
     "draft_failures",          # draft steps that raised, died or missed the deadline
-    "draft_fallback_steps",    # steps finished by the target alone because of them
+    "draft_fallback_steps",    # such steps finished by the target alone (run again on it,
+                               # or their requests re-admitted when it may have run them)
     "draft_restarts",          # draft workers recreated and resynced (speculation resumed)
     "draft_recovery_seconds",  # draft failure -> speculation resumed, summed
     "target_failures",         # target steps that died or missed the deadline
