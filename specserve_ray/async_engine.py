@@ -58,6 +58,7 @@ class TargetLost(RuntimeError):
     """The target worker died or hung: every running request must be re-admitted."""
 
 
+_ISOLATED_TRIES = 2            # a request failing alone this often is failed
 _MAX_LOOP_CRASHES = 5          # within _CRASH_WINDOW_S: then the replica is unhealthy
 _CRASH_WINDOW_S = 60.0
 
@@ -80,6 +81,7 @@ class AsyncSpecEngine:
         self._probe: Request | None = None          # the one being retried now
         self._probe_steps = 0
         self._probe_plan: StepPlan | None = None
+        self._strikes: dict[str, int] = {}          # isolated failures per request
         self._target_lost_at: float | None = None
         self._draft_down_at: float | None = None
         self.draft_up = engine.has_draft
@@ -174,6 +176,7 @@ class AsyncSpecEngine:
                     return
         finally:
             self._queues.pop(rid, None)
+            self._strikes.pop(rid, None)
             if not finished:
                 self._drop(rid)
                 self._wake.set()   # the release travels with the next plan
@@ -399,6 +402,7 @@ class AsyncSpecEngine:
         if probe and self._probe is not None:
             self._probe_steps += 1
             if self._probe.finished or self._probe_steps >= 2:
+                self._strikes.pop(self._probe.request_id, None)
                 self._probe = None            # passed alone: back in the normal batch
         if batch is not None:
             self._notify(plan, result, seconds, outputs, batch)
@@ -448,9 +452,15 @@ class AsyncSpecEngine:
         self.engine._to_release.extend(plan.release)
         reqs = self._plan_requests(plan)
         culprit = self._probe if probe else None
-        if culprit is not None:      # it failed alone: it is the one to fail
-            self._fail_request(culprit, StepFailed(f"request failed in its step: {exc}"))
+        if culprit is not None:
             self._probe = None
+            strikes = self._strikes.get(culprit.request_id, 0) + 1
+            if strikes >= _ISOLATED_TRIES:   # it failed alone, again: it is the one to fail
+                self._strikes.pop(culprit.request_id, None)
+                self._fail_request(culprit, StepFailed(f"request failed in its step: {exc}"))
+            else:
+                self._strikes[culprit.request_id] = strikes
+                self._isolate([culprit])
         self._isolate([r for r in reqs if not r.finished and r is not culprit])
 
     def _readmit_plan(self, plan: StepPlan, probe: bool) -> None:

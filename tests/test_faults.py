@@ -150,3 +150,42 @@ def test_request_timeout_is_clean(app):
         handle.generate.remote(PROMPTS[0], max_tokens=4, timeout_s=-1).result(timeout_s=60)
     assert faults(handle)["request_timeouts"] >= 1
     assert slots_back_to_zero(handle) == (0, 0)
+
+
+def test_soak_short(app, reference):
+    """60 requests of mixed lengths, ~20% cancelled mid-stream, the draft killed once:
+    every request ends (completed or cancelled; greedy ones identical), slots return to
+    zero on both workers, and no request fails."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fault_app import stream_and_cancel
+
+    handle, _ = app
+    before = faults(handle)
+    rng = random.Random(7)
+    jobs = []
+    for i in range(60):
+        prompt, n = PROMPTS[rng.randrange(len(PROMPTS))], rng.choice([8, 16, 24, 40])
+        jobs.append((i, prompt, n, rng.random() < 0.2))
+    handle.inject_fault.remote("draft", "die", at_step=25).result()
+
+    def one(job):
+        i, prompt, n, cancel = job
+        if cancel:
+            return "cancelled", stream_and_cancel(handle, prompt, 200, 3, f"soak-c-{i}")
+        out = handle.generate.remote(prompt, max_tokens=n, ignore_eos=True,
+                                     request_id=f"soak-{i}").result(timeout_s=600)
+        return "done", out["token_ids"] == reference(prompt, n)
+
+    with ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(one, jobs))
+    assert all(kind == "cancelled" or ok for kind, ok in outcomes), outcomes
+    assert sum(kind == "cancelled" for kind, _ in outcomes) >= 6
+    after = faults(handle)
+    assert after["failed_requests"] == before["failed_requests"]
+    assert after["draft_failures"] > before["draft_failures"]
+    assert wait_for(lambda: faults(handle)["draft_up"], 60)
+    assert slots_back_to_zero(handle) == (0, 0)
+    stats = handle.stats.remote().result()
+    assert stats["running"] == 0 and stats["waiting"] == 0
