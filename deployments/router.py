@@ -266,8 +266,11 @@ class SpecRouter:
             role=role, action=action, at_step=at_step, request=request, stall_s=stall_s))
 
     async def worker_pids(self) -> dict:
-        """The worker actors' process ids (fault tests kill them for real)."""
-        return await self.workers.pids()
+        """The worker actors' and this replica's process ids (fault drills kill and
+        measure them for real)."""
+        import os
+
+        return {**await self.workers.pids(), "router": os.getpid()}
 
     # -- HTTP: OpenAI-compatible -------------------------------------------------------------
     @api.get("/health")
