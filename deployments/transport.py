@@ -21,6 +21,9 @@ import ray
 from specserve_ray.contracts import StepPlan, StepResult
 
 
+_WATCH_S = 1.0      # compiled graph: liveness checks while a step takes longer than this
+
+
 class WorkerFault(RuntimeError):
     """A step failed because of one worker: `role` draft/target, `kind` raised, died or
     timeout."""
@@ -142,11 +145,30 @@ class CompiledGraphTransport:
         try:
             async with self._lock:
                 future = await asyncio.wait_for(self._graph.execute_async(plan), timeout)
-            return await asyncio.wait_for(future, timeout)
+            return await self._watch(future, timeout)
         except asyncio.TimeoutError:
             raise await blame(self.draft, self.target, None) from None
         except Exception as exc:  # noqa: BLE001
             raise await blame(self.draft, self.target, exc) from exc
+
+    async def _watch(self, future, timeout: float | None):
+        """Await an execution; past `_WATCH_S` check every so often that both workers
+        live: a graph whose worker died may wait for its channel until the deadline."""
+        task = asyncio.ensure_future(_get(future))
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while True:
+            wait = _WATCH_S if end is None else min(_WATCH_S, end - loop.time())
+            if wait <= 0:
+                task.cancel()
+                raise asyncio.TimeoutError
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if done:
+                return task.result()
+            for actor in (self.draft, self.target):
+                if actor is not None and (await _probe(actor, _WATCH_S))[0] == "dead":
+                    task.cancel()
+                    raise RuntimeError("a worker of the compiled graph died")
 
     def teardown(self) -> None:
         try:
