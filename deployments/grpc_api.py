@@ -34,6 +34,10 @@ def _speculation(summary: dict):
     return pb.SpeculationSummary(**summary)
 
 
+class GrpcAbort(Exception):
+    """Ends a gRPC stream whose code and details are already set on the context."""
+
+
 class SpecServeGrpc:
     """gRPC methods; mixed into SpecRouter, which sets `front`."""
 
@@ -46,7 +50,7 @@ class SpecServeGrpc:
         return (request.prompt or "", _sampling(request), request.request_id or None, k,
                 request.slo_class or None)
 
-    def _grpc_fail(self, grpc_context, exc: BaseException, door: str) -> None:
+    def _grpc_fail(self, grpc_context, exc: BaseException, door: str) -> str:
         import grpc
 
         from specserve_ray.api.error_map import grpc_details, grpc_trailers
@@ -57,6 +61,7 @@ class SpecServeGrpc:
         trailers = grpc_trailers(reply)
         if trailers:
             grpc_context.set_trailing_metadata(trailers)
+        return grpc_details(reply)
 
     async def Generate(self, request, grpc_context=None):
         try:
@@ -89,4 +94,7 @@ class SpecServeGrpc:
         except Exception as exc:  # noqa: BLE001
             if grpc_context is None:
                 raise
-            self._grpc_fail(grpc_context, exc, "grpc stream")
+            details = self._grpc_fail(grpc_context, exc, "grpc stream")
+            # A stream that yielded nothing carries its status only through an exception:
+            # Serve keeps the code set above and sends this clean text as the details.
+            raise GrpcAbort(details) from None

@@ -5,16 +5,18 @@
                   Content-Length, then bytes as they arrive > max_body_bytes -> 413
             ──> FastAPI: JSON -> openai.*Request models -> FrontDoor.stream / generate
 
-`OpenAIRoutes` is a mixin of the SpecRouter deployment: its methods are the routes of
-`api` (Serve's ingress binds them to the replica), and they only call `self.front`.
-Every failure is answered through specserve_ray/api/error_map.py.
+The routes are plain functions over the replica installed with `install(router)` (one
+replica per process): they read `router.front` (the FrontDoor) and a few settings, and
+answer every failure through specserve_ray/api/error_map.py. (Plain functions rather than
+Serve's class-based routes: those depend on the module that defines the class being
+imported before Serve unpickles the app.)
 """
 from __future__ import annotations
 
 import json
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,12 +29,19 @@ from specserve_ray.errors import PayloadTooLargeError, RequestError
 
 api = FastAPI(title="SpecServe-Ray", docs_url=None, redoc_url=None)
 OPEN_PATHS = frozenset({"/health"})
-_front = None   # this replica's FrontDoor (one replica per process), set by `install`
+_router = None   # this process's SpecRouter replica, set by `install`
 
 
-def install(front) -> None:
-    global _front
-    _front = front
+def install(router) -> None:
+    """Serve this replica (it has .front, .cfg, .model_name, .created, .stats_dict())."""
+    global _router
+    _router = router
+
+
+def current_router():
+    if _router is None:
+        raise RuntimeError("no router installed in this process")
+    return _router
 
 
 def error_response(reply: ErrorReply) -> JSONResponse:
@@ -51,7 +60,7 @@ class FrontDoorGuard:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        front = _front
+        front = getattr(_router, "front", None)
         if scope["type"] != "http" or front is None:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
@@ -126,101 +135,103 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-class OpenAIRoutes:
-    """Routes of `api`; mixed into SpecRouter, which sets front, cfg, model_name, created."""
+@api.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
 
-    @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
 
-    @api.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                            "created": self.created, "owned_by": "specserve-ray",
-                                            "max_model_len": self.cfg.engine.limits.max_model_len}]}
+@api.get("/v1/models")
+async def models(router=Depends(current_router)) -> dict:
+    return {"object": "list", "data": [{"id": router.model_name, "object": "model",
+                                        "created": router.created, "owned_by": "specserve-ray",
+                                        "max_model_len": router.cfg.engine.limits.max_model_len}]}
 
-    @api.get("/v1/stats")
-    async def http_stats(self) -> dict:
-        return self.stats_dict()
 
-    def _check_model(self, body) -> None:
-        if body.model is not None and body.model != self.model_name:
-            raise RequestError(f"model {body.model!r} is not served here; "
-                               f"available: {self.model_name!r}")
+@api.get("/v1/stats")
+async def http_stats(router=Depends(current_router)) -> dict:
+    return router.stats_dict()
 
-    @api.post("/v1/completions")
-    async def completions(self, body: oai.CompletionRequest):
+
+def _check_model(router, body) -> None:
+    if body.model is not None and body.model != router.model_name:
+        raise RequestError(f"model {body.model!r} is not served here; "
+                           f"available: {router.model_name!r}")
+
+
+@api.post("/v1/completions")
+async def completions(body: oai.CompletionRequest, router=Depends(current_router)):
+    try:
+        _check_model(router, body)
+        params = body.sampling_params(default_max_tokens=16)
+        prompt = body.prompt_input()
+        if body.stream:
+            return await _sse(router, prompt, params, body, chat=False)
+        result = await router.front.generate(prompt, params, None, body.num_speculative_tokens,
+                                             body.slo_class)
+        return oai.completion_response(oai.new_id("cmpl"), router.model_name, result)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
+        return error_response(router.front.reply_for(exc, "http"))
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(body: oai.ChatCompletionRequest, router=Depends(current_router)):
+    try:
+        _check_model(router, body)
+        params = body.sampling_params(
+            default_max_tokens=min(256, router.cfg.engine.limits.max_tokens))
+        prompt = await router.front.render_chat(body.messages, router.cfg.chat_template)
+        if body.stream:
+            return await _sse(router, prompt, params, body, chat=True)
+        result = await router.front.generate(prompt, params, None, body.num_speculative_tokens,
+                                             body.slo_class)
+        return oai.chat_response(oai.new_id("chatcmpl"), router.model_name, result)
+    except Exception as exc:  # noqa: BLE001
+        return error_response(router.front.reply_for(exc, "http"))
+
+
+async def _sse(router, prompt, params: SamplingParams, body, chat: bool):
+    rid = oai.new_id("chatcmpl" if chat else "cmpl")
+    created = int(time.time())
+    front, model = router.front, router.model_name
+    stream = front.stream(prompt, params, None, body.num_speculative_tokens, body.slo_class)
+    # Pull the first delta before answering 200, so admission errors (400/429) are still
+    # proper status codes rather than errors inside an event stream.
+    try:
+        first = await stream.__anext__()
+    except BaseException:
+        await stream.aclose()
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    async def events():
+        last = None
         try:
-            self._check_model(body)
-            params = body.sampling_params(default_max_tokens=16)
-            prompt = body.prompt_input()
-            if body.stream:
-                return await self._sse(prompt, params, body, chat=False)
-            result = await self.front.generate(prompt, params, None,
-                                               body.num_speculative_tokens, body.slo_class)
-            return oai.completion_response(oai.new_id("cmpl"), self.model_name, result)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
-            return error_response(self.front.reply_for(exc, "http"))
+            if chat:
+                yield _event(oai.chat_chunk(rid, model, created, {"role": "assistant",
+                                                                  "content": ""}, None))
+            out = first
+            while True:
+                last = out
+                if out.new_text or out.finished:
+                    reason = out.finish_reason if out.finished else None
+                    if chat:
+                        delta = {"content": out.new_text} if out.new_text else {}
+                        yield _event(oai.chat_chunk(rid, model, created, delta, reason))
+                    else:
+                        yield _event(oai.completion_chunk(rid, model, created, out.new_text,
+                                                          reason))
+                if out.finished:
+                    break
+                out = await stream.__anext__()
+            if include_usage and last is not None:
+                yield _event(oai.usage_chunk(rid, model, created, obj, last.num_prompt_tokens,
+                                             last.num_output_tokens, last.spec.summary()))
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - the status is sent: report in-stream
+            yield _event(openai_body(front.reply_for(exc, "http stream")))
+            yield "data: [DONE]\n\n"
+        finally:
+            await stream.aclose()   # a disconnect lands here: abort + free caches
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: oai.ChatCompletionRequest):
-        try:
-            self._check_model(body)
-            params = body.sampling_params(
-                default_max_tokens=min(256, self.cfg.engine.limits.max_tokens))
-            prompt = await self.front.render_chat(body.messages, self.cfg.chat_template)
-            if body.stream:
-                return await self._sse(prompt, params, body, chat=True)
-            result = await self.front.generate(prompt, params, None,
-                                               body.num_speculative_tokens, body.slo_class)
-            return oai.chat_response(oai.new_id("chatcmpl"), self.model_name, result)
-        except Exception as exc:  # noqa: BLE001
-            return error_response(self.front.reply_for(exc, "http"))
-
-    async def _sse(self, prompt, params: SamplingParams, body, chat: bool):
-        rid = oai.new_id("chatcmpl" if chat else "cmpl")
-        created = int(time.time())
-        front, model = self.front, self.model_name
-        stream = front.stream(prompt, params, None, body.num_speculative_tokens, body.slo_class)
-        # Pull the first delta before answering 200, so admission errors (400/429) are
-        # still proper status codes rather than errors inside an event stream.
-        try:
-            first = await stream.__anext__()
-        except BaseException:
-            await stream.aclose()
-            raise
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        async def events():
-            last = None
-            try:
-                if chat:
-                    yield _event(oai.chat_chunk(rid, model, created, {"role": "assistant",
-                                                                      "content": ""}, None))
-                out = first
-                while True:
-                    last = out
-                    if out.new_text or out.finished:
-                        reason = out.finish_reason if out.finished else None
-                        if chat:
-                            delta = {"content": out.new_text} if out.new_text else {}
-                            yield _event(oai.chat_chunk(rid, model, created, delta, reason))
-                        else:
-                            yield _event(oai.completion_chunk(rid, model, created,
-                                                              out.new_text, reason))
-                    if out.finished:
-                        break
-                    out = await stream.__anext__()
-                if include_usage and last is not None:
-                    yield _event(oai.usage_chunk(rid, model, created, obj,
-                                                 last.num_prompt_tokens, last.num_output_tokens,
-                                                 last.spec.summary()))
-                yield "data: [DONE]\n\n"
-            except Exception as exc:  # noqa: BLE001 - the status is sent: report in-stream
-                yield _event(openai_body(front.reply_for(exc, "http stream")))
-                yield "data: [DONE]\n\n"
-            finally:
-                await stream.aclose()   # a disconnect lands here: abort + free caches
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -6,8 +6,8 @@ loop: each step is one execution of `draft.step -> target.step` that carries eve
 running request. Scaling the router deployment scales whole router+draft+target groups.
 
     deployments/builder.py   actors, transport, engine, front door, telemetry
-    deployments/http_api.py  OpenAI HTTP + SSE (mixin OpenAIRoutes)   ┐ both call
-    deployments/grpc_api.py  gRPC (mixin SpecServeGrpc)               ┘ self.front
+    deployments/http_api.py  OpenAI HTTP + SSE (routes over `install(self)`) ┐ both call
+    deployments/grpc_api.py  gRPC (mixin SpecServeGrpc)                      ┘ self.front
     this file                handle API, runtime knobs (typed UserConfig), health
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ from specserve_ray.user_config import UserConfig
 from deployments import http_api
 from deployments.builder import build_serving, fit_cost_model, start_workers
 from deployments.grpc_api import SpecServeGrpc
-from deployments.http_api import OpenAIRoutes, api
+from deployments.http_api import api
 
 
 @serve.deployment(name="SpecRouter", max_ongoing_requests=128, health_check_period_s=10)
 @serve.ingress(api)
-class SpecRouter(OpenAIRoutes, SpecServeGrpc):
+class SpecRouter(SpecServeGrpc):
     def __init__(self, args: dict):
         self.cfg = AppConfig.model_validate(args)
         self.workers = start_workers(self.cfg)
@@ -39,9 +39,9 @@ class SpecRouter(OpenAIRoutes, SpecServeGrpc):
         s = build_serving(self.cfg, self.workers)
         self.engine, self.serving, self.front = s.engine, s.loop, s.front
         self.telemetry, self.tokenizer, self.cost_model = s.telemetry, s.tokenizer, s.cost_model
-        http_api.install(self.front)
         self.model_name = self.cfg.model_name
         self.created = int(time.time())
+        http_api.install(self)
 
     # -- runtime knobs ----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict) -> None:
