@@ -5,7 +5,7 @@ and nothing is applied. Omitted keys keep their current value.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, \
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, \
     ValidationError, field_validator
 
 from specserve_ray.config import SloConfig, SpeculationConfig
