@@ -8,6 +8,7 @@ DEFAULT_POLICIES = ["none", "static:1", "static:3", "static:5", "threshold", "sm
                     "specserve"]
 DEFAULT_WORKLOADS = ["code:poisson", "conv-decode:poisson"]
 DEFAULT_LOADS = "0.4,0.6,0.8,1.0"
+ASSUMED_CAPACITY = "code=4.0,code-replay=4.0,code-long=1.0,conv-decode=1.0"
 # --quick: one regime, one workload, three policies, two loads, 20 s per point (~5 min).
 QUICK = {"regime": "fp32", "workloads": ["code:poisson"], "policies": ["none", "static:1",
          "specserve"], "loads": "0.5,1.0", "duration": 20.0, "min_requests": 12,
@@ -93,8 +94,11 @@ def add_arguments(p) -> None:
                    "unfinished requests count as failed (default 60 + duration)")
     g.add_argument("--switch-timeout", type=float, default=600.0,
                    help="seconds to wait for a policy switch (first adaptive one profiles)")
-    g.add_argument("--assumed-capacity", type=float, default=1.5, help="req/s, only for the "
-                   "duration estimate printed before calibration")
+    g.add_argument("--assumed-capacity", default=ASSUMED_CAPACITY, help="req/s per workload "
+                   "(NAME=R,...; '*' for any), only for the duration estimate printed before "
+                   f"calibration (default {ASSUMED_CAPACITY}: measured here, fp32)")
+    g.add_argument("--calibrate-only", action="store_true", help="measure single-stream "
+                   "figures and capacities, write them (reuse with --calibration-from), stop")
     g.add_argument("--json", help="write the report here")
     g.add_argument("--plots-dir", help="PNG plots here (default: next to --json, else "
                    "./bench_sweep_plots)")
@@ -208,6 +212,13 @@ def check_args(args) -> None:
         v = getattr(args, flag)
         if v is not None and not v > 0:
             raise SystemExit(f"--{flag.replace('_', '-')} must be > 0")
+    try:
+        args.assumed_capacity = {k.strip(): float(v) for k, _, v in
+                                 (p.partition("=") for p in args.assumed_capacity.split(","))}
+        if any(not v > 0 for v in args.assumed_capacity.values()):
+            raise ValueError
+    except (ValueError, AttributeError):
+        raise SystemExit("--assumed-capacity: expected NAME=REQ_PER_S,... with values > 0")
     if args.calibration_from and not os.path.isfile(args.calibration_from):
         raise SystemExit(f"--calibration-from: no such file: {args.calibration_from}")
     if not args.plots_dir:

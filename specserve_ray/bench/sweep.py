@@ -49,27 +49,41 @@ def point_span_s(rate: float, args) -> float:
     return wl.request_count(rate, args.duration, args.min_requests, args.max_requests) / rate
 
 
+def _cell_estimate(args, regime: str, spec, cap: float) -> float:
+    """Seconds of one (regime, workload) cell's runs at capacity `cap` req/s."""
+    spans = []
+    for _, frac, rate in args.load_levels:
+        rate = rate or frac * cap
+        span = point_span_s(rate, args)
+        drain = max(0.0, rate / cap - 1.0) * span      # backlog past capacity
+        spans.append(span + drain + PER_RUN_OVERHEAD_S)
+    n_pol = len(args.policies)
+    total = n_pol * args.repetitions * sum(spans)
+    extra = max(0, args.deciding_repetitions - args.repetitions)
+    k = min(args.deciding_rates, len(spans))
+    if k:   # the deciding rates are unknown before the first pass: take the middle ones
+        mid = sorted(spans)[(len(spans) - k) // 2:(len(spans) - k) // 2 + k]
+        total += n_pol * extra * sum(mid)
+    return total
+
+
 def estimate_seconds(args, capacity: dict | None = None) -> float:
     """Wall time of the plan: arrivals + drain + per-run overhead, app starts, calibration."""
     total = 0.0
     adaptive = any(p.split(":")[0] in ("smartspec", "specserve") for p in args.policies)
     for regime in args.regimes:
         total += (0.0 if args.url else APP_START_S) + (PROFILE_S if adaptive else 0.0)
-        for spec, arrival in cell_workloads(args, regime):
-            cap = (capacity or {}).get((regime, spec.name)) or args.assumed_capacity
+        for spec, _ in cell_workloads(args, regime):
+            cap = (capacity or {}).get((regime, spec.name)) or _assumed(args, spec.name)
             total += CALIBRATION_S
-            spans = []
-            for _, frac, rate in args.load_levels:
-                rate = rate or frac * cap
-                span = point_span_s(rate, args)
-                drain = max(0.0, rate / cap - 1.0) * span      # backlog past capacity
-                spans.append(span + drain + PER_RUN_OVERHEAD_S)
-            n_pol = len(args.policies)
-            total += n_pol * args.repetitions * sum(spans)
-            extra = max(0, args.deciding_repetitions - args.repetitions)
-            k = min(args.deciding_rates, len(spans))
-            total += n_pol * extra * k * (sum(sorted(spans)[:k]) / max(k, 1) if k else 0)
+            if not args.calibrate_only:
+                total += _cell_estimate(args, regime, spec, cap)
     return total
+
+
+def _assumed(args, workload: str) -> float:
+    caps = args.assumed_capacity
+    return caps.get(workload, caps.get("*", 1.0)) if isinstance(caps, dict) else float(caps)
 
 
 class Sweep:
@@ -79,6 +93,7 @@ class Sweep:
         self.prompts = prompts
         self.traces = traces          # {"code": rows, "conv": rows}
         self.slo_class: str | None = None
+        self.capacity: dict = {}      # (regime, workload name) -> measured req/s
 
     def requests(self, spec, arrival, rate, count, seed, max_model_len):
         a = self.args
@@ -158,8 +173,8 @@ def run(args) -> dict:
           f"{len(args.load_levels)} rate(s) x {len(args.policies)} policies x "
           f"{args.repetitions} repetition(s) (+{max(0, args.deciding_repetitions - args.repetitions)}"
           f" at {args.deciding_rates} deciding rate(s)); >= {args.min_requests} requests and "
-          f">= {args.duration:.0f} s per point; estimated {est / 60:.0f} min at an assumed "
-          f"capacity of {args.assumed_capacity} req/s", flush=True)
+          f">= {args.duration:.0f} s per point; estimated {est / 60:.0f} min at assumed "
+          f"capacities {args.assumed_capacity} req/s", flush=True)
     if args.bf16_note:
         print(args.bf16_note)
     report = {"setup": _setup(args), "estimated_s": est, "slo_rule": st.SLO_RULE_TEXT,
@@ -179,7 +194,7 @@ def run(args) -> dict:
     t_start = time.monotonic()
     planned = sum(len(cell_workloads(args, r)) for r in args.regimes) * \
         len(args.load_levels) * len(args.policies) * args.repetitions
-    bar = tqdm(total=planned, desc="runs", unit="run", position=0)
+    bar = tqdm(total=0 if args.calibrate_only else planned, desc="runs", unit="run", position=0)
     with ClientProcess() as client:
         sweep = Sweep(args, client, PromptSource(tokenizer, args.seed), traces)
         for regime in args.regimes:
@@ -277,6 +292,11 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
                        f"{cal['capacity_req_s']:.2f} req/s; SLOs "
                        + ", ".join(f"S={r.scale}: TTFT {r.ttft_ms:.0f} / TPOT {r.tpot_ms:.0f} ms"
                                    for r in rules))
+            tqdm.write(f"[{regime} {label}] this workload's runs: about "
+                       f"{_cell_estimate(args, regime, spec, cal['capacity_req_s']) / 60:.0f} min")
+            sweep.capacity[(regime, spec.name)] = cal["capacity_req_s"]
+            if args.calibrate_only:
+                continue
             rates = [rate or frac * cal["capacity_req_s"] for _, frac, rate in args.load_levels]
             ctx = (url, switcher, model, spec, arrival, label, wi, max_model_len, synthetic,
                    rules, rates)
