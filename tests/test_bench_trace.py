@@ -1,9 +1,8 @@
 """The trace benchmark's pure parts: trace loading, scaling, arrivals, prompts, metrics,
 the JSON contract; the synthetic-acceptance hook and the chosen-k histogram.
 
-The end-to-end sweep against a real app is not run here (it needs its own Ray app with
-policy switching and takes minutes on 2 cores); it is checked by the manual smoke run in
-the README (`bench trace ... --regime fp32 --policies none specserve ...`)."""
+The end-to-end sweep against a real app is the slow smoke test in test_bench_sweep.py and
+`python -m specserve_ray.bench sweep --quick` (README)."""
 from __future__ import annotations
 
 import argparse

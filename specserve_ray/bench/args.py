@@ -7,8 +7,8 @@ import os
 DEFAULT_POLICIES = ["none", "static:1", "static:3", "static:5", "threshold", "smartspec",
                     "specserve"]
 DEFAULT_WORKLOADS = ["code:poisson", "conv-decode:poisson"]
-DEFAULT_LOADS = "0.4,0.6,0.8,1.0"
-ASSUMED_CAPACITY = "code=4.0,code-replay=4.0,code-long=1.0,conv-decode=1.0"
+DEFAULT_LOADS = "0.4,0.7,1.0,1.3"
+ASSUMED_CAPACITY = "code=3.8,code-replay=3.8,code-long=2.6,conv-decode=1.1"
 # --quick: one regime, one workload, three policies, two loads, 20 s per point (~5 min).
 QUICK = {"regime": "fp32", "workloads": ["code:poisson"], "policies": ["none", "static:1",
          "specserve"], "loads": "0.5,1.0", "duration": 20.0, "min_requests": 12,
@@ -82,7 +82,7 @@ def add_arguments(p) -> None:
                    "(each in a freshly shuffled policy order, on a new request set)")
     g.add_argument("--deciding-repetitions", type=int, default=3, help="repetitions at the "
                    "rates that decide the 90%% crossing (found after the first pass)")
-    g.add_argument("--deciding-rates", type=int, default=2,
+    g.add_argument("--deciding-rates", type=int, default=1,
                    help="how many rates get the deciding repetitions")
 
     g = p.add_argument_group("run control and output")
