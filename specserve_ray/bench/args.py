@@ -171,6 +171,9 @@ def check_args(args) -> None:
         if not args.dashboard_url and len(args.policies) > 1:
             raise SystemExit("--url without --dashboard-url cannot switch policies: pass one "
                              "--policies entry (the live one) or a --dashboard-url")
+        if not args.dashboard_url:
+            # Nothing can be switched: calibrate with the live policy (the JSON says which).
+            args.capacity_policy = args.policies[0]
     else:
         args.regimes = ["fp32", "bf16"] if args.regime == "both" else [args.regime]
         if "bf16" in args.regimes and not (has_native_bf16() or args.force_bf16):
