@@ -104,7 +104,10 @@ def run(args) -> dict:
             url, switcher = args.url.rstrip("/"), None
         else:
             dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.regime]
-            url, handle, stop = start_sweep_app(dtype, args.max_k, None, args.max_num_seqs)
+            extra = ({"limits": {"max_num_batched_tokens": args.max_num_batched_tokens}}
+                     if args.max_num_batched_tokens else None)
+            url, handle, stop = start_sweep_app(dtype, args.max_k, None, args.max_num_seqs,
+                                                extra)
             switcher = HandleSwitcher(handle)
         if args.policy and switcher is not None:
             asyncio.run(switcher.switch(args.policy, args.max_k))
@@ -144,6 +147,7 @@ def run(args) -> dict:
             stop()
     report = summarize(single, res["records"])
     report.update({"workload": args.workload, "policy": policy, "regime": args.regime,
+                   "max_num_batched_tokens": args.max_num_batched_tokens or "config default",
                    "fraction": args.fraction, "capacity_req_s": capacity, "rate_req_s": rate,
                    "offered_req_s": tr.mean_rate(reqs), "mix": wl.length_summary(reqs),
                    "capacity_concurrency": args.max_num_seqs, "client": client_use,
@@ -175,6 +179,8 @@ def add_parser(sub):
     p.add_argument("--single-requests", type=int, default=8)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-k", type=int, default=4)
+    p.add_argument("--max-num-batched-tokens", type=int, help="the started app's step token "
+                   "budget (engine.limits.max_num_batched_tokens; default: the config's)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--request-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)

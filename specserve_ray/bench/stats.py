@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Outcome = "tuple[float, float | None] | None"   # (ttft_s, tpot_s) or None (failed)
 
 
 @dataclass(frozen=True)

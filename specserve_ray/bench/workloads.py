@@ -17,7 +17,7 @@ it ("replay", which keeps the trace's lengths in order too).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -132,7 +132,3 @@ def length_summary(reqs: list[tr.TraceRequest]) -> dict:
             "output_p99": float(np.percentile(outs, 99)),
             "span_s": reqs[-1].arrival_s if reqs else 0.0}
 
-
-def rebase(reqs: list[tr.TraceRequest]) -> list[tr.TraceRequest]:
-    t0 = reqs[0].arrival_s if reqs else 0.0
-    return [replace(r, arrival_s=r.arrival_s - t0) for r in reqs]
