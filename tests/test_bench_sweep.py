@@ -299,6 +299,12 @@ def test_sweep_smoke_against_a_real_app(trace_dir, tmp_path):
     import subprocess
 
     out = tmp_path / "sweep.json"
+    # A fixed calibration (the --calibration-from path) keeps the test short: no capacity
+    # run; the SLOs still follow the rule from these single-stream figures.
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"calibration": {"fp32": {"code:poisson": {
+        "policy": "none", "single_stream_ttft_s": 0.2, "single_stream_tpot_s": 0.03,
+        "capacity_req_s": 2.0}}}}))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"),
                                           os.environ.get("PYTHONPATH", "")])}
@@ -307,6 +313,7 @@ def test_sweep_smoke_against_a_real_app(trace_dir, tmp_path):
            "--max-k", "2", "--loads", "1.0", "--duration", "3", "--min-requests", "4",
            "--max-num-seqs", "4", "--input-budget", "96", "--warmup-requests", "0",
            "--slo-scales", "2", "4", "--deciding-repetitions", "1", "--no-plots",
+           "--calibration-from", str(cal),
            "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -325,7 +332,7 @@ def test_sweep_smoke_against_a_real_app(trace_dir, tmp_path):
     assert len(rows) == 4 and all(len(r["ci95"]) == 2 for r in rows)
     assert {s["slo_scale"] for s in report["slos"]} == {2.0, 4.0}
     s2 = next(s for s in report["slos"] if s["slo_scale"] == 2.0)
-    cal = report["calibration"]["fp32"]["code:poisson"]
-    assert s2["tpot_ms"] == pytest.approx(2e3 * cal["single_stream_tpot_s"], rel=1e-3)
+    assert s2["tpot_ms"] == pytest.approx(60.0) and s2["ttft_ms"] == pytest.approx(400.0)
+    assert runs[0]["rate_req_s"] == pytest.approx(2.0)    # 1.0 x the given capacity
     assert report["client"]["nice"] == 19 and report["client"]["cpu_s"] > 0
     assert all(r["client"]["nice"] == 19 for r in runs)

@@ -11,7 +11,7 @@ DEFAULT_LOADS = "0.4,0.7,1.0,1.3"
 ASSUMED_CAPACITY = "code=3.8,code-replay=3.8,code-long=2.6,conv-decode=1.1"
 # --quick: one regime, one workload, three policies, two loads, 20 s per point (~5 min).
 QUICK = {"regime": "fp32", "workloads": ["code:poisson"], "policies": ["none", "static:1",
-         "specserve"], "loads": "0.5,1.0", "duration": 20.0, "min_requests": 12,
+         "specserve"], "loads": "0.25,0.75", "duration": 20.0, "min_requests": 12,
          "deciding_repetitions": 1, "warmup_requests": 2}
 
 
