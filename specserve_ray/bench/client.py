@@ -14,6 +14,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 CLIENT_NICE = 19
+RAY_DEFAULT_WORKER_NICE = 15   # Ray's `worker_niceness` default
+
+
+def server_worker_nice(env: dict | None = None) -> int:
+    """The niceness Ray gives the workers it starts from this process: its
+    `worker_niceness` setting, read from RAY_worker_niceness (the Makefile sets 0: the
+    workers are the server), else Ray's default 15."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("RAY_worker_niceness", RAY_DEFAULT_WORKER_NICE))
+    except ValueError:
+        return RAY_DEFAULT_WORKER_NICE
 
 
 def _cpu_seconds() -> float:

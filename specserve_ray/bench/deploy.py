@@ -6,10 +6,11 @@ draft forward, target verify, prefill and the rest (router + transport + Ray), r
 the router's own counters (`GET /v1/stats`) before and after each run.
 
 Fairness on a shared 2-core machine (../shared/ENVIRONMENT.md): Ray runs the Serve proxy,
-the replica and the draft/target actors at nice 15 (its worker_niceness default). So the
-HTTP client runs in its own process at nice 19 (client.py, its CPU use reported), and the
-in-process engine runs in its own process at `--engine-nice` (default 15, the workers'
-level; pass `--engine-nice 15 0` to report both). The report says how each side ran.
+the replica and the draft/target actors at its worker niceness (15 by default; the Makefile
+sets RAY_worker_niceness=0 because the workers are the server). So the HTTP client runs in
+its own process at nice 19 (client.py, its CPU use reported), and the in-process engine
+runs in its own process at `--engine-nice` (default: the workers' level; pass e.g.
+`--engine-nice 15 0` to report both). The report says how each side ran.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-RAY_WORKER_NICE = 15   # Ray's `worker_niceness` default: proxy, replica and actors
 
 
 async def _stream_one(client, url: str, prompt: str, max_tokens: int) -> int:
@@ -124,8 +124,11 @@ def _set_pipeline(on: bool) -> None:
 
 
 def run(args) -> dict:
+    from specserve_ray.bench.client import server_worker_nice
     from specserve_ray.bench.control import start_app
     from specserve_ray.bench.workload import load_tokenizer
+
+    args.engine_nice = args.engine_nice or [server_worker_nice()]
     from specserve_ray.prompts import held_out_prompts
 
     tokenizer = load_tokenizer()
@@ -140,7 +143,8 @@ def run(args) -> dict:
                               "transports": transports,
                               "how_each_side_ran": {
                                   "deployment": f"Ray workers (proxy, replica, draft and target "
-                                  f"actors) at nice {RAY_WORKER_NICE} (Ray's default)",
+                                  f"actors) at nice {server_worker_nice()} (RAY_worker_niceness "
+                                  "or Ray's default 15)",
                                   "http_client": "own process at nice 19",
                                   "in_process_engine": f"own process at nice "
                                   f"{args.engine_nice}, no client beside it, "
@@ -201,9 +205,10 @@ def add_parser(sub):
     p.add_argument("--pipeline", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="run each transport with draft/verify pipelining off and/or on "
                         "(switched live through reconfigure; ignored with --url)")
-    p.add_argument("--engine-nice", type=int, nargs="+", default=[RAY_WORKER_NICE],
-                   help="niceness of the in-process engine's process (default: Ray's worker "
-                   "level, 15; the first is the headline, others are reported beside it)")
+    p.add_argument("--engine-nice", type=int, nargs="+", default=None,
+                   help="niceness of the in-process engine's process (default: the Ray "
+                   "workers' level, RAY_worker_niceness or 15; the first is the headline, "
+                   "others are reported beside it)")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
