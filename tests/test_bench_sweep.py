@@ -336,3 +336,11 @@ def test_sweep_smoke_against_a_real_app(trace_dir, tmp_path):
     assert runs[0]["rate_req_s"] == pytest.approx(2.0)    # 1.0 x the given capacity
     assert report["client"]["nice"] == 19 and report["client"]["cpu_s"] > 0
     assert all(r["client"]["nice"] == 19 for r in runs)
+
+
+def test_server_worker_niceness_from_the_environment():
+    from specserve_ray.bench.client import server_worker_nice
+
+    assert server_worker_nice({"RAY_worker_niceness": "0"}) == 0     # the Makefile's setting
+    assert server_worker_nice({}) == 15                               # Ray's default
+    assert server_worker_nice({"RAY_worker_niceness": "x"}) == 15

@@ -85,7 +85,7 @@ def table(report: dict) -> str:
 def run(args) -> dict:
     from specserve_ray.bench import trace as tr
     from specserve_ray.bench import workloads as wl
-    from specserve_ray.bench.client import ClientProcess
+    from specserve_ray.bench.client import ClientProcess, server_worker_nice
     from specserve_ray.bench.control import (HandleSwitcher, get_json, start_sweep_app,
                                              wait_for_policy)
     from specserve_ray.bench.workload import PromptSource, load_tokenizer
@@ -141,7 +141,7 @@ def run(args) -> dict:
                                    output_tokens=[r.output_tokens for r in reqs],
                                    arrivals=[r.arrival_s for r in reqs],
                                    drain_s=60.0 + args.duration, **common)
-            client_use = client.summary()
+            client_use = {**client.summary(), "server_worker_nice": server_worker_nice()}
     finally:
         if stop is not None:
             stop()

@@ -184,7 +184,7 @@ def run(args) -> dict:
 
     from tqdm import tqdm
 
-    from specserve_ray.bench.client import ClientProcess
+    from specserve_ray.bench.client import ClientProcess, server_worker_nice
     from specserve_ray.bench.workload import PromptSource, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -199,7 +199,7 @@ def run(args) -> dict:
         sweep = Sweep(args, client, PromptSource(tokenizer, args.seed), traces)
         for regime in args.regimes:
             _run_regime(sweep, regime, report, prior, bar)
-        report["client"] = client.summary()
+        report["client"] = {**client.summary(), "server_worker_nice": server_worker_nice()}
     bar.close()
     report["elapsed_s"] = time.monotonic() - t_start
     _conclude(args, report)
