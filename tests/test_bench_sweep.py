@@ -342,5 +342,6 @@ def test_server_worker_niceness_from_the_environment():
     from specserve_ray.bench.client import server_worker_nice
 
     assert server_worker_nice({"RAY_worker_niceness": "0"}) == 0     # the Makefile's setting
-    assert server_worker_nice({}) == 15                               # Ray's default
-    assert server_worker_nice({"RAY_worker_niceness": "x"}) == 15
+    assert server_worker_nice({"RAY_worker_niceness": "15"}) == 15   # Ray's own default
+    assert server_worker_nice({}) == 0                # what control.start_app sets if unset
+    assert server_worker_nice({"RAY_worker_niceness": "x"}) == 0

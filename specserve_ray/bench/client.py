@@ -14,18 +14,19 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 CLIENT_NICE = 19
-RAY_DEFAULT_WORKER_NICE = 15   # Ray's `worker_niceness` default
+# The project runs Ray's workers (router, draft, target: the server) at nice 0, as the
+# Makefile's RAY_worker_niceness does; Ray's own default (15) suits drivers, not servers.
+PROJECT_WORKER_NICE = 0
 
 
 def server_worker_nice(env: dict | None = None) -> int:
-    """The niceness Ray gives the workers it starts from this process: its
-    `worker_niceness` setting, read from RAY_worker_niceness (the Makefile sets 0: the
-    workers are the server), else Ray's default 15."""
+    """The niceness of the workers of an app this benchmark starts: RAY_worker_niceness
+    (which control.start_app defaults to the project's 0 before starting Ray)."""
     env = os.environ if env is None else env
     try:
-        return int(env.get("RAY_worker_niceness", RAY_DEFAULT_WORKER_NICE))
+        return int(env.get("RAY_worker_niceness", PROJECT_WORKER_NICE))
     except ValueError:
-        return RAY_DEFAULT_WORKER_NICE
+        return PROJECT_WORKER_NICE
 
 
 def _cpu_seconds() -> float:

@@ -60,7 +60,12 @@ def start_app(engine_overrides: dict | None = None, transport: str | None = None
     `engine_overrides` ({section: {key: value}}) are merged into the config's engine
     sections (e.g. {"target": {"dtype": "bfloat16"}}).
     """
+    from specserve_ray.bench.client import PROJECT_WORKER_NICE
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The app as `make serve` runs it: Ray's workers are the server, at nice 0 (Ray's own
+    # default of 15 would hand their cycles to any nice-0 process); the client stays at 19.
+    os.environ.setdefault("RAY_worker_niceness", str(PROJECT_WORKER_NICE))
     import ray
     from ray import serve
 

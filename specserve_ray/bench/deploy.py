@@ -6,8 +6,8 @@ draft forward, target verify, prefill and the rest (router + transport + Ray), r
 the router's own counters (`GET /v1/stats`) before and after each run.
 
 Fairness on a shared 2-core machine (../shared/ENVIRONMENT.md): Ray runs the Serve proxy,
-the replica and the draft/target actors at its worker niceness (15 by default; the Makefile
-sets RAY_worker_niceness=0 because the workers are the server). So the HTTP client runs in
+the replica and the draft/target actors at its worker niceness (Ray's default is 15; the
+Makefile and the app this benchmark starts set RAY_worker_niceness=0: they are the server). So the HTTP client runs in
 its own process at nice 19 (client.py, its CPU use reported), and the in-process engine
 runs in its own process at `--engine-nice` (default: the workers' level; pass e.g.
 `--engine-nice 15 0` to report both). The report says how each side ran.
@@ -143,8 +143,9 @@ def run(args) -> dict:
                               "transports": transports,
                               "how_each_side_ran": {
                                   "deployment": f"Ray workers (proxy, replica, draft and target "
-                                  f"actors) at nice {server_worker_nice()} (RAY_worker_niceness "
-                                  "or Ray's default 15)",
+                                  f"actors) at nice {server_worker_nice()} "
+                                  "(RAY_worker_niceness; the project's default 0)"
+                                  if not args.url else "external: as deployed",
                                   "http_client": "own process at nice 19",
                                   "in_process_engine": f"own process at nice "
                                   f"{args.engine_nice}, no client beside it, "
@@ -207,8 +208,8 @@ def add_parser(sub):
                         "(switched live through reconfigure; ignored with --url)")
     p.add_argument("--engine-nice", type=int, nargs="+", default=None,
                    help="niceness of the in-process engine's process (default: the Ray "
-                   "workers' level, RAY_worker_niceness or 15; the first is the headline, "
-                   "others are reported beside it)")
+                   "workers' level, RAY_worker_niceness, 0 unless set; the first is the "
+                   "headline, others are reported beside it)")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
