@@ -57,6 +57,13 @@ def test_find_trace_order(trace_dir, tmp_path_factory):
     with pytest.raises(tr.TraceError, match="not found"):
         wl.find_trace("code", str(other), env={})
     assert wl.find_trace("code", str(trace_dir), env=env).startswith(str(trace_dir))
+    # An explicit folder is the only place looked at; else $SPECSERVE_SHARED/traces.
+    with pytest.raises(tr.TraceError, match="not found"):
+        wl.find_trace("code", str(other), env={"SPECSERVE_SHARED": str(trace_dir.parent)})
+    (trace_dir.parent / "traces" / wl.TRACE_FILES["code"]).write_text(
+        (trace_dir / wl.TRACE_FILES["code"]).read_text())
+    assert wl.find_trace("code", None, env=env, cwd=str(other)).startswith(
+        str(trace_dir.parent / "traces"))
 
 
 @pytest.mark.parametrize("name", ["code", "conv-decode", "code-long"])

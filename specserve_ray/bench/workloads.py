@@ -64,14 +64,16 @@ def parse_workload(text: str) -> tuple[WorkloadSpec, str]:
 
 def find_trace(name: str, explicit_dir: str | None = None, env: dict | None = None,
                cwd: str = ".") -> str:
-    """Path of a trace CSV: --trace-dir, $SPECSERVE_SHARED/traces, then ../shared/traces."""
+    """Path of a trace CSV: in --trace-dir only when given; else $SPECSERVE_SHARED/traces,
+    then ../shared/traces."""
     import os
 
     env = os.environ if env is None else env
     dirs = [explicit_dir] if explicit_dir else []
-    if env.get("SPECSERVE_SHARED"):
+    if not explicit_dir and env.get("SPECSERVE_SHARED"):
         dirs.append(os.path.join(env["SPECSERVE_SHARED"], "traces"))
-    dirs.append(os.path.join(cwd, "..", "shared", "traces"))
+    if not explicit_dir:
+        dirs.append(os.path.join(cwd, "..", "shared", "traces"))
     for d in dirs:
         path = os.path.join(d, TRACE_FILES[name])
         if os.path.isfile(path):
