@@ -20,7 +20,7 @@ import pytest
 
 from manifest_files import ROOT, VARIANT_OF, expected_image, load, pod_specs, project_version
 
-VARIANTS = {"cpu": ROOT / "docker" / "Dockerfile.cpu", "cuda": ROOT / "docker" / "Dockerfile.cuda"}
+VARIANTS = {v: ROOT / "docker" / f"Dockerfile.{v}" for v in ("cpu", "cuda")}
 REQUIREMENTS = ROOT / "docker" / "requirements.txt"
 TORCH_PIN = "torch==2.13.0"
 TORCH_INDEX = {"cpu": re.compile(r"^https://download\.pytorch\.org/whl/cpu$"),
@@ -181,8 +181,9 @@ def dockerfile_problems(text: str, variant: str) -> list[str]:
             problems.append(f"apt packages beyond {sorted(APT_ALLOWED)}: "
                             f"{sorted(pkgs - APT_ALLOWED)}")
     for word, rest in final:
-        if word == "RUN" and DEV_TOOLS.search(rest):
-            problems.append(f"dev tool in the runtime stage: {DEV_TOOLS.search(rest).group(0)}")
+        tool = DEV_TOOLS.search(rest) if word == "RUN" else None
+        if tool:
+            problems.append(f"dev tool in the runtime stage: {tool.group(0)}")
 
     # Identity: version label and the documented tag the manifests use.
     labels = " ".join(rest for word, rest in final if word == "LABEL")

@@ -188,10 +188,10 @@ def exposure_problems(docs: list[dict]) -> list[str]:
             if stype != "ClusterIP":
                 problems.append(f"Service {name}: type {stype} (use the TLS Ingress)")
             for port in (doc.get("spec") or {}).get("ports") or []:
-                target = port.get("targetPort", port.get("port"))
-                if target in INTERNAL_PORTS or port.get("port") in INTERNAL_PORTS:
+                hit = ({port.get("targetPort"), port.get("port")} & set(INTERNAL_PORTS))
+                if hit:
                     problems.append(f"Service {name}: routes the "
-                                    f"{INTERNAL_PORTS.get(target) or INTERNAL_PORTS.get(port.get('port'))} port")
+                                    f"{INTERNAL_PORTS[min(hit)]} port")
         elif kind == "Ingress":
             spec = doc.get("spec") or {}
             tls = spec.get("tls") or []
