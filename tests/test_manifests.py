@@ -5,6 +5,8 @@
 * k8s/rayservice-*.yaml: KubeRay RayServices. Each validates with the RayService CRD's
   OpenAPI v3 schema (`$SPECSERVE_SHARED/kuberay/ray.io_rayservices.yaml`, skipped when
   absent), and its `serveConfigV2` string as a Serve config, like the files above.
+* The other objects in k8s/ (Service, Ingress): Kubernetes' own schema, strict
+  (`kubernetes-validate`, a test extra; skipped with a reason when missing).
 * Serve settings of every shipped config (`_serve_settings_problems`): Serve never holds
   requests back before the app's own queue is full (max_ongoing_requests >= slots +
   queue), its own queue is bounded and answers with Retry-After, request timeouts and a
@@ -617,3 +619,34 @@ def test_fault_switch_off_values_pass():
     assert _fault_switches_on({"args": {"fault_injection": None, "faults": [],
                                         "x": {"fault": {"enabled": False}}}}) == []
     assert _fault_switches_on({"a": [{"FAULTS": "on"}]}) == ["a[0].FAULTS"]
+
+
+# --------------------------------------------------------------------------- core objects
+
+CORE_DOCS = [(f"{p.name}: {d['kind']} {d['metadata']['name']}", d)
+             for p in sorted((ROOT / "k8s").glob("*.yaml"))
+             for d in yaml.safe_load_all(p.read_text(encoding="utf-8"))
+             if d and d.get("kind") != "RayService"]
+
+
+def _core_schema_errors(doc: dict) -> str | None:
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (test extra) is not installed: "
+        "the Service and Ingress objects in k8s/ are not checked against Kubernetes' schema")
+    try:
+        kv.validate(doc, kv.latest_version(), strict=True)   # strict: unknown fields fail
+    except kv.ValidationError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+@pytest.mark.parametrize("name,doc", CORE_DOCS, ids=[n for n, _ in CORE_DOCS])
+def test_core_objects_match_kubernetes_schema(name, doc):
+    assert _core_schema_errors(doc) is None
+
+
+def test_core_object_check_can_fail():
+    name, doc = next((n, d) for n, d in CORE_DOCS if d["kind"] == "Service")
+    broken = copy.deepcopy(doc)
+    broken["spec"]["ports"][0]["tagretPort"] = 8000
+    assert "tagretPort" in (_core_schema_errors(broken) or ""), name
