@@ -67,6 +67,7 @@ class WorkerGroup:
                       if cfg.engine.draft is not None else None)
         self.draft_up = self.draft is not None
         self.transport = None
+        self.target_info: dict = {}     # TargetActor.describe(), set by the builder
         self.serving = None              # the AsyncSpecEngine, set by attach()
         self._draft_task: asyncio.Task | None = None
         self._closed = False

@@ -34,7 +34,7 @@ class _Base:
 
     def _enter_step(self, plan: StepPlan) -> None:
         self._step_started = time.monotonic()
-        self.faults.on_step(self.role, _seq_ids(plan))
+        self.faults.on_step(self.role, _seq_ids(plan), plan.prefill)
 
     def arm_faults(self, faults: list[dict]) -> int:
         """Tests only (the router refuses unless faults.allow_fault_injection)."""

@@ -29,7 +29,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from specserve_ray.config import FaultsConfig, SamplingParams
 from specserve_ray.contracts import StepPlan, StepResult
 from specserve_ray.engine import Request, RequestOutput, SpecEngine
-from specserve_ray.errors import OverloadedError, RequestError
+from specserve_ray.errors import OverloadedError, RequestError, UnavailableError
 from specserve_ray.metrics import FaultCounts
 from specserve_ray.supervision import (_CRASH_WINDOW_S, _MAX_LOOP_CRASHES,  # noqa: F401
                                        RequestTimeout, StepAbandoned, StepFailed,
@@ -165,10 +165,10 @@ class AsyncSpecEngine(Supervision):
     def _refuse_if_unavailable(self) -> None:
         if self.fatal is not None:
             self.faults.add("refused_unavailable")
-            raise OverloadedError(f"replica unavailable: {self.fatal}")
+            raise UnavailableError(f"replica unavailable: {self.fatal}", 5.0)
         if self.draining:
             self.faults.add("refused_draining")
-            raise OverloadedError("replica is shutting down; retry on another replica")
+            raise UnavailableError("replica is shutting down; retry on another replica", 1.0)
         if len(self.engine.waiting) >= self.max_queued:
             self.faults.add("refused_queue_full")
             raise OverloadedError(f"server overloaded: {len(self.engine.waiting)} requests "

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from specserve_ray.front_config import FrontDoorConfig
 from specserve_ray.policy.slo import NO_SLO, SloClass, SloRegistry
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -108,6 +109,11 @@ class LimitsConfig(_Strict):
                                "tokens per request.")
     max_num_seqs: int = Field(16, ge=1, le=1024, description="Requests decoded together.")
     max_tokens: int = Field(1024, ge=1, description="Upper bound a request may ask for.")
+    max_num_batched_tokens: int | None = Field(
+        256, ge=1, description="Token budget of one step (vLLM's name): decode rows first "
+        "(k + 1 tokens each), then prompt chunks of waiting requests fill what is left (at "
+        "least a quarter of it), so an arriving long prompt is prefilled over several steps "
+        "instead of stalling the running batch. None = whole prompts at once.")
 
 
 class SloClassConfig(_Strict):
@@ -318,13 +324,18 @@ class AppConfig(_Strict):
     signals: SignalsConfig = Field(default_factory=SignalsConfig, description="Metrics "
                                    "export and the cluster speculation controller.")
     max_queued_requests: int = Field(64, ge=0, description="Requests waiting for a batch "
-                                     "slot before new ones get HTTP 503.")
+                                     "slot before new ones get HTTP 429 (with Retry-After).")
     max_ongoing_requests: int = Field(128, ge=1, description="Serve's per-replica cap on "
-                                      "concurrent requests (past it Serve queues/rejects).")
+                                      "concurrent requests (past it Serve queues/rejects); keep "
+                                      ">= engine.limits.max_num_seqs + max_queued_requests so "
+                                      "the project's queue bound refuses first.")
     faults: "FaultsConfig" = Field(default_factory=lambda: FaultsConfig(), description="Deadlines, "
                                    "worker recovery, drain, and (tests only) fault injection.")
     chat_template: str | None = Field(None, description="Jinja chat template used when the "
                                       "tokenizer has none; None = the documented default.")
+    front: FrontDoorConfig = Field(default_factory=FrontDoorConfig, description="Request "
+                                   "size limits, token queue bound, Retry-After bounds and "
+                                   "API keys (specserve_ray/front_config.py).")
 
 
 # -- faults and recovery (deadlines, restarts, drain, test-only fault injection) -------------
@@ -337,12 +348,14 @@ class FaultSpecConfig(_Strict):
     action: Literal["raise", "stall", "die"]
     at_step: int | None = Field(None, ge=1)
     request: str | None = Field(None, min_length=1)
+    token: int | None = Field(None, ge=0, description="Fire on every step carrying a "
+                              "sequence whose prompt held this token id.")
     stall_s: float = Field(5.0, gt=0, le=600)
 
     @model_validator(mode="after")
     def _one_trigger(self):
-        if (self.at_step is None) == (self.request is None):
-            raise ValueError("a fault needs exactly one trigger: at_step or request")
+        if sum(x is not None for x in (self.at_step, self.request, self.token)) != 1:
+            raise ValueError("a fault needs exactly one trigger: at_step, request or token")
         return self
 
 

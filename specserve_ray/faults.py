@@ -23,6 +23,7 @@ class Fault:
     at_step: int | None = None     # 1-based step call of this incarnation
     request: str | None = None     # or: any step carrying a sequence id with this prefix
     stall_s: float = 5.0
+    token: int | None = None       # or: any step carrying a sequence whose prompt held it
 
 
 class FaultInjector:
@@ -30,27 +31,35 @@ class FaultInjector:
 
     def __init__(self, faults: list[dict] | None = None):
         self.faults = [Fault(f["action"], f.get("at_step"), f.get("request"),
-                             f.get("stall_s", 5.0)) for f in (faults or [])]
+                             f.get("stall_s", 5.0), f.get("token")) for f in (faults or [])]
         self.steps = 0
+        self.marked: set[str] = set()    # sequences whose prompt held a fault's token
 
     def arm(self, faults: list[dict]) -> None:
         """Add faults at run time; `at_step` counts from now (tests of a running app)."""
         for f in faults:
             at = f.get("at_step")
             self.faults.append(Fault(f["action"], None if at is None else self.steps + at,
-                                     f.get("request"), f.get("stall_s", 5.0)))
+                                     f.get("request"), f.get("stall_s", 5.0), f.get("token")))
 
-    def due(self, seq_ids: list[str]) -> list[Fault]:
-        """Advance the step count; the faults this step triggers."""
+    def due(self, seq_ids: list[str], prefill: list | None = None) -> list[Fault]:
+        """Advance the step count; the faults this step triggers. `prefill`: the plan's
+        PrefillItems (token triggers look into their prompts)."""
         self.steps += 1
         if not self.faults:
             return []
+        tokens = {f.token for f in self.faults if f.token is not None}
+        for item in prefill or ():
+            if tokens.intersection(item.prompt_ids):
+                self.marked.add(item.seq_id)
+        marked = self.marked.intersection(seq_ids)
         return [f for f in self.faults
                 if f.at_step == self.steps
-                or (f.request is not None and any(s.startswith(f.request) for s in seq_ids))]
+                or (f.request is not None and any(s.startswith(f.request) for s in seq_ids))
+                or (f.token is not None and marked)]
 
-    def on_step(self, role: str, seq_ids: list[str]) -> None:
-        for fault in self.due(seq_ids):
+    def on_step(self, role: str, seq_ids: list[str], prefill: list | None = None) -> None:
+        for fault in self.due(seq_ids, prefill):
             fire(role, fault, self.steps)
 
 

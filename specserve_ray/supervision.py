@@ -82,6 +82,7 @@ class Supervision:
         eng.running = [r for r in eng.running if r is not req]
         eng._to_release.append(req.request_id)
         req.unsynced_draft = []
+        req.resumed_len, req.num_prefilled = len(req.output_ids), 0
         self.faults.add("resumed_requests")
 
     def _fail_request(self, req: Request, error: Exception) -> None:
@@ -199,13 +200,20 @@ class Supervision:
         """Between steps: hand a fresh draft every running request's committed tokens
         (`install` prefills them and switches the transport back), then speculate again."""
         async with self.paused():
-            running = [r for r in self.engine.running if not r.finished and r.output_ids]
-            items = [PrefillItem(r.request_id, r.prompt_ids + r.output_ids[:-1],
-                                 SeqSampling(r.params.temperature, r.params.top_k,
-                                             r.params.top_p, r.params.seed))
-                     for r in running]
+            items, synced = [], []
+            for r in self.engine.running:
+                if r.finished or r.num_prefilled == 0:
+                    continue
+                p = SeqSampling(r.params.temperature, r.params.top_k, r.params.top_p,
+                                r.params.seed)
+                if r.prefill_done:   # all but the last token, which the next step carries
+                    items.append(PrefillItem(r.request_id, r.prompt_ids + r.output_ids[:-1], p))
+                    synced.append(r)
+                else:                # mid chunked prefill: the chunks so far; the rest follow
+                    items.append(PrefillItem(r.request_id, r.prefill_ids[:r.num_prefilled], p,
+                                             last=False))
             await install(items)
-            for r in running:   # the last committed token reaches the draft with the next step
+            for r in synced:
                 r.unsynced_draft = r.output_ids[-1:]
             self.engine.has_draft = True
             self.draft_up = True

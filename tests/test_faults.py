@@ -125,13 +125,15 @@ def test_target_raises_once_no_request_fails(app, reference):
 
 
 def test_only_the_culprit_fails(app, reference):
-    """A request whose every step raises fails alone; its batch neighbours finish."""
+    """A request whose every step raises fails alone; its batch neighbours finish. The
+    culprit is marked by a token id in its prompt (the server assigns request ids)."""
     handle, _ = app
     before = faults(handle)
-    handle.inject_fault.remote("target", "raise", request="culprit").result()
+    marker = 1999
+    handle.inject_fault.remote("target", "raise", token=marker).result()
     refs = [handle.generate.remote(p, max_tokens=n, ignore_eos=True, request_id=f"ok-{i}")
             for i, (p, n) in enumerate(zip(PROMPTS[:4], LENGTHS[:4]))]
-    bad = handle.generate.remote(PROMPTS[4], max_tokens=30, ignore_eos=True,
+    bad = handle.generate.remote([5, 17, 42, marker], max_tokens=30, ignore_eos=True,
                                  request_id="culprit-1")
     with pytest.raises(Exception, match="request failed in its step"):
         bad.result(timeout_s=300)

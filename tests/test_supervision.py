@@ -12,7 +12,7 @@ from helpers import hf_greedy, tiny_model
 from test_engine_lossless import make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine, StepFailed
 from specserve_ray.config import FaultsConfig, SamplingParams, parse_fault_env
-from specserve_ray.errors import OverloadedError, RequestError
+from specserve_ray.errors import RequestError, UnavailableError
 from specserve_ray.faults import FaultInjector, InjectedFault
 from specserve_ray.workers.host import run_draft, run_target
 
@@ -124,7 +124,7 @@ def test_drain_finishes_running_and_refuses_new():
         await asyncio.sleep(0.05)
         drain = asyncio.create_task(serving.drain(60))
         await asyncio.sleep(0)
-        with pytest.raises(OverloadedError, match="shutting down"):
+        with pytest.raises(UnavailableError, match="shutting down"):
             await serving.generate(prompts[0], SamplingParams(max_tokens=3))
         assert serving.readiness()[0] is False
         left = await drain
@@ -175,6 +175,14 @@ def test_fault_config_and_injector():
     inj.arm([{"action": "raise", "at_step": 1}])
     with pytest.raises(InjectedFault):
         inj.on_step("draft", ["a"])
+    from specserve_ray.contracts import PrefillItem, SeqSampling
+
+    inj.arm([{"action": "raise", "token": 77}])
+    inj.on_step("draft", ["b"], [PrefillItem("b", [1, 2], SeqSampling())])
+    with pytest.raises(InjectedFault):     # its prompt held the token: every step fires
+        inj.on_step("draft", ["c"], [PrefillItem("c", [5, 77], SeqSampling())])
+    with pytest.raises(InjectedFault):
+        inj.on_step("draft", ["b", "c"])
 
 
 def test_shipped_configs_cannot_inject(monkeypatch):
