@@ -71,7 +71,8 @@ async def blame(draft, target, exc: BaseException | None, probe_timeout: float =
         if d_busy is not None:
             return WorkerFault("draft", "timeout", detail)
         return WorkerFault("target", "timeout", detail)
-    if "DraftActor" in str(getattr(exc, "function_name", "") or "") or "DraftActor." in str(exc):
+    # A raised error names the actor it came from ("ray::DraftActor()" or its method).
+    if "DraftActor" in str(getattr(exc, "function_name", "") or "") or "ray::DraftActor" in str(exc):
         return WorkerFault("draft", "raised", detail)
     return WorkerFault("target", "raised", detail)
 
