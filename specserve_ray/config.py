@@ -20,6 +20,9 @@ EMBEDDED_TARGET = str(EMBEDDED_PAIR_DIR / "target")
 EMBEDDED_DRAFT = str(EMBEDDED_PAIR_DIR / "draft")
 
 DType = Literal["float32", "bfloat16", "float16"]
+# Who drafts: the draft model, prompt lookup (n-gram match in the request's own tokens),
+# or prompt lookup where it finds a match and the model elsewhere.
+Drafter = Literal["model", "ngram", "model+ngram"]
 
 
 class _Strict(BaseModel):
@@ -72,11 +75,33 @@ class SpeculationConfig(_Strict):
     profile_budget_s: float = Field(10.0, gt=0, le=600, description="Seconds the start-up "
                                     "profile of draft and target forwards may take (adaptive "
                                     "policies only; the fitted model is cached on disk).")
+    drafter: Drafter = Field("model", description="Who proposes draft tokens: 'model' (the "
+                             "draft model), 'ngram' (prompt lookup: the tokens that followed "
+                             "the longest recent earlier occurrence of the sequence's suffix "
+                             "in its own prompt and output; no draft model needed, zero draft "
+                             "cost) or 'model+ngram' (the n-gram proposal where there is a "
+                             "match, the model elsewhere). A request may choose its own with "
+                             "`drafter`.")
+    prompt_lookup_max: int = Field(4, ge=1, le=32, description="Longest suffix n-gram the "
+                                   "n-gram drafter matches (tried first).")
+    prompt_lookup_min: int = Field(2, ge=1, le=32, description="Shortest suffix n-gram "
+                                   "that counts as a match (shorter: no n-gram proposal).")
     synthetic_acceptance_rate: float | None = Field(
         None, ge=0.0, le=1.0, description="BENCHMARK ONLY, NOT LOSSLESS: the target accepts "
         "each draft token with this probability instead of verifying it (the forward still "
         "runs, so costs are real), to measure a system at a chosen acceptance rate. None "
         "(the default) = real lossless verification.")
+
+    @model_validator(mode="after")
+    def _lookup_sizes(self) -> "SpeculationConfig":
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        return self
+
+    @property
+    def uses_ngram(self) -> bool:
+        return self.drafter != "model"
 
     @field_validator("policy")
     @classmethod
@@ -217,6 +242,8 @@ class SamplingParams(_Strict):
     seed: int | None = Field(None, description="Seed for reproducible sampling.")
     stop: tuple[str, ...] = Field((), description="Stop strings; the output ends before them.")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
+    drafter: Drafter | None = Field(None, description="This request's drafter ('model', "
+                                    "'ngram', 'model+ngram'); None = speculation.drafter.")
 
     @field_validator("max_tokens")
     @classmethod

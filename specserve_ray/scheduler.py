@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
+from specserve_ray.drafting.ngram import NgramAcceptance, propose as ngram_propose
 from specserve_ray.contracts import (NO_BOUNDS, PrefillItem, RuntimeBounds, SeqSampling, StepPlan,
                                      StepResult)
 from specserve_ray.errors import RequestError
@@ -73,6 +74,9 @@ class Scheduler:
         self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
         self.step_totals = StepTotals()
         self.totals = SpecStats()
+        self.ngram_acceptance = NgramAcceptance(32)
+        # id(plan) -> per decode row: n-gram match length, or None (not an n-gram row).
+        self._ngram_rows: dict[int, list[int | None]] = {}
         self.slo = slo or SloConfig()
         self.slo_tracker = SloTracker()    # attainment of finished requests, per class name
 
@@ -158,6 +162,9 @@ class Scheduler:
         if num_speculative_tokens is not None and (
                 type(num_speculative_tokens) is not int or not 0 <= num_speculative_tokens <= 16):
             raise RequestError("num_speculative_tokens must be an integer in [0, 16]")
+        if params.drafter is not None and params.drafter == "model" and not self.has_draft:
+            raise RequestError("drafter 'model' needs a draft model and this engine has none; "
+                               "use 'ngram' or leave drafter unset")
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(f"request_id must be a string, got {type(request_id).__name__}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -217,6 +224,9 @@ class Scheduler:
             batch = batch[:max(max_rows, 0)]
         self._decided_by = self._control = None
         ks = self._final_ks(batch, self.k_chooser(batch)) if batch else []
+        fixed, fixed_conf, match_lens = self._ngram_drafts(batch, ks)
+        if fixed is not None:
+            ks = [len(f) if f is not None else k for f, k in zip(fixed, ks)]
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
         count_values(self.chosen_k_counts, ks)
@@ -230,7 +240,10 @@ class Scheduler:
             new_tokens.append(r.unsynced_draft)
             r.unsynced_draft = []
         control = self._control if any(ks) else None
-        plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control)
+        plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control,
+                        fixed, fixed_conf)
+        if fixed is not None:
+            self._ngram_rows[id(plan)] = match_lens
         if self._decided_by is not None:
             # Kept per plan: with pipelining another plan is decided before this one returns.
             context = sum(r.context_len for r in batch) / len(batch)
@@ -288,6 +301,59 @@ class Scheduler:
     def forget_plan(self, plan: StepPlan) -> None:
         """A plan that will never be applied (its execution failed)."""
         self._in_flight.pop(id(plan), None)
+        self._ngram_rows.pop(id(plan), None)
+
+    # -- drafters ----------------------------------------------------------------------------
+    def drafter_of(self, req: Request) -> str:
+        """The request's drafter this step: its own choice, else the configured one. With
+        no draft model, 'model+ngram' is 'ngram' and 'model' drafts nothing."""
+        drafter = req.params.drafter or self.speculation.drafter
+        if not self.has_draft and drafter == "model+ngram":
+            return "ngram"
+        return drafter
+
+    def _can_draft(self, req: Request) -> bool:
+        return self.has_draft or self.drafter_of(req) != "model"
+
+    def _ngram_drafts(self, batch: Sequence[Request], ks: Sequence[int]):
+        """Prompt-lookup proposals for the n-gram rows (after every cap on k): the drafts,
+        their confidences (observed n-gram acceptance by match length and depth) and the
+        match lengths; (None, None, None) when no row uses the n-gram drafter.
+
+        'ngram' rows always carry a fixed draft (empty without a match: a plain step);
+        'model+ngram' rows only with a match, the model drafts the others."""
+        spec = self.speculation
+        drafters = [self.drafter_of(r) for r in batch]
+        if all(d == "model" for d in drafters):
+            return None, None, None
+        control = self._control
+        threshold = control.threshold if control is not None and control.stop == "threshold" \
+            else None
+        fixed: list[list[int] | None] = []
+        confidence: list[list[float] | None] = []
+        match_lens: list[int | None] = []
+        for req, k, drafter in zip(batch, ks, drafters):
+            tokens, n = [], 0
+            if drafter != "model" and k > 0:
+                tokens, n = ngram_propose(req.token_history().view(), k,
+                                          spec.prompt_lookup_min, spec.prompt_lookup_max)
+            if drafter == "model" or (drafter == "model+ngram" and not tokens):
+                fixed.append(None)
+                confidence.append(None)
+                match_lens.append(None)
+                continue
+            conf = self.ngram_acceptance.confidences(n, len(tokens))
+            if threshold is not None:
+                # The threshold rule as in the draft loop: the first token always, then
+                # on while the last one's confidence reaches the threshold.
+                keep = 1
+                while keep < len(tokens) and conf[keep - 1] >= threshold:
+                    keep += 1
+                tokens, conf = tokens[:keep], conf[:keep]
+            fixed.append(tokens)
+            confidence.append(conf)
+            match_lens.append(n)
+        return fixed, confidence, match_lens
 
     # -- k: one home for every cap ------------------------------------------------------------
     def _static_k(self, requests: Sequence[Request]) -> list[int]:
@@ -312,10 +378,10 @@ class Scheduler:
     def _final_ks(self, batch: Sequence[Request], chosen: Sequence[int]) -> list[int]:
         """Every cap on k, in one place: the request's own k, what is left of max_tokens
         and the context (the final token is always the target's), then the cluster bounds."""
-        if not self.has_draft:
-            return [0] * len(batch)
         ks = []
         for req, k in zip(batch, chosen):
+            if not self._can_draft(req):
+                k = 0
             if req.num_speculative_tokens is not None:
                 k = min(k, req.num_speculative_tokens)
             left = req.params.max_tokens - len(req.output_ids) - 1
@@ -342,12 +408,17 @@ class Scheduler:
             # Verified counts: an in-loop early stop or trim can leave them below the caps.
             verified = (result.proposal.num_draft_tokens.tolist() if result.proposal is not None
                         else plan.num_draft)
-            for rid, k, tokens, n_acc in zip(plan.decode_ids, verified, v.emitted,
-                                             v.num_accepted):
+            match_lens = self._ngram_rows.pop(id(plan), None) or [None] * len(plan.decode_ids)
+            for rid, k, tokens, n_acc, n_match in zip(plan.decode_ids, verified, v.emitted,
+                                                      v.num_accepted, match_lens):
                 req = by_id.get(rid)
                 if req is None:        # aborted while the step was in flight
                     continue
                 req.spec.observe(num_draft=k, num_accepted=n_acc)
+                if n_match is not None:
+                    self.ngram_acceptance.observe(n_match, k, n_acc)
+                self.totals.observe_drafter("ngram" if n_match is not None else
+                                            "model" if k > 0 else "none", k, n_acc)
                 drafted += k
                 accepted += n_acc
                 emitted_total += self._commit(req, tokens)

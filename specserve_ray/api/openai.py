@@ -43,6 +43,8 @@ class _Common(BaseModel):
     slo_class: str | None = Field(None, description="Extra: the request's latency SLO class, "
                                   "one of engine.slo.classes (None = the default class).")
     num_speculative_tokens: int | None = Field(None, description="Extra: static k override.")
+    drafter: str | None = Field(None, description="Extra: this request's drafter, 'model', "
+                                "'ngram' or 'model+ngram' (None = the configured one).")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: Any = None
@@ -69,7 +71,8 @@ class _Common(BaseModel):
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                                   top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                                  stop=self.stop, ignore_eos=self.ignore_eos)
+                                  stop=self.stop, ignore_eos=self.ignore_eos,
+                                  drafter=self.drafter)
         except ValidationError as exc:
             raise RequestError(validation_message(exc)) from None
 
