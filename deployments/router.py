@@ -186,7 +186,9 @@ class SpecRouter:
         (bounded by profile_budget_s, cached on disk); requests keep flowing meanwhile.
         """
         user_config = dict(user_config or {})
-        spec_keys = ("num_speculative_tokens", "policy", "profile_budget_s")
+        spec_keys = ("num_speculative_tokens", "policy", "profile_budget_s",
+                     # n-gram drafting (drafter 'ngram' | 'model' | 'model+ngram').
+                     "drafter", "prompt_lookup_min", "prompt_lookup_max")
         updates = {k: user_config.pop(k) for k in spec_keys if k in user_config}
         if updates:
             spec = SpeculationConfig(**{**self.engine.speculation.model_dump(), **updates})
