@@ -162,3 +162,28 @@ def test_seeded_ngram_sampling_reproduces():
     first = run(0)
     assert first == run(0) == run(0, neighbours=2)
     assert first != run(100)
+
+
+def test_threshold_policy_stops_ngram_proposals_by_their_confidence(pair):
+    target, _ = pair
+    prompts = repeating_prompts(2, seed=21)
+    counts = {}
+    for policy in ("static", "threshold:0.99"):
+        engine = ngram_engine(target, None, "ngram", k=6)
+        engine.speculation = engine.speculation.model_copy(update={"policy": policy})
+        outs = engine.generate(prompts, GREEDY)
+        for prompt, out in zip(prompts, outs):
+            assert out.output_ids == hf_greedy(target, prompt, 32)
+        ngram = engine.totals.per_drafter["ngram"]
+        counts[policy] = (ngram.num_draft_tokens, ngram.num_drafts)
+    # No n-gram token is believed 99% likely: every proposal is cut to its first token.
+    drafted, steps = counts["threshold:0.99"]
+    assert drafted == steps > 0
+    assert counts["static"][0] > counts["static"][1]
+
+
+def test_lookup_sizes_are_validated():
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        SpeculationConfig(drafter="ngram", prompt_lookup_min=5, prompt_lookup_max=3)
+    with pytest.raises(ValueError):
+        SpeculationConfig(drafter="suffix")

@@ -120,3 +120,24 @@ def test_fixed_rows_merge_into_a_model_proposal_and_get_point_mass():
     assert with_point_mass(merged, [False, False, False], 12) is None
     alone = fixed_proposal([[3], None], [[.6], None])
     assert alone.draft_token_ids.tolist() == [[3], [-1]] and alone.num_draft_tokens.tolist() == [1, 0]
+
+
+def test_per_drafter_stats_are_summable_and_reported():
+    from specserve_ray.stats import SpecStats
+
+    a, b = SpecStats(), SpecStats()
+    a.observe(4, 2)
+    a.observe_drafter("ngram", 4, 2)
+    b.observe(3, 3)
+    b.observe_drafter("model", 3, 3)
+    b.observe_drafter("ngram", 2, 0)
+    total = a.merged(b)
+    assert (total.num_draft_tokens, total.num_accepted_tokens, total.num_steps) == (7, 5, 2)
+    assert total.accepted_per_position == [2, 2, 1]
+    summary = total.summary()["per_drafter"]
+    assert summary["ngram"]["num_draft_tokens"] == 6 and summary["ngram"]["num_accepted_tokens"] == 2
+    assert summary["model"]["acceptance_rate"] == 1.0
+    assert "per_drafter" not in SpecStats().summary()     # per-request summaries unchanged
+    copy = total.copy()
+    copy.per_drafter["ngram"].observe(1, 1)
+    assert total.per_drafter["ngram"].num_steps == 2
