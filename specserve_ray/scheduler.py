@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
-from specserve_ray.drafting.ngram import NgramAcceptance, propose as ngram_propose
+from specserve_ray.drafting.planner import NgramPlanner
 from specserve_ray.contracts import (NO_BOUNDS, PrefillItem, RuntimeBounds, SeqSampling, StepPlan,
                                      StepResult)
 from specserve_ray.errors import RequestError
@@ -74,7 +74,7 @@ class Scheduler:
         self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
         self.step_totals = StepTotals()
         self.totals = SpecStats()
-        self.ngram_acceptance = NgramAcceptance(32)
+        self.ngram = NgramPlanner()     # prompt lookup and its acceptance estimates
         # id(plan) -> per decode row: n-gram match length, or None (not an n-gram row).
         self._ngram_rows: dict[int, list[int | None]] = {}
         self.slo = slo or SloConfig()
@@ -316,44 +316,19 @@ class Scheduler:
         return self.has_draft or self.drafter_of(req) != "model"
 
     def _ngram_drafts(self, batch: Sequence[Request], ks: Sequence[int]):
-        """Prompt-lookup proposals for the n-gram rows (after every cap on k): the drafts,
-        their confidences (observed n-gram acceptance by match length and depth) and the
-        match lengths; (None, None, None) when no row uses the n-gram drafter.
-
-        'ngram' rows always carry a fixed draft (empty without a match: a plain step);
-        'model+ngram' rows only with a match, the model drafts the others."""
-        spec = self.speculation
+        """The n-gram rows' drafts (drafting/planner.py), after every cap on k."""
         drafters = [self.drafter_of(r) for r in batch]
         if all(d == "model" for d in drafters):
             return None, None, None
-        control = self._control
+        spec, control = self.speculation, self._control
         threshold = control.threshold if control is not None and control.stop == "threshold" \
             else None
-        fixed: list[list[int] | None] = []
-        confidence: list[list[float] | None] = []
-        match_lens: list[int | None] = []
-        for req, k, drafter in zip(batch, ks, drafters):
-            tokens, n = [], 0
-            if drafter != "model" and k > 0:
-                tokens, n = ngram_propose(req.token_history().view(), k,
-                                          spec.prompt_lookup_min, spec.prompt_lookup_max)
-            if drafter == "model" or (drafter == "model+ngram" and not tokens):
-                fixed.append(None)
-                confidence.append(None)
-                match_lens.append(None)
-                continue
-            conf = self.ngram_acceptance.confidences(n, len(tokens))
-            if threshold is not None:
-                # The threshold rule as in the draft loop: the first token always, then
-                # on while the last one's confidence reaches the threshold.
-                keep = 1
-                while keep < len(tokens) and conf[keep - 1] >= threshold:
-                    keep += 1
-                tokens, conf = tokens[:keep], conf[:keep]
-            fixed.append(tokens)
-            confidence.append(conf)
-            match_lens.append(n)
-        return fixed, confidence, match_lens
+        histories = [r.token_history().view() if d != "model" else None
+                     for r, d in zip(batch, drafters)]
+        out = self.ngram.plan(histories, ks, drafters,
+                              (spec.prompt_lookup_min, spec.prompt_lookup_max),
+                              self.has_draft, threshold)
+        return out.drafts, out.confidence, out.match_lengths
 
     # -- k: one home for every cap ------------------------------------------------------------
     def _static_k(self, requests: Sequence[Request]) -> list[int]:
@@ -415,8 +390,7 @@ class Scheduler:
                 if req is None:        # aborted while the step was in flight
                     continue
                 req.spec.observe(num_draft=k, num_accepted=n_acc)
-                if n_match is not None:
-                    self.ngram_acceptance.observe(n_match, k, n_acc)
+                self.ngram.observe(n_match, k, n_acc)
                 self.totals.observe_drafter("ngram" if n_match is not None else
                                             "model" if k > 0 else "none", k, n_acc)
                 drafted += k

@@ -141,3 +141,27 @@ def test_per_drafter_stats_are_summable_and_reported():
     copy = total.copy()
     copy.per_drafter["ngram"].observe(1, 1)
     assert total.per_drafter["ngram"].num_steps == 2
+
+
+def test_planner_model_plus_ngram_follows_the_better_observed_drafter():
+    from specserve_ray.drafting.planner import NgramPlanner
+
+    hist = arr(1, 2, 3, 4, 5, 6, 1, 2)          # a 2-gram match: proposes 3, 4, 5
+    planner = NgramPlanner(max_n=4, max_k=4)
+    plan = planner.plan([hist, None], [3, 3], ["model+ngram", "model"], (1, 4), True)
+    assert plan.drafts == [[3, 4, 5], None] and plan.match_lengths == [2, None]
+    for _ in range(50):                         # the model is always right, n-grams never
+        planner.observe(None, 3, 3)
+        planner.observe(2, 3, 0)
+    assert planner.plan([hist], [3], ["model+ngram"], (1, 4), True).drafts == [None]
+    # 'ngram' keeps its proposal whatever the model does; without a model so does the mix.
+    assert planner.plan([hist], [3], ["ngram"], (1, 4), True).drafts == [[3, 4, 5]]
+    assert planner.plan([hist], [3], ["model+ngram"], (1, 4), False).drafts == [[3, 4, 5]]
+    # No match: an empty n-gram draft (a plain step) or the model's turn.
+    nomatch = arr(1, 2, 3)
+    assert planner.plan([nomatch], [3], ["ngram"], (1, 4), True).drafts == [[]]
+    assert planner.plan([nomatch], [3], ["model+ngram"], (1, 4), True).drafts == [None]
+    # The threshold rule cuts a proposal after its first token below the threshold.
+    cut = planner.plan([hist], [3], ["ngram"], (1, 4), True, threshold=0.5)
+    assert cut.drafts == [[3]]
+    assert planner.plan([None], [3], ["model"], (1, 4), True) is None

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NgramMatch", "TokenHistory", "find_match", "propose", "NgramAcceptance"]
+__all__ = ["NgramMatch", "TokenHistory", "find_match", "propose", "NgramAcceptance",
+           "expected_accepted"]
 
 
 class TokenHistory:
@@ -132,3 +133,9 @@ class NgramAcceptance:
         outcome[:min(num_accepted, seen)] = 1.0
         row = self.table[n, :seen]
         self.table[n, :seen] = row + self.weight * (outcome - row)
+
+
+def expected_accepted(confidences) -> float:
+    """Expected accepted tokens of a draft whose token j is accepted with conditional
+    probability confidences[j] (a draft is accepted up to its first rejection)."""
+    return float(np.cumprod(np.asarray(confidences, np.float64)).sum()) if len(confidences) else 0.0
