@@ -370,6 +370,7 @@ class Scheduler:
         outputs: list[RequestOutput] = []
         by_id = {r.request_id: r for r in self.running}
         now = time.monotonic()
+        ngram_rows = self._ngram_rows.pop(id(plan), None)   # match length per n-gram row
         for item, token in zip(plan.prefill, result.first_tokens):
             req = by_id.get(item.seq_id)
             if req is None or not item.last:
@@ -383,7 +384,7 @@ class Scheduler:
             # Verified counts: an in-loop early stop or trim can leave them below the caps.
             verified = (result.proposal.num_draft_tokens.tolist() if result.proposal is not None
                         else plan.num_draft)
-            match_lens = self._ngram_rows.pop(id(plan), None) or [None] * len(plan.decode_ids)
+            match_lens = ngram_rows or [None] * len(plan.decode_ids)
             for rid, k, tokens, n_acc, n_match in zip(plan.decode_ids, verified, v.emitted,
                                                       v.num_accepted, match_lens):
                 req = by_id.get(rid)
