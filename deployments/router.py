@@ -24,6 +24,8 @@ from ray import serve
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specserve_ray.api import openai as oai
+from specserve_ray.api import validation as checks
+from specserve_ray.api.inputs import check_text
 from specserve_ray.async_engine import AsyncSpecEngine, StepFailed
 from specserve_ray.config import AppConfig, SamplingParams, SloConfig, SpeculationConfig
 from specserve_ray.engine import SpecEngine
@@ -68,16 +70,13 @@ def _message(exc: BaseException) -> str:
 
 def _error_response(exc: BaseException) -> JSONResponse:
     status = _status_for(exc)
-    return JSONResponse(oai.error_body(_message(exc), status), status_code=status)
+    return JSONResponse(oai.error_body(_message(exc), status, **oai.error_fields(exc)),
+                        status_code=status)
 
 
 @api.exception_handler(RequestValidationError)
 async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
-    return JSONResponse(oai.error_body("invalid request: " + "; ".join(parts), 400), status_code=400)
+    return _error_response(checks.request_error(exc.errors()))
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -240,7 +239,8 @@ class SpecRouter:
         `handle.options(stream=True)`) it yields one dict per step with the new text and
         token ids instead.
         """
-        params = SamplingParams(**sampling)
+        prompt, params, num_speculative_tokens, slo_class = checks.handle_call(
+            prompt, num_speculative_tokens, slo_class, sampling)
         if stream:
             return self._stream_dicts(prompt, params, request_id, num_speculative_tokens,
                                       slo_class)
@@ -291,7 +291,7 @@ class SpecRouter:
     def _check_model(self, body: oai._Common) -> None:
         if body.model is not None and body.model != self.model_name:
             raise RequestError(f"model {body.model!r} is not served here; "
-                               f"available: {self.model_name!r}")
+                               f"available: {self.model_name!r}", "model", "model_not_found")
 
     @api.post("/v1/completions")
     async def completions(self, body: oai.CompletionRequest):
@@ -368,7 +368,8 @@ class SpecRouter:
                                                 last.spec.summary()))
                 yield "data: [DONE]\n\n"
             except (StepFailed, OverloadedError, RequestError) as exc:
-                yield event(oai.error_body(_message(exc), _status_for(exc)))
+                yield event(oai.error_body(_message(exc), _status_for(exc),
+                                           **oai.error_fields(exc)))
                 yield "data: [DONE]\n\n"
             finally:
                 await stream.aclose()   # a disconnect lands here: abort + free caches
@@ -384,9 +385,11 @@ class SpecRouter:
                     "stop": list(request.stop), "ignore_eos": request.ignore_eos}
         if request.HasField("seed"):
             sampling["seed"] = request.seed
+        check_text(request.prompt, "prompt")
+        check_text(request.slo_class, "slo_class")
         k = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else None
         # proto3 strings cannot be unset: empty means the default class.
-        return (pb, SamplingParams(**sampling), k, (request.request_id or None),
+        return (pb, checks.sampling_params(**sampling), k, (request.request_id or None),
                 request.slo_class or None)
 
     @staticmethod

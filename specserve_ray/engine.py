@@ -39,7 +39,7 @@ from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
 from specserve_ray.contracts import StepPlan, StepResult
 from specserve_ray.workers.host import run_draft, run_target
-from specserve_ray.contracts import PrefillItem, SeqSampling
+from specserve_ray.contracts import PrefillItem
 
 
 @dataclass
@@ -355,9 +355,8 @@ class SpecEngine:
         count_values(self.chosen_k_counts, ks)
         prefill = []
         for req in admitted:
-            p = req.params
             prefill.append(PrefillItem(req.request_id, req.prompt_ids,
-                                       SeqSampling(p.temperature, p.top_k, p.top_p, p.seed)))
+                                       req.params.seq_sampling(self.vocab_size)))
             self.running.append(req)
         if not (release or prefill or batch):
             return None
