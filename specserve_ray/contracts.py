@@ -34,9 +34,13 @@ class SeqSampling:
 
 @dataclass(frozen=True)
 class PrefillItem:
+    """One chunk of a prompt to cache (chunked prefill: a prompt may take several steps)."""
+
     seq_id: str
-    prompt_ids: list[int]
+    prompt_ids: list[int]      # this chunk's tokens, in order after the earlier chunks
     sampling: SeqSampling
+    first: bool = True         # the sequence starts here (the worker takes a cache slot)
+    last: bool = True          # the prompt ends here: the target samples the first token
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class DraftOutput:
 
 @dataclass(frozen=True)
 class StepResult:
-    first_tokens: list[int]                 # one per plan.prefill item
+    first_tokens: list[int | None]          # one per plan.prefill item; None unless `last`
     verify: VerifyResult | None
     proposal: Proposal | None
     draft_error: str | None = None

@@ -1,0 +1,435 @@
+"""Scheduler: plans every step and applies its result; knows requests, not models.
+
+    waiting ──admit──> prefilling ──last chunk scored──> decoding ──EOS/stop/length──> done
+
+A step's plan, under a token budget (`limits.max_num_batched_tokens`, vLLM's name):
+  1. decode rows first: every decoding request verifies its pending token + k_i drafts
+     (k_i from the speculation policy, clamped in one place: `_final_ks`);
+  2. then prefill chunks: partially prefilled prompts continue, then waiting requests are
+     admitted (FIFO, or least TTFT slack first), each taking at most what is left of the
+     budget, so a long arrival never stalls the running batch for more than one budget.
+A request's first token is sampled when its last chunk is scored. Chunking is exact: the
+KV cache holds the same keys whatever the chunk boundaries (greedy output identical).
+
+The workers run the plan (in-process: `engine.SpecEngine`; Ray actors: the router).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from typing import Callable, Sequence
+
+import numpy as np
+
+from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
+from specserve_ray.contracts import (NO_BOUNDS, PrefillItem, RuntimeBounds, StepPlan,
+                                     StepResult)
+from specserve_ray.errors import RequestError
+from specserve_ray.output import commit_tokens
+from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
+                                  make_policy, update_confidence_ema)
+from specserve_ray.policy.cluster import bound_ks
+from specserve_ray.policy.control import DraftControl
+from specserve_ray.policy.slo import (ClassAttainment, SloClass, SloRegistry, SloTracker,
+                                      admission_order)
+from specserve_ray.request import Request, RequestOutput
+from specserve_ray.stats import SpecStats, StepStats, StepTotals, count_values
+
+KChooser = Callable[[Sequence[Request]], list[int]]
+
+
+class Scheduler:
+    def __init__(self, tokenizer, vocab_size: int | None, has_draft: bool,
+                 limits: LimitsConfig | None = None, speculation: SpeculationConfig | None = None,
+                 k_chooser: KChooser | None = None, cost_model: CostModel | None = None,
+                 slo: SloConfig | SloRegistry | None = None):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.has_draft = has_draft
+        self.limits = limits or LimitsConfig()
+        self.cost_model = cost_model
+        self.policy: SpeculationPolicy | None = None
+        self._decided_by: SpeculationPolicy | None = None   # the policy planning this step
+        # id(plan) -> (policy that decided it, mean context) until the plan is applied.
+        self._in_flight: dict[int, tuple[SpeculationPolicy, float]] = {}
+        self._control: DraftControl | None = None           # its in-draft-loop rules
+        self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
+        self.chosen_k_rows = 0
+        # Rows per chosen k, cumulative since start (never reset; clients diff snapshots).
+        self.chosen_k_counts: list[int] = []
+        self.bounds = RuntimeBounds()   # cluster controller's caps; kept across policy switches
+        self.speculation = speculation or SpeculationConfig()
+        self.eos_token_id = tokenizer.eos_token_id
+        self.k_chooser = k_chooser or self._choose_k
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []     # admitted: prefilling or decoding
+        self._ids = itertools.count()
+        # Releases travel with the next plan (one message per step); an in-process engine
+        # with local workers releases at once instead (`release_eagerly`).
+        self.release_eagerly = False
+        self._to_release: list[str] = []
+        self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
+        self.step_totals = StepTotals()
+        self.totals = SpecStats()
+        self.slo = slo or SloConfig()
+        self.slo_tracker = SloTracker()    # attainment of finished requests, per class name
+
+    # -- knobs --------------------------------------------------------------------------------
+    @property
+    def slo(self) -> SloRegistry:
+        return self._slo
+
+    @slo.setter
+    def slo(self, slo: SloConfig | SloRegistry) -> None:
+        """Swap the SLO classes between steps (new requests resolve against them)."""
+        registry = slo if isinstance(slo, SloRegistry) else slo.registry()
+        classes = registry.classes.values()
+        # Decided here, not per step: without budgets admission stays FIFO and the
+        # policy sees no SLO at all.
+        self._slo_orders_admission = any(math.isfinite(c.ttft_s) for c in classes)
+        self._slo_caps_steps = any(math.isfinite(c.tpot_s) for c in classes)
+        self._slo = registry
+
+    @property
+    def speculation(self) -> SpeculationConfig:
+        return self._speculation
+
+    @speculation.setter
+    def speculation(self, spec: SpeculationConfig) -> None:
+        """Switch speculation (policy included) between steps; the old one stays on error."""
+        policy = None
+        if spec.static_k is None:
+            if spec.needs_cost_model and self.cost_model is None:
+                raise ValueError(f"policy {spec.policy!r} needs a cost model; profile the "
+                                 "workers first (SpecEngine.from_config does)")
+            policy = make_policy(spec.policy, self.cost_model,
+                                 max_k=spec.num_speculative_tokens)
+        self._speculation, self.policy = spec, policy
+        self.chosen_k_sum = self.chosen_k_rows = 0
+        self.apply_bounds(self.bounds)
+
+    def apply_bounds(self, bounds: RuntimeBounds) -> None:
+        """Cap speculation from outside (cluster controller), for every policy, static
+        included; the caps survive policy switches. They only ever lower k (lossless)."""
+        self.bounds = bounds
+        if self.policy is not None:
+            self.policy.apply_bounds(bounds.speculation_enabled,
+                                     self.policy.max_k if bounds.max_k is None else bounds.max_k,
+                                     bounds.verify_budget)
+
+    @property
+    def mean_chosen_k(self) -> float:
+        """Mean k per decode row (after clamping) since the policy last changed."""
+        return self.chosen_k_sum / self.chosen_k_rows if self.chosen_k_rows else 0.0
+
+    # -- requests -----------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = list(prompt)
+        vocab = self.vocab_size
+        if any((type(t) is not int) or t < 0 or t >= vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None,
+                    num_speculative_tokens: int | None = None,
+                    slo_class: str | None = None) -> str:
+        params = params or SamplingParams()
+        slo = self.resolve_slo_class(slo_class)
+        prompt_ids = self.encode(prompt)
+        lim = self.limits
+        if not prompt_ids:
+            raise RequestError("prompt is empty")
+        if len(prompt_ids) >= lim.max_model_len:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the context holds "
+                               f"{lim.max_model_len} including at least one output token")
+        if params.max_tokens > lim.max_tokens:
+            raise RequestError(f"max_tokens {params.max_tokens} exceeds the limit {lim.max_tokens}")
+        if len(prompt_ids) + params.max_tokens > lim.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context length {lim.max_model_len}")
+        if num_speculative_tokens is not None and (
+                type(num_speculative_tokens) is not int or not 0 <= num_speculative_tokens <= 16):
+            raise RequestError("num_speculative_tokens must be an integer in [0, 16]")
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError(f"request_id must be a string, got {type(request_id).__name__}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if any(r.request_id == rid for r in itertools.chain(self.waiting, self.running)):
+            raise RequestError(f"request id {rid!r} is already in use")
+        self.waiting.append(Request(rid, prompt_ids, params, num_speculative_tokens, slo))
+        return rid
+
+    def resolve_slo_class(self, name: str | None) -> SloClass:
+        """The class a request named (None = the default); RequestError if unknown."""
+        if name is not None and not isinstance(name, str):
+            raise RequestError(f"slo_class must be a string, got {type(name).__name__}")
+        try:
+            return self._slo.get(name)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its caches on both workers."""
+        for queue in (self.waiting, self.running):
+            for r in queue:
+                if r.request_id == request_id:
+                    queue.remove(r)
+                    if queue is self.running:
+                        self._release([request_id])
+                    return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _release(self, ids: list[str]) -> None:
+        self._to_release.extend(ids)
+        if self.release_eagerly:
+            self._release_now()
+
+    def _release_now(self) -> None:
+        """Free released caches on local workers at once (the in-process engine)."""
+
+    def requeue_releases(self, ids: Sequence[str]) -> None:
+        """Releases of a plan that never reached the workers travel again with the next."""
+        self._to_release.extend(i for i in ids if i not in self._to_release)
+
+    # -- plan ---------------------------------------------------------------------------------
+    def plan_step(self, busy: frozenset[str] | set[str] = frozenset(),
+                  max_rows: int | None = None) -> StepPlan | None:
+        """Choose every decoding request's k, then fill the token budget with prefill.
+
+        `busy` are requests in a step still in flight (draft/verify pipelining): they are
+        left out, so a request is in at most one step at a time. `max_rows` caps the
+        decode batch, to split the running requests into micro-batches.
+        """
+        release, self._to_release = self._to_release, []
+        batch = [r for r in self.running
+                 if r.prefill_done and not r.finished and r.request_id not in busy]
+        if max_rows is not None:
+            batch = batch[:max(max_rows, 0)]
+        self._decided_by = self._control = None
+        ks = self._final_ks(batch, self.k_chooser(batch)) if batch else []
+        self.chosen_k_sum += sum(ks)
+        self.chosen_k_rows += len(ks)
+        count_values(self.chosen_k_counts, ks)
+        budget = self.limits.max_num_batched_tokens
+        left = math.inf if budget is None else budget - sum(k + 1 for k in ks)
+        prefill = self._plan_prefill(left, busy)
+        if not (release or prefill or batch):
+            return None
+        new_tokens = []
+        for r in batch:
+            new_tokens.append(r.unsynced_draft)
+            r.unsynced_draft = []
+        control = self._control if any(ks) else None
+        plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control)
+        if self._decided_by is not None:
+            # Kept per plan: with pipelining another plan is decided before this one returns.
+            context = sum(r.context_len for r in batch) / len(batch)
+            self._in_flight[id(plan)] = (self._decided_by, context)
+        return plan
+
+    def _plan_prefill(self, left: float, busy) -> list[PrefillItem]:
+        """Chunks of prompts within `left` tokens: unfinished prompts first, then arrivals."""
+        budget = self.limits.max_num_batched_tokens
+        if budget is not None:
+            # Decode rows come first, but arrivals are never starved: prefill always gets
+            # at least a quarter of the budget.
+            left = max(left, budget // 4, 1)
+        items: list[PrefillItem] = []
+        started = [r for r in self.running if not r.prefill_done and r.request_id not in busy]
+        free = self.limits.max_num_seqs - len(self.running)
+        for req in itertools.chain(started, self._admit(free, left, started)):
+            if left < 1:
+                break
+            start = req.num_prefilled
+            end = int(min(len(req.prompt_ids), start + left))
+            items.append(PrefillItem(req.request_id, req.prompt_ids[start:end],
+                                     req.params.seq_sampling(self.vocab_size),
+                                     first=start == 0, last=end == len(req.prompt_ids)))
+            req.num_prefilled = end
+            left -= end - start
+            if start == 0:
+                self.running.append(req)
+        return items
+
+    def _admit(self, free: int, left: float, started: list[Request]) -> list[Request]:
+        """Take waiting requests that get a slot and some of the budget: FIFO, or least
+        TTFT slack first when the classes have TTFT budgets and not everyone fits."""
+        left -= sum(len(r.prompt_ids) - r.num_prefilled for r in started)
+        if free <= 0 or left < 1 or not self.waiting:
+            return []
+        if not self._slo_orders_admission or free >= len(self.waiting):
+            order = list(range(len(self.waiting)))
+        else:
+            order = admission_order([(r.arrival_time, r.slo) for r in self.waiting],
+                                    time.monotonic())
+        chosen = []
+        for i in order:
+            if len(chosen) >= free or left < 1:
+                break
+            chosen.append(i)
+            left -= len(self.waiting[i].prompt_ids)
+        taken = set(chosen)
+        admitted = [self.waiting[i] for i in chosen]
+        # The rest keep their arrival order, so FIFO holds among equal classes.
+        self.waiting = [r for i, r in enumerate(self.waiting) if i not in taken]
+        return admitted
+
+    def forget_plan(self, plan: StepPlan) -> None:
+        """A plan that will never be applied (its execution failed)."""
+        self._in_flight.pop(id(plan), None)
+
+    # -- k: one home for every cap ------------------------------------------------------------
+    def _static_k(self, requests: Sequence[Request]) -> list[int]:
+        return [self.speculation.static_k] * len(requests)
+
+    def _choose_k(self, requests: Sequence[Request]) -> list[int]:
+        """The default k_chooser: the static k, or the policy's per-request caps."""
+        policy = self.policy
+        if policy is None:
+            return self._static_k(requests)
+        state = BatchState(
+            context_len=[r.context_len for r in requests],
+            remaining_tokens=[r.params.max_tokens - len(r.output_ids) for r in requests],
+            confidence_ema=[r.confidence_ema for r in requests],
+            tpot_budget_s=[r.slo.tpot_s for r in requests] if self._slo_caps_steps else None,
+            queue_depth=len(self.waiting))
+        decision = policy.decide(state)
+        self._decided_by = policy
+        self._control = decision.control
+        return list(decision.max_k)
+
+    def _final_ks(self, batch: Sequence[Request], chosen: Sequence[int]) -> list[int]:
+        """Every cap on k, in one place: the request's own k, what is left of max_tokens
+        and the context (the final token is always the target's), then the cluster bounds."""
+        if not self.has_draft:
+            return [0] * len(batch)
+        ks = []
+        for req, k in zip(batch, chosen):
+            if req.num_speculative_tokens is not None:
+                k = min(k, req.num_speculative_tokens)
+            left = req.params.max_tokens - len(req.output_ids) - 1
+            room = self.limits.max_model_len - req.context_len - 1
+            ks.append(max(0, min(k, left, room)))
+        return bound_ks(ks, self.bounds) if self.bounds != NO_BOUNDS else ks
+
+    # -- apply --------------------------------------------------------------------------------
+    def apply_step(self, plan: StepPlan, result: StepResult, seconds: float) -> list[RequestOutput]:
+        """Commit what the workers produced; return the per-request deltas."""
+        outputs: list[RequestOutput] = []
+        by_id = {r.request_id: r for r in self.running}
+        now = time.monotonic()
+        for item, token in zip(plan.prefill, result.first_tokens):
+            req = by_id.get(item.seq_id)
+            if req is None or not item.last:
+                continue
+            req.first_token_time = now
+            self._commit(req, [token])
+            outputs.append(self._delta(req))
+        if result.verify is not None:
+            v = result.verify
+            drafted = accepted = emitted_total = 0
+            # Verified counts: an in-loop early stop or trim can leave them below the caps.
+            verified = (result.proposal.num_draft_tokens.tolist() if result.proposal is not None
+                        else plan.num_draft)
+            for rid, k, tokens, n_acc in zip(plan.decode_ids, verified, v.emitted,
+                                             v.num_accepted):
+                req = by_id.get(rid)
+                if req is None:        # aborted while the step was in flight
+                    continue
+                req.spec.observe(num_draft=k, num_accepted=n_acc)
+                drafted += k
+                accepted += n_acc
+                emitted_total += self._commit(req, tokens)
+                outputs.append(self._delta(req))
+            draft_s = result.proposal.seconds if result.proposal is not None else 0.0
+            stats = StepStats(batch_size=len(plan.decode_ids), num_draft_tokens=drafted,
+                              num_accepted_tokens=accepted, num_emitted_tokens=emitted_total,
+                              draft_seconds=draft_s, verify_seconds=v.seconds,
+                              total_seconds=seconds, prefill_seconds=result.prefill_seconds)
+            self.recent_steps.append(stats)
+            self.step_totals.add(stats)
+            self.totals.merge_step(stats)
+            decided = self._in_flight.pop(id(plan), None)
+            if decided is not None and decided[0] is self.policy:
+                self._feed_policy(plan, result, by_id, seconds, decided[1])
+        self._retire_finished(now)
+        return outputs
+
+    def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float,
+                     context: float) -> None:
+        """Per-request confidence EMAs, then the policy's own step feedback."""
+        v, proposal = result.verify, result.proposal
+        if proposal is not None:
+            counts = proposal.drafted.numpy().astype(np.int64)
+            verified = tuple(int(n) for n in proposal.num_draft_tokens)
+        else:
+            counts = np.asarray(plan.num_draft, np.int64)
+            verified = None
+        if proposal is not None and proposal.draft_confidence.shape[1] > 0:
+            confidences = proposal.draft_confidence.numpy()
+        else:
+            confidences = np.zeros((len(plan.decode_ids), 0))
+        ema = np.array([by_id[rid].confidence_ema if rid in by_id else 0.5
+                        for rid in plan.decode_ids])
+        ema = update_confidence_ema(ema, self.policy.calibrate(confidences), counts)
+        for rid, value in zip(plan.decode_ids, ema):
+            if rid in by_id:
+                by_id[rid].confidence_ema = float(value)
+        self.policy.observe(StepFeedback(
+            num_drafted=tuple(int(k) for k in counts), num_accepted=tuple(v.num_accepted),
+            step_seconds=seconds, num_verified=verified,
+            draft_seconds=proposal.seconds if proposal is not None else None,
+            verify_seconds=v.seconds, batch_size=len(plan.decode_ids), mean_context=context,
+            confidences=confidences if confidences.shape[1] else None))
+        if self.cost_model is not None and not plan.prefill:
+            # What the step cost beside its two forwards (router, transport, bookkeeping).
+            draft_s = proposal.seconds if proposal is not None else 0.0
+            self.cost_model.observe_step_overhead(max(seconds - draft_s - v.seconds, 0.0))
+
+    def _retire_finished(self, now: float) -> None:
+        done = [r for r in self.running if r.finished]
+        if done:
+            for r in done:
+                self._record_slo(r, now)
+            self.running = [r for r in self.running if not r.finished]
+            self._release([r.request_id for r in done])
+
+    def _record_slo(self, req: Request, finished_at: float) -> None:
+        """Count a finished request toward its class's attainment (aborted ones never are)."""
+        ttft = req.first_token_time - req.arrival_time
+        later_tokens = len(req.output_ids) - 1
+        mean_tpot = (finished_at - req.first_token_time) / later_tokens if later_tokens > 0 else None
+        self.slo_tracker.record(req.slo, ttft, mean_tpot)
+
+    def slo_summary(self) -> dict:
+        """Per configured class: its budgets (None = none) and its finished requests'
+        attainment and latencies. JSON-safe (no infinities)."""
+        counts = self.slo_tracker.per_class
+        out = {}
+        for name, cls in sorted(self._slo.classes.items()):
+            out[name] = {"ttft_budget_s": cls.ttft_s if math.isfinite(cls.ttft_s) else None,
+                         "tpot_budget_s": cls.tpot_s if math.isfinite(cls.tpot_s) else None,
+                         **counts.get(name, ClassAttainment()).summary()}
+        return {"default_class": self._slo.default, "classes": out}
+
+    # -- output -------------------------------------------------------------------------------
+    def _commit(self, req: Request, tokens: list[int]) -> int:
+        return commit_tokens(req, tokens, self.eos_token_id, self.tokenizer)
+
+    @staticmethod
+    def _delta(req: Request) -> RequestOutput:
+        new_text = req.text.take(req.finished)
+        new_ids = req.output_ids[req.sent_token_len:]
+        req.sent_token_len = len(req.output_ids)
+        return RequestOutput(req.request_id, new_ids, new_text, req.finished, req.finish_reason,
+                             len(req.prompt_ids), len(req.output_ids), req.spec.copy())
