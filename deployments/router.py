@@ -435,6 +435,8 @@ class SpecRouter:
                     prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
                     speculation=self._spec_pb(pb, out.spec.summary()))
         except Exception as exc:  # noqa: BLE001
-            if grpc_context is None:
-                raise
-            self._grpc_error(grpc_context, exc)
+            if grpc_context is not None:
+                self._grpc_error(grpc_context, exc)
+            # Serve's proxy copies a streaming call's status only from a yielded message or
+            # from an exception raised with the code set: re-raise, or the client sees OK.
+            raise
