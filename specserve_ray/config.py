@@ -301,7 +301,7 @@ class SamplingParams(_Strict):
             if len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters; "
                                  f"stop[{i}] has {len(s)}")
-            check_text(s, f"stop[{i}]")
+            check_text(s, f"stop[{i}]", controls=True)
         return v
 
     @property

@@ -235,5 +235,6 @@ ACCEPTED = [
     ("text_parts", CH, chat(user([{"type": "text", "text": "a"},
                                   {"type": "text", "text": "b"}]))),
     ("token_ids", C, comp(prompt=[17, 18, 19])),
+    ("control_in_stop", C, comp(stop=["\x00never", "\x1b"])),   # matched exactly
     ("one_string_list", C, comp(prompt=["def g():"], best_of=1, echo=False, suffix="")),
 ]

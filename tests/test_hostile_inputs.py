@@ -218,7 +218,7 @@ def _grpc_cases():
         ("stop_list_17", {**ok, "stop": [f"s{i}" for i in range(17)]}, "at most 16"),
         ("stop_string_300", {**ok, "stop": ["y" * 300]}, "at most 256 characters"),
         ("nul_in_prompt", {**ok, "prompt": "a\x00b"}, "control character U+0000"),
-        ("escape_in_stop", {**ok, "stop": ["\x1b"]}, "control character U+001B"),
+        ("escape_in_prompt", {**ok, "prompt": "\x1b[31mred"}, "control character U+001B"),
         ("control_in_slo_class", {**ok, "slo_class": "a\x02"}, "control character"),
         ("prompt_beyond_context", {**ok, "prompt": "x = 1\n" * 400}, "the context holds"),
         ("max_tokens_huge", {**ok, "max_tokens": 100_000}, "exceeds the limit"),

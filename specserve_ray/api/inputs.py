@@ -3,7 +3,8 @@
 Text reaches the tokenizer, the chat template, stop matching and log lines, so it must be
 a real Unicode string: a lone UTF-16 surrogate (JSON `"\\ud800"`) cannot be encoded at
 all (the tokenizer raises), and C0 control characters other than whitespace are refused
-rather than passed to a model that never saw them. Tab, newline, vertical tab, form feed
+in what the model reads, rather than passed to a model that never saw them (stop strings,
+only compared with the output, may hold them). Tab, newline, vertical tab, form feed
 and carriage return are ordinary text (source code carries them) and are kept.
 """
 from __future__ import annotations
@@ -20,8 +21,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1f]")
 
 
-def check_text(value: str, param: str | None = None) -> str:
-    """`value` if it is text every layer can carry; RequestError naming `param` otherwise."""
+def check_text(value: str, param: str | None = None, controls: bool = False) -> str:
+    """`value` if it is text every layer can carry; RequestError naming `param` otherwise.
+
+    `controls=True` lets control characters through: for text that is only compared with
+    the output (stop strings), never fed to the model, where they match exactly.
+    """
     where = param or "text"
     if not isinstance(value, str):
         raise RequestError(f"{where} must be a string, got {kind_of(value)}", param,
@@ -31,7 +36,7 @@ def check_text(value: str, param: str | None = None) -> str:
         raise RequestError(f"{where} contains a lone UTF-16 surrogate "
                            f"(U+{ord(bad.group()):04X}) at character {bad.start()}; text must "
                            "be valid Unicode", param, "invalid_value")
-    bad = _CONTROL.search(value)
+    bad = None if controls else _CONTROL.search(value)
     if bad:
         raise RequestError(f"{where} contains the control character "
                            f"U+{ord(bad.group()):04X} at character {bad.start()}; of the "
