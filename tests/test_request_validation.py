@@ -139,7 +139,7 @@ def test_handle_call_accepts_and_normalises():
     assert params.max_tokens == 4 and params.seed == 2**64 - 1
 
 
-# -- error shape -------------------------------------------------------------------------------------
+# -- error shape ----------------------------------------------------------------------------------
 def test_error_body_has_openai_shape():
     exc = UnsupportedParameter("tools", "tools are not supported")
     body = oai.error_body(str(exc), 400, **oai.error_fields(exc))
@@ -177,7 +177,7 @@ def test_many_findings_are_summarised():
     assert "and 2 more" in str(err.value) and err.value.code == "unknown_parameter"
 
 
-# -- chat ---------------------------------------------------------------------------------------------
+# -- chat ----------------------------------------------------------------------------------
 def test_chat_messages_flatten_text_parts():
     turns = parse_messages([{"role": "system", "content": "be brief"},
                             {"role": "user", "content": [{"type": "text", "text": "a"},

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Re-exported: the router renders chats and older callers import the template from here.
 from specserve_ray.api.chat import DEFAULT_CHAT_TEMPLATE, parse_messages, render_chat  # noqa: F401
 from specserve_ray.api.inputs import check_prompt, check_text
 from specserve_ray.api.validation import (CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED,
