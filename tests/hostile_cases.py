@@ -237,4 +237,9 @@ ACCEPTED = [
     ("token_ids", C, comp(prompt=[17, 18, 19])),
     ("control_in_stop", C, comp(stop=["\x00never", "\x1b"])),   # matched exactly
     ("one_string_list", C, comp(prompt=["def g():"], best_of=1, echo=False, suffix="")),
+    ("nulls_mean_defaults", C, comp(temperature=None, top_p=None, n=None, stream=None,
+                                    presence_penalty=None, frequency_penalty=None, seed=None,
+                                    stop=None, max_tokens=None, logprobs=None, echo=None,
+                                    best_of=None, suffix=None, logit_bias=None, user=None,
+                                    stream_options=None)),
 ]

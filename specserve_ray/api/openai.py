@@ -28,6 +28,10 @@ from specserve_ray.errors import RequestError, UnsupportedParameter
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+_NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "n", "presence_penalty",
+                              "frequency_penalty", "stream", "ignore_eos"})
+
+
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
@@ -64,7 +68,9 @@ class _Common(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, data):
         if isinstance(data, dict):
-            return drop_unsupported(data, cls.UNSUPPORTED)
+            data = drop_unsupported(data, cls.UNSUPPORTED)
+            # OpenAI's schema makes these nullable: null means "the default".
+            data = {k: v for k, v in data.items() if not (v is None and k in _NULL_IS_DEFAULT)}
         return data
 
     @field_validator("model", "slo_class", "user")
