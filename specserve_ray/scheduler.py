@@ -128,12 +128,13 @@ class Scheduler:
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise RequestError("prompt is empty")
+                raise RequestError("prompt is empty", "prompt", "invalid_value")
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = list(prompt)
         vocab = self.vocab_size
         if any((type(t) is not int) or t < 0 or t >= vocab for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt",
+                               "invalid_value")
         return ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -145,19 +146,22 @@ class Scheduler:
         prompt_ids = self.encode(prompt)
         lim = self.limits
         if not prompt_ids:
-            raise RequestError("prompt is empty")
+            raise RequestError("prompt is empty", "prompt", "invalid_value")
         if len(prompt_ids) >= lim.max_model_len:
             raise RequestError(f"prompt has {len(prompt_ids)} tokens; the context holds "
-                               f"{lim.max_model_len} including at least one output token")
+                               f"{lim.max_model_len} including at least one output token",
+                               "prompt", "context_length_exceeded")
         if params.max_tokens > lim.max_tokens:
-            raise RequestError(f"max_tokens {params.max_tokens} exceeds the limit {lim.max_tokens}")
+            raise RequestError(f"max_tokens {params.max_tokens} exceeds the limit {lim.max_tokens}",
+                               "max_tokens", "invalid_value")
         if len(prompt_ids) + params.max_tokens > lim.max_model_len:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"the context length {lim.max_model_len}")
+                f"the context length {lim.max_model_len}", "max_tokens", "context_length_exceeded")
         if num_speculative_tokens is not None and (
                 type(num_speculative_tokens) is not int or not 0 <= num_speculative_tokens <= 16):
-            raise RequestError("num_speculative_tokens must be an integer in [0, 16]")
+            raise RequestError("num_speculative_tokens must be an integer in [0, 16]",
+                               "num_speculative_tokens", "invalid_value")
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(f"request_id must be a string, got {type(request_id).__name__}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -169,11 +173,12 @@ class Scheduler:
     def resolve_slo_class(self, name: str | None) -> SloClass:
         """The class a request named (None = the default); RequestError if unknown."""
         if name is not None and not isinstance(name, str):
-            raise RequestError(f"slo_class must be a string, got {type(name).__name__}")
+            raise RequestError(f"slo_class must be a string, got {type(name).__name__}",
+                               "slo_class", "invalid_type")
         try:
             return self._slo.get(name)
         except ValueError as exc:
-            raise RequestError(str(exc)) from None
+            raise RequestError(str(exc), "slo_class", "invalid_value") from None
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its caches on both workers."""

@@ -60,10 +60,31 @@ def test_accepted_at_the_edge(case_id, path, body):
     _parse(path, body)
 
 
-def test_engine_cases_pass_the_door():
-    """What only admission can judge (vocabulary, context) is well-formed at the door."""
-    for case in (c for c in CASES if c.layer == "engine"):
-        _parse(case.path, case.body)
+ENGINE_CASES = [c for c in CASES if c.layer == "engine"]
+
+
+@pytest.fixture(scope="module")
+def admission():
+    """The scheduler alone (no workers): it judges what needs the vocabulary or limits."""
+    from transformers import AutoTokenizer
+
+    from specserve_ray.config import EMBEDDED_TARGET, LimitsConfig
+    from specserve_ray.scheduler import Scheduler
+
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TARGET, local_files_only=True)
+    limits = LimitsConfig(max_model_len=256, max_num_seqs=8, max_tokens=200)  # as served
+    return Scheduler(tokenizer, 4096, True, limits)
+
+
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=[c.id for c in ENGINE_CASES])
+def test_refused_at_admission(case: Case, admission):
+    """Well-formed at the door; admission refuses it, naming the field."""
+    request = _parse(case.path, case.body)
+    with pytest.raises(RequestError) as err:
+        admission.add_request(request.prompt_input(), request.sampling_params(16))
+    assert case.needle in str(err.value)
+    assert (err.value.param, err.value.code) == (case.param, case.code)
+    assert not admission.waiting
 
 
 # -- the values the workers get --------------------------------------------------------------------
