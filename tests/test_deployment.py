@@ -165,6 +165,9 @@ def test_sampling_is_seeded(client):
     a = client.completions.create(seed=7, **kwargs).choices[0].text
     b = client.completions.create(seed=7, **kwargs).choices[0].text
     assert a == b
+    # Sampling really samples (a fallback to greedy would give the same text for any seed).
+    others = {client.completions.create(seed=s, **kwargs).choices[0].text for s in (8, 9, 10)}
+    assert others - {a}
 
 
 def test_grpc_unary_and_stream(app):
@@ -359,7 +362,10 @@ def test_client_disconnect_frees_caches(app):
 
 def test_handle_cancel_frees_caches(app):
     resp = app["handle"].generate.remote(PROMPTS[1], max_tokens=250, ignore_eos=True)
-    time.sleep(1.0)
+    deadline = time.time() + 30
+    while time.time() < deadline and _worker_seqs(app) == (0, 0):
+        time.sleep(0.05)
+    assert _worker_seqs(app) == (1, 1), "the request must be running when it is cancelled"
     resp.cancel()
     deadline = time.time() + 30
     while time.time() < deadline and _worker_seqs(app) != (0, 0):
