@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from specserve_ray.contracts import SeqSampling
 from specserve_ray.errors import RequestError
+from specserve_ray.front_config import FrontDoorConfig
 from specserve_ray.policy.slo import NO_SLO, SloClass, SloRegistry
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -215,8 +216,6 @@ SEED_MIN, SEED_END = -2**63, 2**64
 # top_k above any vocabulary keeps every token; values are clamped here so that only
 # int32-sized numbers reach the workers' tensors (the engine caps them at the vocabulary).
 MAX_TOP_K = 2**31 - 1
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 
 
 def generator_seed(seed: int) -> int:
@@ -238,8 +237,9 @@ class SamplingParams(_Strict):
                        "the vocabulary = off.")
     seed: int | None = Field(None, description="Seed for reproducible sampling: any integer "
                              "in [-2**63, 2**64), reduced to the generator's range.")
-    stop: tuple[str, ...] = Field((), description=f"Up to {MAX_STOP_STRINGS} stop strings of "
-                                  f"1..{MAX_STOP_CHARS} characters; the output ends before them.")
+    stop: tuple[str, ...] = Field((), description="Stop strings; the output ends before them "
+                                  "(how many and how long: front.max_stop_strings / "
+                                  "max_stop_chars at the front door).")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
 
     @field_validator("max_tokens")
@@ -290,17 +290,12 @@ class SamplingParams(_Strict):
             raise RequestError("stop must be a string or a list of strings", "stop",
                                "invalid_type")
         v = tuple(v)
-        if len(v) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(v)}")
         for i, s in enumerate(v):
             if not isinstance(s, str):
                 raise RequestError(f"stop[{i}] must be a string", f"stop[{i}]", "invalid_type")
             if s == "":
                 raise ValueError("stop must be a non-empty string or a list of non-empty "
                                  "strings")
-            if len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters; "
-                                 f"stop[{i}] has {len(s)}")
             check_text(s, f"stop[{i}]", controls=True)
         return v
 
@@ -373,8 +368,13 @@ class AppConfig(_Strict):
     signals: SignalsConfig = Field(default_factory=SignalsConfig, description="Metrics "
                                    "export and the cluster speculation controller.")
     max_queued_requests: int = Field(64, ge=0, description="Requests waiting for a batch "
-                                     "slot before new ones get HTTP 503.")
+                                     "slot before new ones get HTTP 429 (with Retry-After).")
     max_ongoing_requests: int = Field(128, ge=1, description="Serve's per-replica cap on "
-                                      "concurrent requests (past it Serve queues/rejects).")
+                                      "concurrent requests (past it Serve queues/rejects); keep "
+                                      ">= engine.limits.max_num_seqs + max_queued_requests so "
+                                      "the project's queue bound refuses first.")
     chat_template: str | None = Field(None, description="Jinja chat template used when the "
                                       "tokenizer has none; None = the documented default.")
+    front: FrontDoorConfig = Field(default_factory=FrontDoorConfig, description="Request "
+                                   "size limits, token queue bound, Retry-After bounds and "
+                                   "API keys (specserve_ray/front_config.py).")

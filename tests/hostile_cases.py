@@ -3,8 +3,9 @@ served suite (tests/test_hostile_inputs.py).
 
 Each case is refused with a 4xx whose body names the field (`param`) and the reason
 (`code`). `layer` says who refuses it: "model" = the request models (api/), checked
-without Ray; "engine" = admission, which knows the vocabulary and the context length;
-"http" = the body does not even decode as JSON (only the served suite sends those).
+without Ray; "admission" = the front door's configured limits (api/front.py) or the
+scheduler, which know the vocabulary and the context length; "http" = the body does not
+even decode as JSON (only the served suite sends those).
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ CASES = [
          "max_tokens must be > 0"),
     Case("max_tokens_2_63", R, C, comp(max_tokens=2**63), "max_tokens", "invalid_value",
          "exceeds the limit",
-         layer="engine"),
+         layer="admission"),
     Case("penalty_out_of_range", R, C, comp(frequency_penalty=-3), "frequency_penalty",
          "invalid_value", "[-2, 2]"),
     Case("n_zero", R, C, comp(n=0), "n", "invalid_value", "n must be 1"),
@@ -102,23 +103,23 @@ CASES = [
     # -- sizes -------------------------------------------------------------------------------
     Case("prompt_beyond_context", S, C, comp(prompt="x = 1\n" * 400), "prompt",
          "context_length_exceeded",
-         "the context holds", layer="engine"),
+         "the context holds", layer="admission"),
     Case("token_prompt_beyond_context", S, C, comp(prompt=[17] * 300), "prompt",
          "context_length_exceeded",
-         "the context holds", layer="engine"),
+         "the context holds", layer="admission"),
     Case("prompt_plus_max_tokens", S, C, comp(prompt=[17] * 200, max_tokens=100),
          "max_tokens", "context_length_exceeded",
-         "exceeds the context length", layer="engine"),
+         "exceeds the context length", layer="admission"),
     Case("max_tokens_huge", S, C, comp(max_tokens=100_000), "max_tokens", "invalid_value",
          "exceeds the limit",
-         layer="engine"),
+         layer="admission"),
     Case("stop_list_17", S, C, comp(stop=[f"s{i}" for i in range(17)]), "stop",
-         "invalid_value", "at most 16 stop strings"),
+         "invalid_value", "at most 16 stop strings", layer="admission"),
     Case("stop_string_300", S, C, comp(stop="x" * 300), "stop", "invalid_value",
-         "at most 256 characters"),
+         "at most 256 characters", layer="admission"),
     Case("stop_empty_string", S, C, comp(stop=[""]), "stop", "invalid_value", "non-empty"),
     Case("body_1mb_stop_list", S, C, comp(stop=["stop"] * 200_000), "stop", "invalid_value",
-         "stop strings", statuses=(400, 413)),
+         "stop strings", layer="admission", statuses=(400, 413)),
     Case("messages_empty", S, CH, {"messages": []}, "messages", "invalid_value",
          "at least one message"),
     # -- encodings ---------------------------------------------------------------------------
@@ -208,7 +209,7 @@ CASES = [
          "invalid_type", "must be a string"),
     # -- token-id prompts --------------------------------------------------------------------
     Case("token_out_of_vocab", P, C, comp(prompt=[17, 999_999]), "prompt", "invalid_value",
-         "token ids must be integers in [0, 4096)", layer="engine"),
+         "token ids must be integers in [0, 4096)", layer="admission"),
     Case("token_negative", P, C, comp(prompt=[17, -1]), "prompt[1]", "invalid_value",
          "not a token id"),
     Case("token_2_63", P, C, comp(prompt=[2**63]), "prompt[0]", "invalid_value",

@@ -6,6 +6,7 @@ points at the validation layer itself.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import pickle
 
@@ -60,31 +61,44 @@ def test_accepted_at_the_edge(case_id, path, body):
     _parse(path, body)
 
 
-ENGINE_CASES = [c for c in CASES if c.layer == "engine"]
+ADMISSION_CASES = [c for c in CASES if c.layer == "admission"]
 
 
 @pytest.fixture(scope="module")
 def admission():
-    """The scheduler alone (no workers): it judges what needs the vocabulary or limits."""
+    """The front door's checks and the scheduler, without a step loop or Ray: what needs
+    the configured limits, the vocabulary or the context length."""
+    from types import SimpleNamespace
+
     from transformers import AutoTokenizer
 
+    from specserve_ray.api.front import FrontDoor
     from specserve_ray.config import EMBEDDED_TARGET, LimitsConfig
+    from specserve_ray.front_config import FrontDoorConfig
     from specserve_ray.scheduler import Scheduler
 
     tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TARGET, local_files_only=True)
     limits = LimitsConfig(max_model_len=256, max_num_seqs=8, max_tokens=200)  # as served
-    return Scheduler(tokenizer, 4096, True, limits)
+    scheduler = Scheduler(tokenizer, 4096, True, limits)
+    front = FrontDoor(SimpleNamespace(engine=scheduler, max_queued=0), tokenizer,
+                      FrontDoorConfig(), max_queued_requests=16)
+    yield front, scheduler
+    front.close()
 
 
-@pytest.mark.parametrize("case", ENGINE_CASES, ids=[c.id for c in ENGINE_CASES])
+@pytest.mark.parametrize("case", ADMISSION_CASES, ids=[c.id for c in ADMISSION_CASES])
 def test_refused_at_admission(case: Case, admission):
-    """Well-formed at the door; admission refuses it, naming the field."""
+    """Well-formed at the door; the front door's limits or the scheduler refuse it."""
+    front, scheduler = admission
     request = _parse(case.path, case.body)
+    params = request.sampling_params(16)
     with pytest.raises(RequestError) as err:
-        admission.add_request(request.prompt_input(), request.sampling_params(16))
+        front.check_params(params)
+        prompt_ids = asyncio.run(front.encode(request.prompt_input()))
+        scheduler.add_request(prompt_ids, params)
     assert case.needle in str(err.value)
     assert (err.value.param, err.value.code) == (case.param, case.code)
-    assert not admission.waiting
+    assert not scheduler.waiting
 
 
 # -- the values the workers get --------------------------------------------------------------------
