@@ -20,7 +20,7 @@ import grpc
 import httpx
 import pytest
 
-from hostile_cases import ACCEPTED, CASES, Case
+from hostile_cases import ACCEPTED, CASES, Case, comp
 
 pytestmark = pytest.mark.slow
 
@@ -187,6 +187,27 @@ def test_http_hostile_cases_beside_streams(app, undisturbed):
     assert not problems, problems
     not_ok = {name: r.text[:200] for name, r in accepted.items() if r.status_code != 200}
     assert not not_ok, not_ok
+    _assert_whole(streams, undisturbed)
+    _assert_no_leaked_slots(app)
+
+
+def test_http_huge_seeds_beside_streams(app, undisturbed):
+    """Issue 13's request of death: seeds far above 1e13 used to fail the whole batch.
+    (Needs the workers' overflow-safe seed mixing, core.sampling.stream_seed.)"""
+    base = app["http"]
+    seeds = [99999999999999, 2**63, 2**64 - 1, -2**63]
+
+    def seeded():
+        def post(seed):
+            return httpx.post(f"{base}/v1/completions", timeout=120, json=comp(
+                seed=seed, temperature=0.8, max_tokens=8, ignore_eos=True))
+        with ThreadPoolExecutor(len(seeds)) as pool:
+            return list(pool.map(post, seeds + seeds))
+
+    streams, answers = _beside_streams(_http_stream, base, seeded)
+    assert [r.status_code for r in answers] == [200] * len(answers), answers[0].text[:300]
+    texts = [r.json()["choices"][0]["text"] for r in answers]
+    assert texts[:len(seeds)] == texts[len(seeds):]       # each seed reproduces
     _assert_whole(streams, undisturbed)
     _assert_no_leaked_slots(app)
 
