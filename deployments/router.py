@@ -160,6 +160,8 @@ class SpecRouter:
                                         self.draft is not None, eng_cfg.limits,
                                         eng_cfg.speculation, cost_model=self.cost_model,
                                         slo=eng_cfg.slo)
+        if self.cost_model is not None:
+            self._persist_learned()
         self.serving = AsyncSpecEngine(self.engine, self.transport.execute,
                                        max_queued=self.cfg.max_queued_requests,
                                        pipeline=self.cfg.pipeline)
@@ -168,6 +170,16 @@ class SpecRouter:
         self.telemetry = _telemetry(self.serving, self.cfg)
 
     # -- cost model -------------------------------------------------------------------------
+    def _persist_learned(self) -> None:
+        """Resume and keep saving what the policies learn, beside the cached profile."""
+        from specserve_ray.policy.profile import attach_persistence, cost_model_key
+
+        eng = self.cfg.engine
+        if eng.speculation.synthetic_acceptance_rate is None:
+            attach_persistence(self.engine, None, cost_model_key(
+                eng.target.path, eng.draft.path if eng.draft else None, eng.target.dtype,
+                eng.target.device))
+
     def _fit_cost_model(self, spec: SpeculationConfig):
         """An ObjectRef to the fitted CostModel's dict (cached on disk by the task)."""
         from specserve_ray.policy.profile import cost_model_key
@@ -195,6 +207,7 @@ class SpecRouter:
                 async with self.serving.paused():
                     self.cost_model = CostModel.from_dict(await self._fit_cost_model(spec))
                 self.engine.cost_model = self.cost_model
+                self._persist_learned()
             self.engine.speculation = spec
         if "max_num_seqs" in user_config:
             value = int(user_config.pop("max_num_seqs"))
