@@ -67,6 +67,12 @@ class DepthAcceptance:
         return float((self.accepted[j] + self.prior_weight * self.prior_rate)
                      / (self.tested[j] + self.prior_weight))
 
+    def depth_profile(self, max_k: int) -> np.ndarray:  # [max_k]
+        """Acceptance at depths 0..max_k-1 relative to depth 0: how much harder a
+        request's j-th draft token is to get accepted than its first."""
+        rates = np.array([self.rate(j) for j in range(max_k)])
+        return rates / max(rates[0], 1e-6) if max_k else rates
+
     @property
     def evidence(self) -> float:
         """Tokens tested at depth 0 (decayed): how much the rates are worth."""
@@ -116,12 +122,24 @@ class GoodputCorrection:
         return math.exp(self.log_ratio.get((batch_bucket(batch), int(k)), 0.0))
 
     def factors(self, batch: int, max_k: int) -> np.ndarray:  # [max_k + 1]
-        """Per k; a k not seen at this batch takes the mean correction of those seen (the
-        model's shape across k, at the level measured)."""
+        """Per k. A k not seen at this batch size is read off the line through the
+        nearest seen ones (a model wrong about one shape tends to be wrong the same way,
+        and increasingly so, about the next: a trend of corrections is extrapolated so
+        that exploration does not walk up every worse k one by one)."""
         bucket = batch_bucket(batch)
-        seen = [v for (b, _), v in self.log_ratio.items() if b == bucket]
-        level = float(np.mean(seen)) if seen else 0.0
-        return np.exp([self.log_ratio.get((bucket, k), level) for k in range(max_k + 1)])
+        seen = sorted((k, v) for (b, k), v in self.log_ratio.items() if b == bucket)
+        ks = np.arange(max_k + 1)
+        if not seen:
+            return np.ones(max_k + 1)
+        xs = np.array([k for k, _ in seen], np.float64)
+        ys = np.array([v for _, v in seen])
+        values = np.interp(ks, xs, ys)
+        if len(seen) >= 2:
+            low = (ys[1] - ys[0]) / (xs[1] - xs[0])
+            high = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            values = np.where(ks < xs[0], ys[0] + low * (ks - xs[0]), values)
+            values = np.where(ks > xs[-1], ys[-1] + high * (ks - xs[-1]), values)
+        return np.exp(np.clip(values, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
 
     def to_dict(self) -> dict:
         return {f"{b},{k}": [round(v, 6), self.count[b, k]] for (b, k), v in self.log_ratio.items()}

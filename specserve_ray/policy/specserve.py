@@ -5,7 +5,7 @@ Each step, for every cap k up to what the scheduler allows, predict the batch's 
     G(k) = sum_i N(m_i, min(k, cap_i)) / T(B, k, L_max)  x  correction(B, k)
 
 with m_i each request's acceptance estimate (seeded from the acceptance measured for its
-drafter, learned.py), T the cost model of the padded shapes the workers run, and the
+drafter, learned.py), N shaped by the acceptance measured at each draft depth, T the cost model of the padded shapes the workers run, and the
 correction the observed / predicted goodput of that (batch, k) so far. The cap is the
 best k among those that keep every request within its TPOT budget; in-loop, rows then
 stop early and the verifier trims with live confidences (control.DraftControl).
@@ -31,19 +31,31 @@ import numpy as np
 from specserve_ray.policy.contracts import BatchState, Decision, SpeculationPolicy, StepFeedback
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.cost_model import CostModel
-from specserve_ray.policy.efficiency import expected_tokens_uniform
 
 __all__ = ["SpecServe", "slo_feasible_k", "predicted_goodput"]
 
 
+def expected_tokens_by_depth(confidence: np.ndarray, depth_profile: np.ndarray | None,
+                             caps: np.ndarray, max_k: int) -> np.ndarray:  # [K+1, B]
+    """Tokens each request emits per step for uniform caps 0..max_k (clipped to its own
+    cap): 1 + a_1 + a_1 a_2 + ..., with a_j = m_i x depth_profile[j] (the measured
+    acceptance at depth j relative to depth 0; None = the same at every depth)."""
+    profile = np.ones(max_k) if depth_profile is None else np.asarray(depth_profile)[:max_k]
+    per_depth = np.clip(confidence[None, :] * profile[:, None], 0.0, 1.0)       # [K, B]
+    survival = np.cumprod(per_depth, axis=0)
+    gained = np.concatenate([np.zeros((1, confidence.size)), np.cumsum(survival, axis=0)])
+    ks = np.minimum(np.arange(max_k + 1)[:, None], caps[None, :])              # [K+1, B]
+    return 1.0 + np.take_along_axis(gained, ks, axis=0)
+
+
 def predicted_goodput(cost: CostModel, state: BatchState, confidence: np.ndarray,
-                      max_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      max_k: int, depth_profile: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For caps k = 0..max_k: (tokens per request [K+1, B], step seconds [K+1],
     goodput [K+1]), uniform caps clipped to each request's own cap."""
     ks = np.arange(max_k + 1)
     per_row = np.minimum(ks[:, None], state.caps[None, :])                      # [K+1, B]
-    tokens = expected_tokens_uniform(confidence[None, :], per_row)
-    tokens = np.asarray(tokens, np.float64).reshape(per_row.shape)
+    tokens = expected_tokens_by_depth(confidence, depth_profile, state.caps, max_k)
     seconds = np.asarray(cost.predict_step(state.batch_size, per_row.max(axis=1),
                                            state.max_context), np.float64)
     return tokens, seconds, tokens.sum(axis=1) / seconds
@@ -95,14 +107,18 @@ class SpecServe(SpeculationPolicy):
         max_k = int(min(state.caps.max(initial=0), self.max_k))
         if max_k <= 0 or not self.cost.has_draft:
             return 0
+        # Deeper draft tokens are accepted less often than the first (the draft drifts):
+        # the measured acceptance per depth shapes each request's expected tokens.
+        depth = self.learned.acceptance_of(state.drafter).depth_profile(max_k)
         if self.correct_goodput:
             # Against the profiled laws (fixed), times what each cap k really delivered.
             tokens, seconds, goodput = predicted_goodput(self.cost.reference(), state,
-                                                         confidence, max_k)
+                                                         confidence, max_k, depth)
             factors = self.learned.goodput.factors(state.batch_size, max_k)
             goodput, seconds = goodput * factors, seconds / factors
         else:
-            tokens, seconds, goodput = predicted_goodput(self.cost, state, confidence, max_k)
+            tokens, seconds, goodput = predicted_goodput(self.cost, state, confidence, max_k,
+                                                         depth)
         if self.enforce_slo and state.tpot_budget_s is not None:
             fits, worst = slo_feasible_k(seconds, tokens, state.tpot_budget_s, state.tpot_slack_s)
             if not fits.any():
