@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from specserve_ray.front_config import FrontDoorConfig
 from specserve_ray.policy.slo import NO_SLO, SloClass, SloRegistry
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -322,8 +323,13 @@ class AppConfig(_Strict):
     signals: SignalsConfig = Field(default_factory=SignalsConfig, description="Metrics "
                                    "export and the cluster speculation controller.")
     max_queued_requests: int = Field(64, ge=0, description="Requests waiting for a batch "
-                                     "slot before new ones get HTTP 503.")
+                                     "slot before new ones get HTTP 429 (with Retry-After).")
     max_ongoing_requests: int = Field(128, ge=1, description="Serve's per-replica cap on "
-                                      "concurrent requests (past it Serve queues/rejects).")
+                                      "concurrent requests (past it Serve queues/rejects); keep "
+                                      ">= engine.limits.max_num_seqs + max_queued_requests so "
+                                      "the project's queue bound refuses first.")
     chat_template: str | None = Field(None, description="Jinja chat template used when the "
                                       "tokenizer has none; None = the documented default.")
+    front: FrontDoorConfig = Field(default_factory=FrontDoorConfig, description="Request "
+                                   "size limits, token queue bound, Retry-After bounds and "
+                                   "API keys (specserve_ray/front_config.py).")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_engine_lossless import GREEDY, IdTokenizer, make_engine, perturbed, random_prompts
+from helpers import GREEDY, IdTokenizer, make_engine, perturbed, random_prompts
 from helpers import hf_greedy, tiny_model
 from specserve_ray.config import LimitsConfig, SpeculationConfig
 from specserve_ray.engine import SpecEngine

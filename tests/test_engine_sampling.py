@@ -16,7 +16,7 @@ from helpers import tiny_model
 from specserve_ray.config import SamplingParams, SpeculationConfig
 from specserve_ray.policy import CostModel
 from specserve_ray.core.sampling import logits_to_probs
-from test_engine_lossless import make_engine, perturbed, random_prompts
+from helpers import make_engine, perturbed, random_prompts
 
 
 def processed(model, seqs, temperature, top_k, top_p):

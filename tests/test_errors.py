@@ -10,7 +10,7 @@ from specserve_ray.config import (EMBEDDED_PAIR_DIR, EngineConfig, LimitsConfig,
                                   SamplingParams)
 from specserve_ray.engine import SpecEngine
 from specserve_ray.errors import RequestError
-from test_engine_lossless import make_engine
+from helpers import make_engine
 
 
 @pytest.fixture(scope="module")

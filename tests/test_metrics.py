@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from helpers import tiny_model
-from test_engine_lossless import GREEDY, make_engine, perturbed, random_prompts
+from helpers import GREEDY, make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
 from specserve_ray.config import SamplingParams, SloConfig
 from specserve_ray.metrics import Counts, MetricsAggregator, request_latency
@@ -107,12 +107,6 @@ def test_slo_class_is_read_tolerantly():
 
 
 # -- the hook on a real step loop ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pair():
-    target = tiny_model("llama", seed=0)
-    return target, perturbed(target, noise=0.15)
-
-
 def _serve(engine, recorder, prompts, params, slo_classes=None, pipeline=False):
     async def execute(plan):
         return run_target(engine.target, run_draft(engine.draft, plan))

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from helpers import hf_greedy, tiny_model
-from test_engine_lossless import GREEDY, make_engine, perturbed, random_prompts
+from helpers import GREEDY, make_engine, perturbed, random_prompts
 from specserve_ray.config import SamplingParams, SpeculationConfig
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy import CostModel, profile_grid
@@ -21,12 +21,6 @@ from specserve_ray.policy.profile import cache_dir, load_or_profile, profile_run
 # Verification dominated by a fixed cost and drafting cheap: speculation pays, so the
 # adaptive policies actually draft (and both acceptance paths run).
 SPEC_FRIENDLY = CostModel((0.01, 1e-4, 1e-5, 1e-8), (1e-4, 1e-4, 1e-5, 1e-9))
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = tiny_model("llama", seed=0)
-    return target, perturbed(target, noise=0.15)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from helpers import hf_greedy, tiny_model
-from test_engine_lossless import GREEDY, make_engine, perturbed, random_prompts
+from helpers import GREEDY, make_engine, perturbed, random_prompts
 from test_policy_wiring import SPEC_FRIENDLY
 from specserve_ray.async_engine import AsyncSpecEngine
 from specserve_ray.config import AppConfig, EngineConfig, SamplingParams, SloConfig, SpeculationConfig
@@ -25,12 +25,6 @@ from specserve_ray.workers.host import run_draft, run_target
 
 CLASSES = [{"name": "interactive", "ttft_s": 1.0, "tpot_s": 0.1},
            {"name": "batch", "ttft_s": 60.0}]
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = tiny_model("llama", seed=0)
-    return target, perturbed(target, noise=0.15)
 
 
 def slo_engine(target, draft, slo: SloConfig, policy: str = "static", k: int = 4,
