@@ -159,11 +159,11 @@ class SpecServe(SpeculationPolicy):
     def observe(self, feedback: StepFeedback, decision: Decision | None = None) -> bool:
         """Fold the step's observed speed into the correction of the cap it ran.
 
-        Goodput is tokens over seconds. The tokens side is measured per request (each
-        estimate follows what the target accepted, contracts.update_confidence_ema), so
-        what is corrected here is the seconds: observed against the profiled laws for
-        this batch size and cap. Comparing emitted tokens with the estimates that chose
-        the cap would be biased: a cap is chosen when estimates are high (winner's curse).
+        Goodput is tokens over seconds. The tokens side is learned from the target's
+        verdicts already (calibration, acceptance per depth: learned.py), so what is
+        corrected here is the seconds: observed against the profiled laws for this batch
+        size and cap. Comparing emitted tokens with the estimates that chose the cap
+        would be biased: a cap is chosen when estimates are high (winner's curse).
         """
         if (decision is None or feedback.had_prefill or feedback.step_seconds <= 0
                 or len(decision.max_k) != len(feedback.num_accepted)):
