@@ -25,7 +25,7 @@ from specserve_ray.policy import CostModel
 from specserve_ray.user_config import UserConfig
 
 from deployments import http_api
-from deployments.builder import build_serving, fit_cost_model, start_workers
+from deployments.builder import build_serving, fit_cost_model, persist_learned, start_workers
 from deployments.grpc_api import SpecServeGrpc
 from deployments.http_api import api
 
@@ -68,6 +68,7 @@ class SpecRouter(SpecServeGrpc):
                     self.cost_model = CostModel.from_dict(
                         await fit_cost_model(self.cfg, self.workers, spec))
                 self.engine.cost_model = self.cost_model
+                persist_learned(self.cfg, self.engine)
             self.engine.speculation = spec
         if knobs.max_num_seqs is not None:
             self.engine.limits = self.engine.limits.model_copy(

@@ -84,26 +84,25 @@ class SpeculationConfig(_Strict):
     @field_validator("policy")
     @classmethod
     def _policy_known(cls, value: str) -> str:
-        from specserve_ray.policy import CostModel, make_policy
+        from specserve_ray.policy.spec import parse_policy
 
-        spec = value.strip().lower() if isinstance(value, str) else value
-        if spec == "static":
-            return spec
-        # Parse only: a placeholder cost model stands in for the profiled one.
-        make_policy(spec, CostModel((1e-3, 0, 0, 0), (1e-3, 1e-3, 0, 0)))
-        return spec
+        return str(parse_policy(value))   # normalized: "SpecServe " -> "specserve"
+
+    @property
+    def spec(self):
+        """The policy string, parsed (a `PolicySpec`)."""
+        from specserve_ray.policy.spec import parse_policy
+
+        return parse_policy(self.policy)
 
     @property
     def static_k(self) -> int | None:
         """The fixed k of a static policy; None for the adaptive ones ('none' included)."""
-        if self.policy == "static":
-            return self.num_speculative_tokens
-        name, _, arg = self.policy.partition(":")
-        return int(arg) if name == "static" else None
+        return self.spec.static_k(self.num_speculative_tokens)
 
     @property
     def needs_cost_model(self) -> bool:
-        return self.policy.partition(":")[0] in ("smartspec", "specserve")
+        return self.spec.needs_cost_model
 
 
 class LimitsConfig(_Strict):

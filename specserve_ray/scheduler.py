@@ -21,23 +21,29 @@ import time
 from collections import deque
 from typing import Callable, Sequence
 
-import numpy as np
 
 from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
 from specserve_ray.contracts import (NO_BOUNDS, PrefillItem, RuntimeBounds, StepPlan,
                                      StepResult)
 from specserve_ray.errors import RequestError
 from specserve_ray.output import commit_tokens
-from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
-                                  make_policy, update_confidence_ema)
+from specserve_ray.policy import BatchState, CostModel, Decision, SpeculationPolicy, make_policy
 from specserve_ray.policy.cluster import bound_ks
 from specserve_ray.policy.control import DraftControl
+from specserve_ray.policy.learned import LearnedState
 from specserve_ray.policy.slo import (ClassAttainment, SloClass, SloRegistry, SloTracker,
-                                      admission_order)
+                                      admission_order, request_latency)
 from specserve_ray.request import Request, RequestOutput
 from specserve_ray.stats import SpecStats, StepStats, StepTotals, count_values
 
 KChooser = Callable[[Sequence[Request]], list[int]]
+
+
+def _tpot_slack(req: Request, now: float) -> float:
+    """Seconds a request is ahead (+) or behind (-) its TPOT budget so far."""
+    if req.first_token_time is None or not math.isfinite(req.slo.tpot_s):
+        return 0.0
+    return req.slo.tpot_s * (len(req.output_ids) - 1) - (now - req.first_token_time)
 
 
 class Scheduler:
@@ -49,11 +55,20 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.has_draft = has_draft
         self.limits = limits or LimitsConfig()
+        # What serving teaches the policies (acceptance, calibration, measured goodput),
+        # whichever policy runs; it outlives policy switches and is saved with the profile.
+        self.learned = LearnedState(cost_model)
         self.cost_model = cost_model
+        # Called every `persist_every` decode steps to save `learned` (an I/O shell sets
+        # it: SpecEngine.from_config saves next to the cached profile).
+        self.persist_learned: Callable[[], None] | None = None
+        self.persist_every = 512
+        self._decode_steps = 0
         self.policy: SpeculationPolicy | None = None
         self._decided_by: SpeculationPolicy | None = None   # the policy planning this step
-        # id(plan) -> (policy that decided it, mean context) until the plan is applied.
-        self._in_flight: dict[int, tuple[SpeculationPolicy, float]] = {}
+        self._decision: Decision | None = None               # and what it decided
+        # id(plan) -> (policy that decided it, its decision) until the plan is applied.
+        self._in_flight: dict[int, tuple[SpeculationPolicy, Decision]] = {}
         self._control: DraftControl | None = None           # its in-draft-loop rules
         self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
         self.chosen_k_rows = 0
@@ -77,6 +92,15 @@ class Scheduler:
         self.slo_tracker = SloTracker()    # attainment of finished requests, per class name
 
     # -- knobs --------------------------------------------------------------------------------
+    @property
+    def cost_model(self) -> CostModel | None:
+        return self._cost_model
+
+    @cost_model.setter
+    def cost_model(self, cost: CostModel | None) -> None:
+        self._cost_model = cost
+        self.learned.cost = cost
+
     @property
     def slo(self) -> SloRegistry:
         return self._slo
@@ -104,20 +128,16 @@ class Scheduler:
             if spec.needs_cost_model and self.cost_model is None:
                 raise ValueError(f"policy {spec.policy!r} needs a cost model; profile the "
                                  "workers first (SpecEngine.from_config does)")
-            policy = make_policy(spec.policy, self.cost_model,
-                                 max_k=spec.num_speculative_tokens)
+            policy = make_policy(spec.spec, self.cost_model, max_k=spec.num_speculative_tokens,
+                                 learned=self.learned)
         self._speculation, self.policy = spec, policy
         self.chosen_k_sum = self.chosen_k_rows = 0
-        self.apply_bounds(self.bounds)
 
     def apply_bounds(self, bounds: RuntimeBounds) -> None:
         """Cap speculation from outside (cluster controller), for every policy, static
-        included; the caps survive policy switches. They only ever lower k (lossless)."""
+        included; the caps survive policy switches. They only ever lower k (lossless)
+        and apply in `_final_ks`, like every other cap."""
         self.bounds = bounds
-        if self.policy is not None:
-            self.policy.apply_bounds(bounds.speculation_enabled,
-                                     self.policy.max_k if bounds.max_k is None else bounds.max_k,
-                                     bounds.verify_budget)
 
     @property
     def mean_chosen_k(self) -> float:
@@ -220,7 +240,7 @@ class Scheduler:
                  if r.prefill_done and not r.finished and r.request_id not in busy]
         if max_rows is not None:
             batch = batch[:max(max_rows, 0)]
-        self._decided_by = self._control = None
+        self._decided_by = self._control = self._decision = None
         ks = self._final_ks(batch, self.k_chooser(batch)) if batch else []
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
@@ -238,8 +258,7 @@ class Scheduler:
         plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control)
         if self._decided_by is not None:
             # Kept per plan: with pipelining another plan is decided before this one returns.
-            context = sum(r.context_len for r in batch) / len(batch)
-            self._in_flight[id(plan)] = (self._decided_by, context)
+            self._in_flight[id(plan)] = (self._decided_by, self._decision)
         return plan
 
     def _plan_prefill(self, left: float, busy) -> list[PrefillItem]:
@@ -302,14 +321,18 @@ class Scheduler:
         policy = self.policy
         if policy is None:
             return self._static_k(requests)
+        budgets = slack = None
+        if self._slo_caps_steps:
+            now = time.monotonic()
+            budgets = [r.slo.tpot_s for r in requests]
+            slack = [_tpot_slack(r, now) for r in requests]
         state = BatchState(
             context_len=[r.context_len for r in requests],
-            remaining_tokens=[r.params.max_tokens - len(r.output_ids) for r in requests],
+            k_cap=self._final_ks(requests, [policy.max_k] * len(requests)),
             confidence_ema=[r.confidence_ema for r in requests],
-            tpot_budget_s=[r.slo.tpot_s for r in requests] if self._slo_caps_steps else None,
-            queue_depth=len(self.waiting))
+            tpot_budget_s=budgets, tpot_slack_s=slack, queue_depth=len(self.waiting))
         decision = policy.decide(state)
-        self._decided_by = policy
+        self._decided_by, self._decision = policy, decision
         self._control = decision.control
         return list(decision.max_k)
 
@@ -371,35 +394,17 @@ class Scheduler:
         return outputs
 
     def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float,
-                     context: float) -> None:
-        """Per-request confidence EMAs, then the policy's own step feedback."""
-        v, proposal = result.verify, result.proposal
-        if proposal is not None:
-            counts = proposal.drafted.numpy().astype(np.int64)
-            verified = tuple(int(n) for n in proposal.num_draft_tokens)
-        else:
-            counts = np.asarray(plan.num_draft, np.int64)
-            verified = None
-        if proposal is not None and proposal.draft_confidence.shape[1] > 0:
-            confidences = proposal.draft_confidence.numpy()
-        else:
-            confidences = np.zeros((len(plan.decode_ids), 0))
-        ema = np.array([by_id[rid].confidence_ema if rid in by_id else 0.5
-                        for rid in plan.decode_ids])
-        ema = update_confidence_ema(ema, self.policy.calibrate(confidences), counts)
-        for rid, value in zip(plan.decode_ids, ema):
+                     decision: Decision) -> None:
+        """Hand the step to the policy; it returns each row's updated confidence."""
+        confidence = [by_id[rid].confidence_ema if rid in by_id else None
+                      for rid in plan.decode_ids]
+        updated = self.policy.observe_step(plan, result, seconds, decision, confidence)
+        for rid, value in zip(plan.decode_ids, updated):
             if rid in by_id:
-                by_id[rid].confidence_ema = float(value)
-        self.policy.observe(StepFeedback(
-            num_drafted=tuple(int(k) for k in counts), num_accepted=tuple(v.num_accepted),
-            step_seconds=seconds, num_verified=verified,
-            draft_seconds=proposal.seconds if proposal is not None else None,
-            verify_seconds=v.seconds, batch_size=len(plan.decode_ids), mean_context=context,
-            confidences=confidences if confidences.shape[1] else None))
-        if self.cost_model is not None and not plan.prefill:
-            # What the step cost beside its two forwards (router, transport, bookkeeping).
-            draft_s = proposal.seconds if proposal is not None else 0.0
-            self.cost_model.observe_step_overhead(max(seconds - draft_s - v.seconds, 0.0))
+                by_id[rid].confidence_ema = value
+        self._decode_steps += 1
+        if self.persist_learned is not None and self._decode_steps % self.persist_every == 0:
+            self.persist_learned()
 
     def _retire_finished(self, now: float) -> None:
         done = [r for r in self.running if r.finished]
@@ -411,9 +416,8 @@ class Scheduler:
 
     def _record_slo(self, req: Request, finished_at: float) -> None:
         """Count a finished request toward its class's attainment (aborted ones never are)."""
-        ttft = req.first_token_time - req.arrival_time
-        later_tokens = len(req.output_ids) - 1
-        mean_tpot = (finished_at - req.first_token_time) / later_tokens if later_tokens > 0 else None
+        ttft, mean_tpot = request_latency(req.arrival_time, req.first_token_time, finished_at,
+                                          len(req.output_ids))
         self.slo_tracker.record(req.slo, ttft, mean_tpot)
 
     def slo_summary(self) -> dict:
