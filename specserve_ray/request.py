@@ -37,7 +37,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     spec: SpecStats = field(default_factory=SpecStats)
-    confidence_ema: float = 0.5     # running mean draft confidence (adaptive policies)
+    # Running mean acceptance estimate (adaptive policies); None until the policy has one:
+    # it then starts from the acceptance measured for its drafter (policy/learned.py).
+    confidence_ema: float | None = None
     history: TokenHistory | None = None   # prompt + output as int64 (n-gram drafting)
 
     def token_history(self) -> TokenHistory:
