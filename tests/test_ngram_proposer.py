@@ -165,3 +165,16 @@ def test_planner_model_plus_ngram_follows_the_better_observed_drafter():
     cut = planner.plan([hist], [3], ["ngram"], (1, 4), True, threshold=0.5)
     assert cut.drafts == [[3]]
     assert planner.plan([None], [3], ["model"], (1, 4), True) is None
+
+
+def test_user_config_takes_the_drafter_knobs():
+    from specserve_ray.user_config import UserConfig
+
+    knobs = UserConfig.parse({"drafter": "model+ngram", "prompt_lookup_min": 1,
+                              "prompt_lookup_max": 3})
+    assert (knobs.drafter, knobs.prompt_lookup_min, knobs.prompt_lookup_max) == (
+        "model+ngram", 1, 3)
+    with pytest.raises(ValueError, match="drafter"):
+        UserConfig.parse({"drafter": "suffix"})
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        UserConfig.parse({"prompt_lookup_min": 0})
