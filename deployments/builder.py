@@ -75,6 +75,18 @@ def fit_cost_model(cfg: AppConfig, workers: WorkerGroup, spec: SpeculationConfig
                                        spec.model_dump(), eng.limits.model_dump(), key)
 
 
+def persist_learned(cfg: AppConfig, engine: SpecEngine) -> None:
+    """Resume what the policies learned in an earlier run and keep saving it beside the
+    cached profile (policy/learned.py); never under synthetic acceptance (it would lie)."""
+    from specserve_ray.policy.profile import attach_persistence, cost_model_key
+
+    eng = cfg.engine
+    if eng.speculation.synthetic_acceptance_rate is None:
+        attach_persistence(engine, None, cost_model_key(
+            eng.target.path, eng.draft.path if eng.draft else None, eng.target.dtype,
+            eng.target.device))
+
+
 # -- the router's library objects -----------------------------------------------------------
 @dataclass
 class Serving:
@@ -102,6 +114,8 @@ def build_serving(cfg: AppConfig, workers: WorkerGroup) -> Serving:
     engine = SpecEngine.remote(tokenizer, workers.target_info["vocab_size"],
                                workers.draft is not None, eng_cfg.limits, eng_cfg.speculation,
                                cost_model=cost_model, slo=eng_cfg.slo)
+    if cost_model is not None:
+        persist_learned(cfg, engine)
     loop = AsyncSpecEngine(engine, workers.execute, max_queued=cfg.max_queued_requests,
                            pipeline=cfg.pipeline, faults=cfg.faults)
     workers.attach(loop)      # the group drives draft fallback/resync and target recovery

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 
+from specserve_ray.api.inputs import check_text
+from specserve_ray.api.validation import sampling_params
 from specserve_ray.config import SamplingParams
 
 from deployments.proto import specserve_pb2 as pb
@@ -27,7 +29,7 @@ def _sampling(request) -> SamplingParams:
                 "stop": list(request.stop), "ignore_eos": request.ignore_eos}
     if request.HasField("seed"):
         sampling["seed"] = request.seed
-    return SamplingParams(**sampling)
+    return sampling_params(**sampling)   # refusals name the field (RequestError)
 
 
 def _speculation(summary: dict):
@@ -45,6 +47,8 @@ class SpecServeGrpc:
         """Checks shared by both methods; returns the engine arguments."""
         if grpc_context is not None:
             self.front.auth.check_metadata(grpc_context.invocation_metadata())
+        check_text(request.prompt, "prompt")          # the proto fixes types, not text
+        check_text(request.slo_class, "slo_class")
         k = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else None
         # proto3 strings cannot be unset: empty means none / the default class.
         return (request.prompt or "", _sampling(request), request.request_id or None, k,

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from specserve_ray.api import openai as oai
 from specserve_ray.api.auth import AuthError
 from specserve_ray.api.error_map import ErrorReply, classify, http_headers, openai_body
+from specserve_ray.api.validation import request_error
 from specserve_ray.config import SamplingParams
 from specserve_ray.errors import PayloadTooLargeError, RequestError
 
@@ -115,11 +116,7 @@ api.add_middleware(FrontDoorGuard)
 
 @api.exception_handler(RequestValidationError)
 async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
-    return error_response(classify(RequestError("invalid request: " + "; ".join(parts))))
+    return error_response(classify(request_error(exc.errors())))
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -162,7 +159,7 @@ async def http_stats(router=Depends(current_router)) -> dict:
 def _check_model(router, body) -> None:
     if body.model is not None and body.model != router.model_name:
         raise RequestError(f"model {body.model!r} is not served here; "
-                           f"available: {router.model_name!r}")
+                           f"available: {router.model_name!r}", "model", "model_not_found")
 
 
 @api.post("/v1/completions")

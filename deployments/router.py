@@ -19,12 +19,13 @@ from typing import Any
 
 from ray import serve
 
-from specserve_ray.config import AppConfig, SamplingParams, SpeculationConfig
+from specserve_ray.api import validation as checks
+from specserve_ray.config import AppConfig, SpeculationConfig
 from specserve_ray.policy import CostModel
 from specserve_ray.user_config import UserConfig
 
 from deployments import http_api
-from deployments.builder import build_serving, fit_cost_model, start_workers
+from deployments.builder import build_serving, fit_cost_model, persist_learned, start_workers
 from deployments.grpc_api import SpecServeGrpc
 from deployments.http_api import api
 
@@ -56,7 +57,11 @@ class SpecRouter(SpecServeGrpc):
         knobs.check_against(self.cfg.engine.limits.max_num_seqs)
         updates = {k: v for k, v in (("num_speculative_tokens", knobs.num_speculative_tokens),
                                      ("policy", knobs.policy),
-                                     ("profile_budget_s", knobs.profile_budget_s))
+                                     ("profile_budget_s", knobs.profile_budget_s),
+                                     # n-gram drafting
+                                     ("drafter", knobs.drafter),
+                                     ("prompt_lookup_min", knobs.prompt_lookup_min),
+                                     ("prompt_lookup_max", knobs.prompt_lookup_max))
                    if v is not None}
         spec = None
         if updates:
@@ -68,6 +73,7 @@ class SpecRouter(SpecServeGrpc):
                     self.cost_model = CostModel.from_dict(
                         await fit_cost_model(self.cfg, self.workers, spec))
                 self.engine.cost_model = self.cost_model
+                persist_learned(self.cfg, self.engine)
             self.engine.speculation = spec
         if knobs.max_num_seqs is not None:
             self.engine.limits = self.engine.limits.model_copy(
@@ -117,7 +123,8 @@ class SpecRouter(SpecServeGrpc):
         `handle.options(stream=True)`) it yields one dict per step with the new text and
         token ids instead.
         """
-        params = SamplingParams(**sampling)
+        prompt, params, num_speculative_tokens, slo_class = checks.handle_call(
+            prompt, num_speculative_tokens, slo_class, sampling)
         if stream:
             return self._stream_dicts(prompt, params, request_id, num_speculative_tokens,
                                       slo_class, timeout_s)

@@ -114,9 +114,9 @@ class TargetActor(_Base):
 
     def step_without_draft(self, plan: StepPlan) -> StepResult:
         """Plain decoding (k = 0 for every row): exact, and the fallback while the draft
-        worker is down."""
+        worker is down. run_draft with no worker packs the plan's fixed (n-gram) drafts."""
         try:
             self._enter_step(plan)
-            return run_target(self.worker, DraftOutput(plan, None))
+            return run_target(self.worker, run_draft(None, plan))
         finally:
             self._step_started = None

@@ -66,6 +66,7 @@ class SpecEngine(Scheduler):
                                   draft_runner.vocab_size)
             draft = DraftWorker(draft_runner)
         spec = config.speculation
+        key = None
         if cost_model is None and spec.needs_cost_model:
             from specserve_ray.policy.profile import (cost_model_key, load_or_profile,
                                                       profile_cost_model, profile_runner)
@@ -83,8 +84,15 @@ class SpecEngine(Scheduler):
                 draft_profile, lim.max_num_seqs, spec.num_speculative_tokens,
                 lim.max_model_len, spec.profile_budget_s))
         target = TargetWorker(target_runner, spec.synthetic_acceptance_rate)
-        return cls(target, draft, tokenizer, config.limits, config.speculation,
-                   k_chooser, cost_model, config.slo)
+        engine = cls(target, draft, tokenizer, config.limits, config.speculation,
+                     k_chooser, cost_model, config.slo)
+        if key is not None and spec.synthetic_acceptance_rate is None:
+            # Resume what the last run learned (acceptance, calibration, goodput) and keep
+            # saving it beside the profile. Synthetic acceptance would teach it lies.
+            from specserve_ray.policy.profile import attach_persistence
+
+            attach_persistence(engine, cache_dir, key)
+        return engine
 
     @classmethod
     def remote(cls, tokenizer, vocab_size: int, has_draft: bool, limits: LimitsConfig,

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from specserve_ray.config import SamplingParams
+from specserve_ray.drafting.ngram import TokenHistory
 from specserve_ray.output import TextStream
 from specserve_ray.policy.slo import NO_SLO, SloClass
 from specserve_ray.stats import SpecStats
@@ -39,7 +40,19 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     spec: SpecStats = field(default_factory=SpecStats)
-    confidence_ema: float = 0.5     # running mean draft confidence (adaptive policies)
+    # Running mean acceptance estimate (adaptive policies); None until the policy has one:
+    # it then starts from the acceptance measured for its drafter (policy/learned.py).
+    confidence_ema: float | None = None
+    history: TokenHistory | None = None   # prompt + output as int64 (n-gram drafting)
+
+    def token_history(self) -> TokenHistory:
+        """Prompt + output so far, kept incrementally (built on first use)."""
+        if self.history is None:
+            self.history = TokenHistory(self.prompt_ids)
+        seen = len(self.history) - len(self.prompt_ids)
+        if seen < len(self.output_ids):
+            self.history.extend(self.output_ids[seen:])
+        return self.history
 
     @property
     def context_len(self) -> int:

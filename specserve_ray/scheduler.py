@@ -21,23 +21,30 @@ import time
 from collections import deque
 from typing import Callable, Sequence
 
-import numpy as np
 
 from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
-from specserve_ray.contracts import (NO_BOUNDS, PrefillItem, RuntimeBounds, SeqSampling, StepPlan,
+from specserve_ray.drafting.planner import NgramPlanner
+from specserve_ray.contracts import (NO_BOUNDS, PrefillItem, RuntimeBounds, StepPlan,
                                      StepResult)
 from specserve_ray.errors import RequestError
 from specserve_ray.output import commit_tokens
-from specserve_ray.policy import (BatchState, CostModel, SpeculationPolicy, StepFeedback,
-                                  make_policy, update_confidence_ema)
+from specserve_ray.policy import BatchState, CostModel, Decision, SpeculationPolicy, make_policy
 from specserve_ray.policy.cluster import bound_ks
 from specserve_ray.policy.control import DraftControl
+from specserve_ray.policy.learned import LearnedState
 from specserve_ray.policy.slo import (ClassAttainment, SloClass, SloRegistry, SloTracker,
-                                      admission_order)
+                                      admission_order, request_latency)
 from specserve_ray.request import Request, RequestOutput
 from specserve_ray.stats import SpecStats, StepStats, StepTotals, count_values
 
 KChooser = Callable[[Sequence[Request]], list[int]]
+
+
+def _tpot_slack(req: Request, now: float) -> float:
+    """Seconds a request is ahead (+) or behind (-) its TPOT budget so far."""
+    if req.first_token_time is None or not math.isfinite(req.slo.tpot_s):
+        return 0.0
+    return req.slo.tpot_s * (len(req.output_ids) - 1) - (now - req.first_token_time)
 
 
 class Scheduler:
@@ -49,11 +56,20 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.has_draft = has_draft
         self.limits = limits or LimitsConfig()
+        # What serving teaches the policies (acceptance, calibration, measured goodput),
+        # whichever policy runs; it outlives policy switches and is saved with the profile.
+        self.learned = LearnedState(cost_model)
         self.cost_model = cost_model
+        # Called every `persist_every` decode steps to save `learned` (an I/O shell sets
+        # it: SpecEngine.from_config saves next to the cached profile).
+        self.persist_learned: Callable[[], None] | None = None
+        self.persist_every = 512
+        self._decode_steps = 0
         self.policy: SpeculationPolicy | None = None
         self._decided_by: SpeculationPolicy | None = None   # the policy planning this step
-        # id(plan) -> (policy that decided it, mean context) until the plan is applied.
-        self._in_flight: dict[int, tuple[SpeculationPolicy, float]] = {}
+        self._decision: Decision | None = None               # and what it decided
+        # id(plan) -> (policy that decided it, its decision) until the plan is applied.
+        self._in_flight: dict[int, tuple[SpeculationPolicy, Decision]] = {}
         self._control: DraftControl | None = None           # its in-draft-loop rules
         self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
         self.chosen_k_rows = 0
@@ -73,10 +89,22 @@ class Scheduler:
         self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
         self.step_totals = StepTotals()
         self.totals = SpecStats()
+        self.ngram = NgramPlanner()     # prompt lookup and its acceptance estimates
+        # id(plan) -> per decode row: n-gram match length, or None (not an n-gram row).
+        self._ngram_rows: dict[int, list[int | None]] = {}
         self.slo = slo or SloConfig()
         self.slo_tracker = SloTracker()    # attainment of finished requests, per class name
 
     # -- knobs --------------------------------------------------------------------------------
+    @property
+    def cost_model(self) -> CostModel | None:
+        return self._cost_model
+
+    @cost_model.setter
+    def cost_model(self, cost: CostModel | None) -> None:
+        self._cost_model = cost
+        self.learned.cost = cost
+
     @property
     def slo(self) -> SloRegistry:
         return self._slo
@@ -104,20 +132,16 @@ class Scheduler:
             if spec.needs_cost_model and self.cost_model is None:
                 raise ValueError(f"policy {spec.policy!r} needs a cost model; profile the "
                                  "workers first (SpecEngine.from_config does)")
-            policy = make_policy(spec.policy, self.cost_model,
-                                 max_k=spec.num_speculative_tokens)
+            policy = make_policy(spec.spec, self.cost_model, max_k=spec.num_speculative_tokens,
+                                 learned=self.learned)
         self._speculation, self.policy = spec, policy
         self.chosen_k_sum = self.chosen_k_rows = 0
-        self.apply_bounds(self.bounds)
 
     def apply_bounds(self, bounds: RuntimeBounds) -> None:
         """Cap speculation from outside (cluster controller), for every policy, static
-        included; the caps survive policy switches. They only ever lower k (lossless)."""
+        included; the caps survive policy switches. They only ever lower k (lossless)
+        and apply in `_final_ks`, like every other cap."""
         self.bounds = bounds
-        if self.policy is not None:
-            self.policy.apply_bounds(bounds.speculation_enabled,
-                                     self.policy.max_k if bounds.max_k is None else bounds.max_k,
-                                     bounds.verify_budget)
 
     @property
     def mean_chosen_k(self) -> float:
@@ -128,12 +152,13 @@ class Scheduler:
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise RequestError("prompt is empty")
+                raise RequestError("prompt is empty", "prompt", "invalid_value")
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = list(prompt)
         vocab = self.vocab_size
         if any((type(t) is not int) or t < 0 or t >= vocab for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt",
+                               "invalid_value")
         return ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -145,19 +170,25 @@ class Scheduler:
         prompt_ids = self.encode(prompt)
         lim = self.limits
         if not prompt_ids:
-            raise RequestError("prompt is empty")
+            raise RequestError("prompt is empty", "prompt", "invalid_value")
         if len(prompt_ids) >= lim.max_model_len:
             raise RequestError(f"prompt has {len(prompt_ids)} tokens; the context holds "
-                               f"{lim.max_model_len} including at least one output token")
+                               f"{lim.max_model_len} including at least one output token",
+                               "prompt", "context_length_exceeded")
         if params.max_tokens > lim.max_tokens:
-            raise RequestError(f"max_tokens {params.max_tokens} exceeds the limit {lim.max_tokens}")
+            raise RequestError(f"max_tokens {params.max_tokens} exceeds the limit {lim.max_tokens}",
+                               "max_tokens", "invalid_value")
         if len(prompt_ids) + params.max_tokens > lim.max_model_len:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"the context length {lim.max_model_len}")
+                f"the context length {lim.max_model_len}", "max_tokens", "context_length_exceeded")
         if num_speculative_tokens is not None and (
                 type(num_speculative_tokens) is not int or not 0 <= num_speculative_tokens <= 16):
-            raise RequestError("num_speculative_tokens must be an integer in [0, 16]")
+            raise RequestError("num_speculative_tokens must be an integer in [0, 16]",
+                               "num_speculative_tokens", "invalid_value")
+        if params.drafter is not None and params.drafter == "model" and not self.has_draft:
+            raise RequestError("drafter 'model' needs a draft model and this engine has none; "
+                               "use 'ngram' or leave drafter unset", "drafter", "invalid_value")
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(f"request_id must be a string, got {type(request_id).__name__}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -169,11 +200,12 @@ class Scheduler:
     def resolve_slo_class(self, name: str | None) -> SloClass:
         """The class a request named (None = the default); RequestError if unknown."""
         if name is not None and not isinstance(name, str):
-            raise RequestError(f"slo_class must be a string, got {type(name).__name__}")
+            raise RequestError(f"slo_class must be a string, got {type(name).__name__}",
+                               "slo_class", "invalid_type")
         try:
             return self._slo.get(name)
         except ValueError as exc:
-            raise RequestError(str(exc)) from None
+            raise RequestError(str(exc), "slo_class", "invalid_value") from None
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its caches on both workers."""
@@ -215,8 +247,11 @@ class Scheduler:
                  if r.prefill_done and not r.finished and r.request_id not in busy]
         if max_rows is not None:
             batch = batch[:max(max_rows, 0)]
-        self._decided_by = self._control = None
+        self._decided_by = self._control = self._decision = None
         ks = self._final_ks(batch, self.k_chooser(batch)) if batch else []
+        fixed, fixed_conf, match_lens = self._ngram_drafts(batch, ks)
+        if fixed is not None:
+            ks = [len(f) if f is not None else k for f, k in zip(fixed, ks)]
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
         count_values(self.chosen_k_counts, ks)
@@ -230,11 +265,13 @@ class Scheduler:
             new_tokens.append(r.unsynced_draft)
             r.unsynced_draft = []
         control = self._control if any(ks) else None
-        plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control)
+        plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control,
+                        fixed, fixed_conf)
+        if fixed is not None:
+            self._ngram_rows[id(plan)] = match_lens
         if self._decided_by is not None:
             # Kept per plan: with pipelining another plan is decided before this one returns.
-            context = sum(r.context_len for r in batch) / len(batch)
-            self._in_flight[id(plan)] = (self._decided_by, context)
+            self._in_flight[id(plan)] = (self._decided_by, self._decision)
         return plan
 
     def _plan_prefill(self, left: float, busy) -> list[PrefillItem]:
@@ -253,9 +290,8 @@ class Scheduler:
             ids = req.prefill_ids     # the prompt (+ committed output when re-admitted)
             start = req.num_prefilled
             end = int(min(len(ids), start + left))
-            p = req.params
             items.append(PrefillItem(req.request_id, ids[start:end],
-                                     SeqSampling(p.temperature, p.top_k, p.top_p, p.seed),
+                                     req.params.seq_sampling(self.vocab_size),
                                      first=start == 0, last=end == len(ids)))
             req.num_prefilled = end
             left -= end - start
@@ -289,6 +325,34 @@ class Scheduler:
     def forget_plan(self, plan: StepPlan) -> None:
         """A plan that will never be applied (its execution failed)."""
         self._in_flight.pop(id(plan), None)
+        self._ngram_rows.pop(id(plan), None)
+
+    # -- drafters ----------------------------------------------------------------------------
+    def drafter_of(self, req: Request) -> str:
+        """The request's drafter this step: its own choice, else the configured one. With
+        no draft model, 'model+ngram' is 'ngram' and 'model' drafts nothing."""
+        drafter = req.params.drafter or self.speculation.drafter
+        if not self.has_draft and drafter == "model+ngram":
+            return "ngram"
+        return drafter
+
+    def _can_draft(self, req: Request) -> bool:
+        return self.has_draft or self.drafter_of(req) != "model"
+
+    def _ngram_drafts(self, batch: Sequence[Request], ks: Sequence[int]):
+        """The n-gram rows' drafts (drafting/planner.py), after every cap on k."""
+        drafters = [self.drafter_of(r) for r in batch]
+        if all(d == "model" for d in drafters):
+            return None, None, None
+        spec, control = self.speculation, self._control
+        threshold = control.threshold if control is not None and control.stop == "threshold" \
+            else None
+        histories = [r.token_history().view() if d != "model" else None
+                     for r, d in zip(batch, drafters)]
+        out = self.ngram.plan(histories, ks, drafters,
+                              (spec.prompt_lookup_min, spec.prompt_lookup_max),
+                              self.has_draft, threshold)
+        return out.drafts, out.confidence, out.match_lengths
 
     # -- k: one home for every cap ------------------------------------------------------------
     def _static_k(self, requests: Sequence[Request]) -> list[int]:
@@ -299,24 +363,28 @@ class Scheduler:
         policy = self.policy
         if policy is None:
             return self._static_k(requests)
+        budgets = slack = None
+        if self._slo_caps_steps:
+            now = time.monotonic()
+            budgets = [r.slo.tpot_s for r in requests]
+            slack = [_tpot_slack(r, now) for r in requests]
         state = BatchState(
             context_len=[r.context_len for r in requests],
-            remaining_tokens=[r.params.max_tokens - len(r.output_ids) for r in requests],
+            k_cap=self._final_ks(requests, [policy.max_k] * len(requests)),
             confidence_ema=[r.confidence_ema for r in requests],
-            tpot_budget_s=[r.slo.tpot_s for r in requests] if self._slo_caps_steps else None,
-            queue_depth=len(self.waiting))
+            tpot_budget_s=budgets, tpot_slack_s=slack, queue_depth=len(self.waiting))
         decision = policy.decide(state)
-        self._decided_by = policy
+        self._decided_by, self._decision = policy, decision
         self._control = decision.control
         return list(decision.max_k)
 
     def _final_ks(self, batch: Sequence[Request], chosen: Sequence[int]) -> list[int]:
         """Every cap on k, in one place: the request's own k, what is left of max_tokens
         and the context (the final token is always the target's), then the cluster bounds."""
-        if not self.has_draft:
-            return [0] * len(batch)
         ks = []
         for req, k in zip(batch, chosen):
+            if not self._can_draft(req):
+                k = 0
             if req.num_speculative_tokens is not None:
                 k = min(k, req.num_speculative_tokens)
             left = req.params.max_tokens - len(req.output_ids) - 1
@@ -330,6 +398,7 @@ class Scheduler:
         outputs: list[RequestOutput] = []
         by_id = {r.request_id: r for r in self.running}
         now = time.monotonic()
+        ngram_rows = self._ngram_rows.pop(id(plan), None)   # match length per n-gram row
         for item, token in zip(plan.prefill, result.first_tokens):
             req = by_id.get(item.seq_id)
             if req is None or not item.last:
@@ -344,12 +413,16 @@ class Scheduler:
             # Verified counts: an in-loop early stop or trim can leave them below the caps.
             verified = (result.proposal.num_draft_tokens.tolist() if result.proposal is not None
                         else plan.num_draft)
-            for rid, k, tokens, n_acc in zip(plan.decode_ids, verified, v.emitted,
-                                             v.num_accepted):
+            match_lens = ngram_rows or [None] * len(plan.decode_ids)
+            for rid, k, tokens, n_acc, n_match in zip(plan.decode_ids, verified, v.emitted,
+                                                      v.num_accepted, match_lens):
                 req = by_id.get(rid)
                 if req is None:        # aborted while the step was in flight
                     continue
                 req.spec.observe(num_draft=k, num_accepted=n_acc)
+                self.ngram.observe(n_match, k, n_acc)
+                self.totals.observe_drafter("ngram" if n_match is not None else
+                                            "model" if k > 0 else "none", k, n_acc)
                 drafted += k
                 accepted += n_acc
                 emitted_total += self._commit(req, tokens)
@@ -369,35 +442,17 @@ class Scheduler:
         return outputs
 
     def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float,
-                     context: float) -> None:
-        """Per-request confidence EMAs, then the policy's own step feedback."""
-        v, proposal = result.verify, result.proposal
-        if proposal is not None:
-            counts = proposal.drafted.numpy().astype(np.int64)
-            verified = tuple(int(n) for n in proposal.num_draft_tokens)
-        else:
-            counts = np.asarray(plan.num_draft, np.int64)
-            verified = None
-        if proposal is not None and proposal.draft_confidence.shape[1] > 0:
-            confidences = proposal.draft_confidence.numpy()
-        else:
-            confidences = np.zeros((len(plan.decode_ids), 0))
-        ema = np.array([by_id[rid].confidence_ema if rid in by_id else 0.5
-                        for rid in plan.decode_ids])
-        ema = update_confidence_ema(ema, self.policy.calibrate(confidences), counts)
-        for rid, value in zip(plan.decode_ids, ema):
+                     decision: Decision) -> None:
+        """Hand the step to the policy; it returns each row's updated confidence."""
+        confidence = [by_id[rid].confidence_ema if rid in by_id else None
+                      for rid in plan.decode_ids]
+        updated = self.policy.observe_step(plan, result, seconds, decision, confidence)
+        for rid, value in zip(plan.decode_ids, updated):
             if rid in by_id:
-                by_id[rid].confidence_ema = float(value)
-        self.policy.observe(StepFeedback(
-            num_drafted=tuple(int(k) for k in counts), num_accepted=tuple(v.num_accepted),
-            step_seconds=seconds, num_verified=verified,
-            draft_seconds=proposal.seconds if proposal is not None else None,
-            verify_seconds=v.seconds, batch_size=len(plan.decode_ids), mean_context=context,
-            confidences=confidences if confidences.shape[1] else None))
-        if self.cost_model is not None and not plan.prefill:
-            # What the step cost beside its two forwards (router, transport, bookkeeping).
-            draft_s = proposal.seconds if proposal is not None else 0.0
-            self.cost_model.observe_step_overhead(max(seconds - draft_s - v.seconds, 0.0))
+                by_id[rid].confidence_ema = value
+        self._decode_steps += 1
+        if self.persist_learned is not None and self._decode_steps % self.persist_every == 0:
+            self.persist_learned()
 
     def _retire_finished(self, now: float) -> None:
         done = [r for r in self.running if r.finished]
@@ -409,9 +464,8 @@ class Scheduler:
 
     def _record_slo(self, req: Request, finished_at: float) -> None:
         """Count a finished request toward its class's attainment (aborted ones never are)."""
-        ttft = req.first_token_time - req.arrival_time
-        later_tokens = len(req.output_ids) - 1
-        mean_tpot = (finished_at - req.first_token_time) / later_tokens if later_tokens > 0 else None
+        ttft, mean_tpot = request_latency(req.arrival_time, req.first_token_time, finished_at,
+                                          len(req.output_ids))
         self.slo_tracker.record(req.slo, ttft, mean_tpot)
 
     def slo_summary(self) -> dict:

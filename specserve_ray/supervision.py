@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from specserve_ray.contracts import PrefillItem, SeqSampling, StepPlan
+from specserve_ray.contracts import PrefillItem, StepPlan
 from specserve_ray.engine import Request
 
 log = logging.getLogger("specserve_ray")
@@ -204,8 +204,7 @@ class Supervision:
             for r in self.engine.running:
                 if r.finished or r.num_prefilled == 0:
                     continue
-                p = SeqSampling(r.params.temperature, r.params.top_k, r.params.top_p,
-                                r.params.seed)
+                p = r.params.seq_sampling(self.engine.vocab_size)
                 if r.prefill_done:   # all but the last token, which the next step carries
                     items.append(PrefillItem(r.request_id, r.prompt_ids + r.output_ids[:-1], p))
                     synced.append(r)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, \
     ValidationError, field_validator
 
-from specserve_ray.config import SloConfig, SpeculationConfig
+from specserve_ray.config import Drafter, SloConfig, SpeculationConfig
 
 
 class UserConfig(BaseModel):
@@ -22,6 +22,12 @@ class UserConfig(BaseModel):
     profile_budget_s: StrictInt | StrictFloat | None = Field(None, gt=0, le=600,
                                                            description="Start-up profile "
                                                            "budget for adaptive policies.")
+    drafter: Drafter | None = Field(None, description="'model', 'ngram' or 'model+ngram' "
+                                    "(as engine.speculation.drafter).")
+    prompt_lookup_min: StrictInt | None = Field(None, ge=1, le=32, description="Shortest "
+                                                "n-gram the n-gram drafter matches.")
+    prompt_lookup_max: StrictInt | None = Field(None, ge=1, le=32, description="Longest "
+                                                "n-gram the n-gram drafter matches.")
     max_num_seqs: StrictInt | None = Field(None, ge=1, description="Requests decoded "
                                            "together; at most engine.limits.max_num_seqs "
                                            "(the cache slots).")

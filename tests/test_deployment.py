@@ -404,7 +404,7 @@ def test_backpressure_answers_429_not_hang(app):
     (b'{"prompt": "x", "top_p": 0}', "top_p"),
     (b'{"prompt": "\xff\xfe bad utf8"}', "invalid request"),                  # invalid UTF-8
     (b'{"prompt": "", "max_tokens": 4}', "prompt is empty"),
-    (b'{"prompt": "x", "n": 3}', "n = 1"),
+    (b'{"prompt": "x", "n": 3}', "n > 1 is not supported"),
     (b'{"prompt": "x", "slo_class": "gold"}', "unknown SLO class"),
     (b'{"prompt": "x", "slo_class": 7}', "slo_class"),
 ])

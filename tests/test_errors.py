@@ -22,7 +22,7 @@ def engine():
     ("max_tokens", 0, "max_tokens must be > 0"),
     ("max_tokens", -5, "max_tokens must be > 0"),
     ("temperature", -0.1, "temperature must be >= 0"),
-    ("temperature", float("nan"), "temperature must be >= 0"),
+    ("temperature", float("nan"), "finite number"),
     ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
     ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
     ("top_k", -2, "top_k must be"),

@@ -97,7 +97,8 @@ def test_policy_switch_on_a_live_engine(pair):
     with pytest.raises(ValueError, match="cost model"):
         engine.speculation = SpeculationConfig(policy="specserve")
     assert engine.speculation.policy == "static" and engine.policy is None
-    engine.cost_model = SPEC_FRIENDLY
+    engine.cost_model = CostModel.from_dict(SPEC_FRIENDLY.to_dict())
+    learned = engine.learned
     switches = ["specserve", "none", "smartspec", "static:2", "threshold", "static"] * 20
     for policy in switches:
         if not engine.has_unfinished():
@@ -109,11 +110,16 @@ def test_policy_switch_on_a_live_engine(pair):
             assert engine.mean_chosen_k == 0.0
         if policy == "static:2" and engine.chosen_k_rows:
             assert engine.mean_chosen_k <= 2.0
+        # What the engine learned (acceptance, calibration, cost corrections) is the
+        # engine's, not the policy instance's: every switch keeps it.
+        assert engine.learned is learned
+        assert engine.policy is None or engine.policy.learned is learned
     while engine.has_unfinished():
         step()
     for rid, p in zip(ids, prompts):
         assert tokens[rid] == hf_greedy(target, p, 30)
     assert engine.totals.num_draft_tokens > 0
+    assert learned.acceptance_of().evidence > 0 and learned.cost is engine.cost_model
 
 
 def test_profile_runner_budget_and_fit(pair):
@@ -184,3 +190,15 @@ def test_from_config_profiles_once_and_caches(tmp_path):
     assert again.cost_model.verify_coef == engine.cost_model.verify_coef
     assert again.cost_model.draft_coef == engine.cost_model.draft_coef
     assert first < 30
+    # What serving taught is saved with the profile (every persist_every decode steps;
+    # here by hand) and a restart resumes it: acceptance, calibration, goodput, the
+    # cost model's scale and step overhead.
+    assert engine.learned.acceptance_of().evidence > 0 and engine.cost_model.step_overhead > 0
+    engine.persist_learned()
+    resumed = SpecEngine.from_config(cfg, cache_dir=str(tmp_path))
+    assert resumed.learned.prior() == pytest.approx(engine.learned.prior(), abs=1e-3)
+    assert resumed.learned.goodput.count == engine.learned.goodput.count
+    assert resumed.cost_model.step_overhead == pytest.approx(engine.cost_model.step_overhead)
+    assert resumed.cost_model.scale == pytest.approx(engine.cost_model.scale)
+    assert resumed.learned.calibration_of().table() == pytest.approx(
+        engine.learned.calibration_of().table(), abs=1e-3)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from specserve_ray.api.auth import AuthError
+from specserve_ray.api.validation import request_error
 from specserve_ray.errors import (OverloadedError, PayloadTooLargeError, RequestError,
                                   UnavailableError)
 
@@ -45,12 +46,6 @@ def new_error_id() -> str:
     return f"err-{uuid.uuid4().hex[:16]}"
 
 
-def _validation_text(exc: ValidationError) -> str:
-    from specserve_ray.api.openai import validation_message
-
-    return validation_message(exc)
-
-
 def classify(exc: BaseException, retry_after_s: int | None = None,
              error_id: str | None = None) -> ErrorReply:
     """The reply for `exc`. `retry_after_s` is the caller's current estimate, used when
@@ -58,15 +53,14 @@ def classify(exc: BaseException, retry_after_s: int | None = None,
     if isinstance(exc, AuthError):
         return ErrorReply(401, "UNAUTHENTICATED", str(exc), "invalid_request_error",
                           "invalid_api_key")
+    if isinstance(exc, ValidationError):     # named fields: param and code as in the body
+        exc = request_error(exc)
     if isinstance(exc, PayloadTooLargeError):
         return ErrorReply(413, "INVALID_ARGUMENT", str(exc), "invalid_request_error",
                           "payload_too_large")
     if isinstance(exc, RequestError):
         return ErrorReply(400, "INVALID_ARGUMENT", str(exc), "invalid_request_error",
                           getattr(exc, "code", None) or 400, getattr(exc, "param", None))
-    if isinstance(exc, ValidationError):
-        return ErrorReply(400, "INVALID_ARGUMENT", _validation_text(exc),
-                          "invalid_request_error", 400)
     if isinstance(exc, (OverloadedError, UnavailableError)):
         hint = exc.retry_after_s if exc.retry_after_s is not None else retry_after_s
         hint = None if hint is None else max(1, int(round(hint)))

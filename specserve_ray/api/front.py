@@ -35,10 +35,8 @@ log = logging.getLogger("specserve_ray")
 MAX_CLIENT_ID_CHARS = 128
 
 
-def _bad(message: str, param: str | None = None) -> RequestError:
-    err = RequestError(message)
-    err.param = param
-    return err
+def _bad(message: str, param: str | None = None, code: str = "invalid_value") -> RequestError:
+    return RequestError(message, param, code)
 
 
 class FrontDoor:
@@ -96,7 +94,7 @@ class FrontDoor:
             return None
         if not isinstance(request_id, str):
             raise _bad(f"request_id must be a string, got {type(request_id).__name__}",
-                       "request_id")
+                       "request_id", "invalid_type")
         if len(request_id) > MAX_CLIENT_ID_CHARS or not request_id.isprintable():
             raise _bad(f"request_id must be printable and at most {MAX_CLIENT_ID_CHARS} "
                        "characters", "request_id")
@@ -119,27 +117,27 @@ class FrontDoor:
             if len(prompt) > self.max_prompt_chars:
                 raise _bad(f"prompt has {len(prompt)} characters, more than "
                            f"{self.max_prompt_tokens} tokens can hold (the context holds "
-                           f"{self.max_model_len} tokens)", "prompt")
+                           f"{self.max_model_len} tokens)", "prompt", "context_length_exceeded")
             ids = await self._off_loop(
                 lambda: self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)     # the engine checks each id against the vocabulary
         else:
             raise _bad(f"prompt must be text or a list of token ids, got "
-                       f"{type(prompt).__name__}", "prompt")
+                       f"{type(prompt).__name__}", "prompt", "invalid_type")
         if len(ids) > self.max_prompt_tokens:
             raise _bad(f"prompt has {len(ids)} tokens; at most {self.max_prompt_tokens} are "
                        f"allowed (the context holds {self.max_model_len} including at least "
-                       "one output token)", "prompt")
+                       "one output token)", "prompt", "context_length_exceeded")
         return ids
 
     async def render_chat(self, messages, template: str | None) -> str:
         from specserve_ray.api.openai import render_chat
 
-        chars = sum(len(m.text()) for m in messages)
+        chars = sum(len(m["content"]) for m in messages)   # api/chat.py's parsed turns
         if chars > self.max_prompt_chars:
             raise _bad(f"messages have {chars} characters, more than {self.max_prompt_tokens} "
-                       "tokens can hold", "messages")
+                       "tokens can hold", "messages", "context_length_exceeded")
         return await self._off_loop(lambda: render_chat(self.tokenizer, messages, template))
 
     async def _off_loop(self, fn):

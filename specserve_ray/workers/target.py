@@ -56,6 +56,10 @@ class TargetWorker:
     def has(self, seq_id: str) -> bool:
         return seq_id in self._seqs
 
+    def sampled(self, seq_ids: list[str]) -> list[bool]:
+        """Which rows sample (fixed drafts need a point-mass draft distribution there)."""
+        return [not self._seqs[s].sampling.greedy for s in seq_ids]
+
     def prefill(self, items: list[PrefillItem]) -> list[int | None]:
         """Cache prompt chunks (rows of similar length share a forward) and sample the
         first output token of each sequence whose prompt ends here (None for the others)."""
