@@ -12,7 +12,6 @@ running request. Scaling the router deployment scales whole router+draft+target 
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Any
