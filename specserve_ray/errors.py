@@ -56,3 +56,8 @@ class UnavailableError(RuntimeError):
 
 class PayloadTooLargeError(RequestError):
     """The request body passes the configured size bound (HTTP 413)."""
+
+
+class DeadlineExceededError(RuntimeError):
+    """A request passed its deadline (the config's default or its own `timeout_s`).
+    Maps to HTTP 504 / gRPC DEADLINE_EXCEEDED; the output so far is not returned."""

@@ -25,6 +25,7 @@ import time
 from typing import Awaitable, Callable
 
 from specserve_ray.contracts import PrefillItem, StepPlan
+from specserve_ray.errors import DeadlineExceededError
 from specserve_ray.engine import Request
 
 log = logging.getLogger("specserve_ray")
@@ -34,7 +35,7 @@ class StepFailed(RuntimeError):
     """A request could not be finished because of a worker or loop failure (clean error)."""
 
 
-class RequestTimeout(StepFailed):
+class RequestTimeout(StepFailed, DeadlineExceededError):
     """A request passed its deadline (config default or its own `timeout_s`)."""
 
 

@@ -67,6 +67,8 @@ def test_key_check_is_constant_time(monkeypatch):
 
 # -- error mapping ------------------------------------------------------------------------------
 def test_error_mapping_table():
+    from specserve_ray.supervision import RequestTimeout
+
     bad = RequestError("top_k must be an integer")
     bad.param = "top_k"
     cases = [
@@ -76,6 +78,8 @@ def test_error_mapping_table():
         (OverloadedError("queue full", 7.2), 429, "RESOURCE_EXHAUSTED", "rate_limit_error"),
         (UnavailableError("target restarting"), 503, "UNAVAILABLE", "server_error"),
         (RuntimeError("boom"), 500, "INTERNAL", "server_error"),
+        (RequestTimeout("request req-1 passed its deadline"), 504, "DEADLINE_EXCEEDED",
+         "timeout_error"),
     ]
     for exc, status, code, err_type in cases:
         reply = classify(exc, retry_after_s=3)

@@ -5,6 +5,7 @@
     PayloadTooLargeError                    413  INVALID_ARGUMENT
     OverloadedError (queue bound)           429  RESOURCE_EXHAUSTED  + Retry-After
     UnavailableError                        503  UNAVAILABLE         + Retry-After when known
+    DeadlineExceededError (request timeout) 504  DEADLINE_EXCEEDED
     anything else                           500  INTERNAL            generic message + id
 
 Client-fixable errors carry their message. Server errors never do: `str(exc)` of a
@@ -22,8 +23,8 @@ from pydantic import ValidationError
 
 from specserve_ray.api.auth import AuthError
 from specserve_ray.api.validation import request_error
-from specserve_ray.errors import (OverloadedError, PayloadTooLargeError, RequestError,
-                                  UnavailableError)
+from specserve_ray.errors import (DeadlineExceededError, OverloadedError,
+                                  PayloadTooLargeError, RequestError, UnavailableError)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ErrorReply:
 
     @property
     def server_fault(self) -> bool:
-        return self.status >= 500 and self.status != 503
+        return self.status == 500
 
 
 def new_error_id() -> str:
@@ -69,6 +70,9 @@ def classify(exc: BaseException, retry_after_s: int | None = None,
                               retry_after_s=hint)
         return ErrorReply(503, "UNAVAILABLE", str(exc), "server_error", 503,
                           retry_after_s=hint)
+    if isinstance(exc, DeadlineExceededError):
+        return ErrorReply(504, "DEADLINE_EXCEEDED", str(exc) or "the request passed its deadline",
+                          "timeout_error", "timeout")
     error_id = error_id or new_error_id()
     return ErrorReply(500, "INTERNAL", f"internal server error (error id {error_id}); "
                       "the server log has the details", "server_error", 500,
