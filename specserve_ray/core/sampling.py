@@ -7,9 +7,39 @@ per-request parameters; the rejection sampler is lossless with respect to the
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
-__all__ = ["logits_to_probs", "logits_to_probs_reference", "sample_from_probs"]
+__all__ = ["logits_to_probs", "logits_to_probs_reference", "sample_from_probs", "stream_seed",
+           "greedy_with_confidence"]
+
+_SEED_RANGE = 2**63   # torch.Generator.manual_seed takes [-2^63, 2^64); stay well inside
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A generator seed in [0, 2^63) for one stream (draft, target...) of a request seed.
+
+    Any Python int works (negative, >= 2^64). Seeds whose historical mix
+    `seed * 1_000_003 + stream` lies in [0, 2^63) keep it, so seeded outputs stay what
+    they were; any other seed is hashed into the range instead of overflowing the
+    generator (different pairs collide with probability ~2^-63).
+    """
+    mixed = int(seed) * 1_000_003 + int(stream)
+    if 0 <= mixed < _SEED_RANGE:
+        return mixed
+    digest = hashlib.blake2b(f"{int(seed)}:{int(stream)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % _SEED_RANGE
+
+
+def greedy_with_confidence(
+    logits: torch.Tensor,  # [N, V] any float dtype, any device
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([N] int64, [N] float32), on logits' device
+    """Argmax and its softmax probability, without materializing the [N, V] softmax:
+    p(argmax) = exp(max - logsumexp). What an unfiltered greedy row needs."""
+    scaled = logits.float()
+    top, token_ids = scaled.max(dim=-1)
+    return token_ids, torch.exp(top - torch.logsumexp(scaled, dim=-1))
 
 
 def _scale_by_temperature(
