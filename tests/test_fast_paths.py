@@ -92,3 +92,22 @@ def test_prepacked_runner_matches_stock_hf_forward(num_new):
         want = stock(input_ids=torch.tensor([prompt])).logits[0, -num_new:]
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_lean_llama_draft_forward_matches_hf():
+    from specserve_kernels.lean_llama import lean_llama_or_none
+    from specserve_ray.config import EMBEDDED_DRAFT
+
+    model = load_causal_lm(ModelConfig(path=EMBEDDED_DRAFT, dtype="float32"))[0]
+    runner = ModelRunner(model, 2, 256, prepack=False)
+    assert runner.use_lean_forward()
+    ids = torch.randint(1, 4000, (2, 30), generator=torch.Generator().manual_seed(3)).tolist()
+    runner.add("a"), runner.add("b")
+    runner.forward(["a", "b"], [ids[0][:20], ids[1][:25]], all_logits=False)
+    got = runner.forward(["a", "b"], [ids[0][20:], ids[1][25:]])       # ragged: 10 and 5
+    with torch.inference_mode():
+        want_a = model(input_ids=torch.tensor([ids[0]])).logits[0, 20:]
+        want_b = model(input_ids=torch.tensor([ids[1]])).logits[0, 25:]
+    torch.testing.assert_close(got[0], want_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1, :5], want_b, rtol=1e-4, atol=1e-4)
+    assert lean_llama_or_none(load_causal_lm(ModelConfig(path=EMBEDDED_DRAFT))[0]) is not None

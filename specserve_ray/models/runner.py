@@ -20,6 +20,7 @@ import torch
 from specserve_ray.core.ragged import gather_last, pack_ragged, positions_and_mask
 from specserve_ray.config import ModelConfig
 from specserve_ray.models.kv_cache import SlotKVCache
+from specserve_kernels.lean_llama import lean_llama_or_none
 from specserve_kernels.packed_linear import can_prepack, prepack_linears
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,8 +88,16 @@ class ModelRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
+        self._lean = None                                # see use_lean_forward
         self.forward_seconds = 0.0                       # cumulative, for the cost model
         self.forward_calls = 0
+
+    def use_lean_forward(self) -> bool:
+        """Run forwards through specserve_kernels.lean_llama when the model is a plain
+        Llama (for drafts: their numerics never change what is emitted). Returns whether
+        it is on."""
+        self._lean = lean_llama_or_none(self.model)
+        return self._lean is not None
 
     def synchronize(self) -> None:
         """Wait for queued device work (GPU kernels run asynchronously): timing needs it."""
@@ -186,13 +195,17 @@ class ModelRunner:
         if not all_logits and self._has_logits_to_keep and uniform:
             kwargs["logits_to_keep"] = 1
         start = time.perf_counter()
-        out = self.model(
-            input_ids=batch.input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            **kwargs,
-        )
-        logits = out.logits
+        if self._lean is not None:
+            logits = self._lean(batch.input_ids.to(self.device), position_ids.to(self.device),
+                                mask.to(self.device), self.cache,
+                                last_only="logits_to_keep" in kwargs)
+        else:
+            logits = self.model(
+                input_ids=batch.input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                **kwargs,
+            ).logits
         if logits.dtype != torch.float32:
             logits = logits.float()
         self.forward_seconds += time.perf_counter() - start

@@ -7,6 +7,7 @@ the rest. So a step costs one draft call and one target call, nothing else.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -77,8 +78,14 @@ def _draft_step(logits: torch.Tensor, active: list[int], needs_probs: list[bool]
 
 
 class DraftWorker:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, lean: bool | None = None):
         self.runner = runner
+        # A draft's forward only proposes (the target checks every token), so it may take
+        # the lean Llama forward: about half the eager dispatch of a Hugging Face forward.
+        if lean is None:
+            lean = os.environ.get("SPECSERVE_LEAN_DRAFT", "1") != "0"
+        if lean:
+            runner.use_lean_forward()
         self._seqs: dict[str, _DraftSeq] = {}
 
     @property
