@@ -6,6 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export RAY_AUTH_MODE ?= disabled
+# Ray starts its workers at nice 15 (so a driver stays responsive); here the workers ARE
+# the server (router, draft, target), so they run at the normal priority.
+export RAY_worker_niceness ?= 0
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install test test-fast demo serve bench train-pair proto clean

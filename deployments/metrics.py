@@ -94,9 +94,9 @@ class RayMetricsExporter:
         inc(self.predicted_observed_s, d.predicted_observed_seconds)
         inc(self.expected_tokens, d.expected_tokens)
         inc(self.expected_emitted, d.expected_emitted)
-        for name, (requests, attained) in d.slo.items():
-            inc(self.slo_requests, requests, {"slo_class": name})
-            inc(self.slo_attained, attained, {"slo_class": name})
+        for name, record in d.slo.items():
+            inc(self.slo_requests, record.requests, {"slo_class": name})
+            inc(self.slo_attained, record.attained, {"slo_class": name})
         for s in delta.step_seconds:
             self.step_seconds.observe(s)
         for name, s in delta.ttft:

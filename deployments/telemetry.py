@@ -93,8 +93,8 @@ class RouterTelemetry:
         self._waiting_before = waiting
         tightest = min((slo_budgets(r, self.recorder.slo_registry)[1] for r in self.engine.running),
                        default=math.inf)
-        slo_req = sum(r for r, _ in d.slo.values())
-        slo_ok = sum(a for _, a in d.slo.values())
+        slo_req = sum(c.requests for c in d.slo.values())
+        slo_ok = sum(c.attained for c in d.slo.values())
         return RouterSignals(
             router_id=self.router_id, window_s=max(delta.window_s, 1e-3), arrivals=arrivals,
             finished=d.finished, queue_depth=waiting, running=running,

@@ -60,4 +60,5 @@ class TargetActor(_Base):
         return run_target(self.worker, draft_out)
 
     def step_without_draft(self, plan: StepPlan) -> StepResult:
-        return run_target(self.worker, DraftOutput(plan, None))
+        # run_draft with no worker packs the plan's fixed (n-gram) drafts, if any.
+        return run_target(self.worker, run_draft(None, plan))

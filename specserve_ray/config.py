@@ -12,6 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from specserve_ray.contracts import SeqSampling
+from specserve_ray.errors import RequestError
+from specserve_ray.front_config import FrontDoorConfig
 from specserve_ray.policy.slo import NO_SLO, SloClass, SloRegistry
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -20,6 +23,9 @@ EMBEDDED_TARGET = str(EMBEDDED_PAIR_DIR / "target")
 EMBEDDED_DRAFT = str(EMBEDDED_PAIR_DIR / "draft")
 
 DType = Literal["float32", "bfloat16", "float16"]
+# Who drafts: the draft model, prompt lookup (n-gram match in the request's own tokens),
+# or prompt lookup where it finds a match and the model elsewhere.
+Drafter = Literal["model", "ngram", "model+ngram"]
 
 
 class _Strict(BaseModel):
@@ -72,35 +78,56 @@ class SpeculationConfig(_Strict):
     profile_budget_s: float = Field(10.0, gt=0, le=600, description="Seconds the start-up "
                                     "profile of draft and target forwards may take (adaptive "
                                     "policies only; the fitted model is cached on disk).")
+    drafter: Drafter = Field("model", description="Who proposes draft tokens: 'model' (the "
+                             "draft model), 'ngram' (prompt lookup: the tokens that followed "
+                             "the longest recent earlier occurrence of the sequence's suffix "
+                             "in its own prompt and output; no draft model needed, zero draft "
+                             "cost) or 'model+ngram' (the n-gram proposal where there is a "
+                             "match, the model elsewhere). A request may choose its own with "
+                             "`drafter`.")
+    prompt_lookup_max: int = Field(4, ge=1, le=32, description="Longest suffix n-gram the "
+                                   "n-gram drafter matches (tried first).")
+    prompt_lookup_min: int = Field(2, ge=1, le=32, description="Shortest suffix n-gram "
+                                   "that counts as a match (shorter: no n-gram proposal).")
     synthetic_acceptance_rate: float | None = Field(
         None, ge=0.0, le=1.0, description="BENCHMARK ONLY, NOT LOSSLESS: the target accepts "
         "each draft token with this probability instead of verifying it (the forward still "
         "runs, so costs are real), to measure a system at a chosen acceptance rate. None "
         "(the default) = real lossless verification.")
 
+    @model_validator(mode="after")
+    def _lookup_sizes(self) -> "SpeculationConfig":
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        return self
+
+    @property
+    def uses_ngram(self) -> bool:
+        return self.drafter != "model"
+
     @field_validator("policy")
     @classmethod
     def _policy_known(cls, value: str) -> str:
-        from specserve_ray.policy import CostModel, make_policy
+        from specserve_ray.policy.spec import parse_policy
 
-        spec = value.strip().lower() if isinstance(value, str) else value
-        if spec == "static":
-            return spec
-        # Parse only: a placeholder cost model stands in for the profiled one.
-        make_policy(spec, CostModel((1e-3, 0, 0, 0), (1e-3, 1e-3, 0, 0)))
-        return spec
+        return str(parse_policy(value))   # normalized: "SpecServe " -> "specserve"
+
+    @property
+    def spec(self):
+        """The policy string, parsed (a `PolicySpec`)."""
+        from specserve_ray.policy.spec import parse_policy
+
+        return parse_policy(self.policy)
 
     @property
     def static_k(self) -> int | None:
         """The fixed k of a static policy; None for the adaptive ones ('none' included)."""
-        if self.policy == "static":
-            return self.num_speculative_tokens
-        name, _, arg = self.policy.partition(":")
-        return int(arg) if name == "static" else None
+        return self.spec.static_k(self.num_speculative_tokens)
 
     @property
     def needs_cost_model(self) -> bool:
-        return self.policy.partition(":")[0] in ("smartspec", "specserve")
+        return self.spec.needs_cost_model
 
 
 class LimitsConfig(_Strict):
@@ -108,6 +135,11 @@ class LimitsConfig(_Strict):
                                "tokens per request.")
     max_num_seqs: int = Field(16, ge=1, le=1024, description="Requests decoded together.")
     max_tokens: int = Field(1024, ge=1, description="Upper bound a request may ask for.")
+    max_num_batched_tokens: int | None = Field(
+        256, ge=1, description="Token budget of one step (vLLM's name): decode rows first "
+        "(k + 1 tokens each), then prompt chunks of waiting requests fill what is left (at "
+        "least a quarter of it), so an arriving long prompt is prefilled over several steps "
+        "instead of stalling the running batch. None = whole prompts at once.")
 
 
 class SloClassConfig(_Strict):
@@ -202,16 +234,39 @@ class EngineConfig(_Strict):
         return self
 
 
-class SamplingParams(_Strict):
-    """Per-request decoding parameters (OpenAI names)."""
+# Seeds: any integer a client may send (OpenAI's int64 and uint64 alike) is accepted and
+# reduced to torch.Generator's range; beyond it the request is refused.
+SEED_MIN, SEED_END = -2**63, 2**64
+# top_k above any vocabulary keeps every token; values are clamped here so that only
+# int32-sized numbers reach the workers' tensors (the engine caps them at the vocabulary).
+MAX_TOP_K = 2**31 - 1
 
-    max_tokens: int = Field(64, description="Tokens to generate at most (> 0).")
-    temperature: float = Field(0.0, description="0 = greedy; > 0 samples.")
+
+def generator_seed(seed: int) -> int:
+    """`seed` in [SEED_MIN, SEED_END) reduced deterministically into [0, 2**64), the range
+    torch.Generator.manual_seed takes (two's complement: -1 and 2**64 - 1 are one seed)."""
+    return seed % 2**64
+
+
+class SamplingParams(_Strict):
+    """Per-request decoding parameters (OpenAI names and ranges), typed strictly: a bool is
+    not an int, a float is not an int, NaN and infinities are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    max_tokens: int = Field(64, description="Tokens to generate at most (>= 1).")
+    temperature: float = Field(0.0, description="0 = greedy; (0, 2] samples.")
     top_p: float = Field(1.0, description="Nucleus sampling mass in (0, 1].")
-    top_k: int = Field(0, description="Keep the k most likely tokens; 0 or -1 = off.")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
-    stop: tuple[str, ...] = Field((), description="Stop strings; the output ends before them.")
+    top_k: int = Field(0, description="Keep the k most likely tokens; 0 or -1 = off; above "
+                       "the vocabulary = off.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling: any integer "
+                             "in [-2**63, 2**64), reduced to the generator's range.")
+    stop: tuple[str, ...] = Field((), description="Stop strings; the output ends before them "
+                                  "(how many and how long: front.max_stop_strings / "
+                                  "max_stop_chars at the front door).")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
+    drafter: Drafter | None = Field(None, description="This request's drafter ('model', "
+                                    "'ngram', 'model+ngram'); None = speculation.drafter.")
 
     @field_validator("max_tokens")
     @classmethod
@@ -223,8 +278,8 @@ class SamplingParams(_Strict):
     @field_validator("temperature")
     @classmethod
     def _temp(cls, v: float) -> float:
-        if not v >= 0.0 or v != v:
-            raise ValueError(f"temperature must be >= 0, got {v}")
+        if not 0.0 <= v <= 2.0:
+            raise ValueError(f"temperature must be >= 0 and <= 2, got {v}")
         return v
 
     @field_validator("top_p")
@@ -239,25 +294,46 @@ class SamplingParams(_Strict):
     def _top_k(cls, v: int) -> int:
         if v < -1:
             raise ValueError(f"top_k must be -1, 0 (off) or a positive count, got {v}")
-        return max(v, 0)
+        return min(max(v, 0), MAX_TOP_K)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None) -> int | None:
+        if v is not None and not SEED_MIN <= v < SEED_END:
+            raise ValueError("seed must be an integer in [-2**63, 2**64)")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, v):
+        from specserve_ray.api.inputs import check_text
+
         if v is None:
             return ()
         if isinstance(v, str):
             v = [v]
+        if not isinstance(v, (list, tuple)):
+            raise RequestError("stop must be a string or a list of strings", "stop",
+                               "invalid_type")
         v = tuple(v)
-        if any(not isinstance(s, str) or s == "" for s in v):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if len(v) > 16:
-            raise ValueError("at most 16 stop strings")
+        for i, s in enumerate(v):
+            if not isinstance(s, str):
+                raise RequestError(f"stop[{i}] must be a string", f"stop[{i}]", "invalid_type")
+            if s == "":
+                raise ValueError("stop must be a non-empty string or a list of non-empty "
+                                 "strings")
+            check_text(s, f"stop[{i}]", controls=True)
         return v
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def seq_sampling(self, vocab_size: int | None = None) -> SeqSampling:
+        """The workers' copy: seed in the generator's range, top_k at most the vocabulary."""
+        top_k = min(self.top_k, vocab_size or MAX_TOP_K)
+        seed = None if self.seed is None else generator_seed(self.seed)
+        return SeqSampling(self.temperature, top_k, self.top_p, seed)
 
 
 class SignalsConfig(_Strict):
@@ -318,8 +394,13 @@ class AppConfig(_Strict):
     signals: SignalsConfig = Field(default_factory=SignalsConfig, description="Metrics "
                                    "export and the cluster speculation controller.")
     max_queued_requests: int = Field(64, ge=0, description="Requests waiting for a batch "
-                                     "slot before new ones get HTTP 503.")
+                                     "slot before new ones get HTTP 429 (with Retry-After).")
     max_ongoing_requests: int = Field(128, ge=1, description="Serve's per-replica cap on "
-                                      "concurrent requests (past it Serve queues/rejects).")
+                                      "concurrent requests (past it Serve queues/rejects); keep "
+                                      ">= engine.limits.max_num_seqs + max_queued_requests so "
+                                      "the project's queue bound refuses first.")
     chat_template: str | None = Field(None, description="Jinja chat template used when the "
                                       "tokenizer has none; None = the documented default.")
+    front: FrontDoorConfig = Field(default_factory=FrontDoorConfig, description="Request "
+                                   "size limits, token queue bound, Retry-After bounds and "
+                                   "API keys (specserve_ray/front_config.py).")

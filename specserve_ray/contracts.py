@@ -34,9 +34,13 @@ class SeqSampling:
 
 @dataclass(frozen=True)
 class PrefillItem:
+    """One chunk of a prompt to cache (chunked prefill: a prompt may take several steps)."""
+
     seq_id: str
-    prompt_ids: list[int]
+    prompt_ids: list[int]      # this chunk's tokens, in order after the earlier chunks
     sampling: SeqSampling
+    first: bool = True         # the sequence starts here (the worker takes a cache slot)
+    last: bool = True          # the prompt ends here: the target samples the first token
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class Proposal:
     # [B] int64 tokens drafted per row, when an early stop or a verify trim made it differ
     # from both the plan's caps and num_draft_tokens; None = num_draft_tokens.
     num_drafted: "torch.Tensor | None" = None
+    # [B] bool: rows whose drafts were fixed by the scheduler (n-gram), a point-mass
+    # draft distribution (drafting/fixed.py); None = every row drafted by the model.
+    fixed_rows: "torch.Tensor | None" = None
 
     @property
     def drafted(self) -> "torch.Tensor":
@@ -73,6 +80,10 @@ class StepPlan:
     num_draft: list[int] = field(default_factory=list)        # k (cap) per running request
     # The policy's in-loop stop/trim rules for this step; None = draft to the cap, verify all.
     draft_control: "DraftControl | None" = None
+    # Per decode row: drafts already chosen by the scheduler (prompt lookup), verified
+    # as they are, or None = the draft model drafts this row. None = no fixed drafts.
+    fixed_drafts: list[list[int] | None] | None = None
+    fixed_confidence: list[list[float] | None] | None = None   # aligned with fixed_drafts
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ class DraftOutput:
 
 @dataclass(frozen=True)
 class StepResult:
-    first_tokens: list[int]                 # one per plan.prefill item
+    first_tokens: list[int | None]          # one per plan.prefill item; None unless `last`
     verify: VerifyResult | None
     proposal: Proposal | None
     draft_error: str | None = None

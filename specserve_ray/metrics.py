@@ -19,10 +19,11 @@ j-th token was accepted. Derived, in PromQL (Ray prefixes `ray_`, counters end `
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from specserve_ray.policy.slo import ClassAttainment, request_latency  # noqa: F401 - re-exported
 
 DEFAULT_SLO_CLASS = "default"
 _MAX_BUFFERED = 4096        # histogram observations kept between drains (newest win)
@@ -50,7 +51,9 @@ class Counts:
     accepted_per_pos: list[int] = field(default_factory=list)
     chosen_k_rows: dict[int, int] = field(default_factory=dict)   # k -> decode rows
     finished: int = 0
-    slo: dict[str, list[int]] = field(default_factory=dict)      # class -> [requests, attained]
+    # class -> its finished requests' attainment (classes with an SLO budget only): the
+    # same records the scheduler's SloTracker sums (policy/slo.py).
+    slo: dict[str, ClassAttainment] = field(default_factory=dict)
 
     def add(self, other: "Counts") -> None:
         for name in ("steps", "decode_steps", "decode_rows", "admitted", "num_drafts",
@@ -62,10 +65,8 @@ class Counts:
         _add_list(self.accepted_per_pos, other.accepted_per_pos)
         for k, n in other.chosen_k_rows.items():
             self.chosen_k_rows[k] = self.chosen_k_rows.get(k, 0) + n
-        for name, (req, ok) in other.slo.items():
-            mine = self.slo.setdefault(name, [0, 0])
-            mine[0] += req
-            mine[1] += ok
+        for name, record in other.slo.items():
+            self.slo[name] = self.slo.get(name, ClassAttainment()) + record
 
     @property
     def acceptance_rate(self) -> float:
@@ -99,7 +100,8 @@ class Counts:
                 "predicted_seconds": round(self.predicted_seconds, 6),
                 "predicted_observed_seconds": round(self.predicted_observed_seconds, 6),
                 "finished": self.finished,
-                "slo": {name: {"requests": r, "attained": a} for name, (r, a) in sorted(self.slo.items())}}
+                "slo": {name: {"requests": c.requests, "attained": c.attained}
+                        for name, c in sorted(self.slo.items())}}
 
 
 def _add_list(into: list[int], other: Sequence[int]) -> None:
@@ -174,18 +176,17 @@ class MetricsAggregator:
                 d.expected_emitted += num_emitted
 
     def observe_finished(self, slo_class: str, ttft_s: float | None, tpot_s: float | None,
-                         attained: bool | None) -> None:
-        """One finished request; `attained` None = no SLO to attain (not counted)."""
+                         record: ClassAttainment | None) -> None:
+        """One finished request; `record` (slo.attainment_record) None = its class sets
+        no SLO budget, so there is nothing to attain (not counted)."""
         d = self._delta
         d.finished += 1
         if ttft_s is not None:
             self._ttft.append((slo_class, ttft_s))
         if tpot_s is not None:
             self._tpot.append((slo_class, tpot_s))
-        if attained is not None:
-            entry = d.slo.setdefault(slo_class, [0, 0])
-            entry[0] += 1
-            entry[1] += bool(attained)
+        if record is not None:
+            d.slo[slo_class] = d.slo.get(slo_class, ClassAttainment()) + record
 
     def current(self) -> Counts:
         """Totals including what the next drain will hand out (a copy; drains unaffected)."""
@@ -205,25 +206,3 @@ class MetricsAggregator:
         self._tpot.clear()
         self._last_drain = now
         return out
-
-
-def request_latency(arrival: float, first_token: float | None, finish: float,
-                    num_output_tokens: int) -> tuple[float | None, float | None]:
-    """(TTFT, mean TPOT) of a finished request from monotonic timestamps. TPOT is the
-    mean time between later tokens; None for a one-token output (nothing to measure)."""
-    if first_token is None:
-        return None, None
-    ttft = max(first_token - arrival, 0.0)
-    if num_output_tokens <= 1:
-        return ttft, None
-    return ttft, max(finish - first_token, 0.0) / (num_output_tokens - 1)
-
-
-def slo_attained(ttft: float | None, tpot: float | None, ttft_budget: float,
-                 tpot_budget: float) -> bool | None:
-    """True/False against the budgets; None when the class sets no budget at all."""
-    if math.isinf(ttft_budget) and math.isinf(tpot_budget):
-        return None
-    ttft_ok = ttft is None or ttft <= ttft_budget
-    tpot_ok = tpot is None or tpot <= tpot_budget
-    return ttft_ok and tpot_ok

@@ -11,9 +11,10 @@ import math
 import time
 from typing import Sequence
 
-from specserve_ray.metrics import (DEFAULT_SLO_CLASS, MetricsAggregator, request_latency,
-                                   slo_attained)
+from specserve_ray.metrics import DEFAULT_SLO_CLASS, MetricsAggregator
+from specserve_ray.policy.cost_model import padded_tokens
 from specserve_ray.policy.efficiency import expected_tokens
+from specserve_ray.policy.slo import SloClass, attainment_record, request_latency
 
 
 def slo_class_of(req) -> str:
@@ -75,8 +76,10 @@ class StepRecorder:
         """Predicted step seconds and expected tokens for a decode-only step, as the
         policy saw it (context lengths before this step's tokens were committed)."""
         batch = len(drafted)
-        context = max(sum(r.context_len for r in requests) - emitted, 0) / max(len(requests), 1)
-        seconds = float(cost.predict_verify(batch, batch + sum(drafted), context))
+        # The longest context before this step's tokens were committed (what the padded
+        # forwards attended over), approximately: the mean tokens emitted per row off.
+        context = max(max(r.context_len for r in requests) - emitted / max(batch, 1), 0.0)
+        seconds = float(cost.predict_verify(batch, padded_tokens(drafted), context))
         deepest = max(drafted, default=0)
         if deepest > 0 and cost.has_draft:
             active = [sum(1 for k in drafted if k > j) for j in range(deepest)]
@@ -95,6 +98,9 @@ class StepRecorder:
                 continue
             ttft, tpot = request_latency(req.arrival_time, req.first_token_time, now,
                                          len(req.output_ids))
+            name = slo_class_of(req)
             ttft_budget, tpot_budget = slo_budgets(req, self.slo_registry)
-            self.aggregator.observe_finished(slo_class_of(req), ttft, tpot,
-                                             slo_attained(ttft, tpot, ttft_budget, tpot_budget))
+            record = None
+            if math.isfinite(ttft_budget) or math.isfinite(tpot_budget):
+                record = attainment_record(SloClass(name, ttft_budget, tpot_budget), ttft, tpot)
+            self.aggregator.observe_finished(name, ttft, tpot, record)

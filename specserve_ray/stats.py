@@ -23,6 +23,30 @@ class SpecStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    # Totals only: the same counters per drafter ('model', 'ngram', 'none' for rows that
+    # drafted nothing), so acceptance can be compared across drafters. Per-request stats
+    # leave it empty.
+    per_drafter: dict[str, "SpecStats"] = field(default_factory=dict)
+
+    def observe_drafter(self, drafter: str, num_draft: int, num_accepted: int) -> None:
+        stats = self.per_drafter.get(drafter)
+        if stats is None:
+            stats = self.per_drafter[drafter] = SpecStats()
+        stats.observe(num_draft, num_accepted)
+
+    def merged(self, other: "SpecStats") -> "SpecStats":
+        """The sum of two records (e.g. two routers' totals)."""
+        longest = max(len(self.accepted_per_position), len(other.accepted_per_position))
+        per_pos = [(self.accepted_per_position[i] if i < len(self.accepted_per_position) else 0)
+                   + (other.accepted_per_position[i] if i < len(other.accepted_per_position)
+                      else 0) for i in range(longest)]
+        names = sorted(set(self.per_drafter) | set(other.per_drafter))
+        per_drafter = {n: self.per_drafter.get(n, SpecStats()).merged(
+            other.per_drafter.get(n, SpecStats())) for n in names}
+        return SpecStats(self.num_steps + other.num_steps, self.num_drafts + other.num_drafts,
+                         self.num_draft_tokens + other.num_draft_tokens,
+                         self.num_accepted_tokens + other.num_accepted_tokens, per_pos,
+                         per_drafter)
 
     def observe(self, num_draft: int, num_accepted: int) -> None:
         self.num_steps += 1
@@ -52,14 +76,18 @@ class SpecStats:
         return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
 
     def copy(self) -> "SpecStats":
-        return replace(self, accepted_per_position=list(self.accepted_per_position))
+        return replace(self, accepted_per_position=list(self.accepted_per_position),
+                       per_drafter={n: s.copy() for n, s in self.per_drafter.items()})
 
     def summary(self) -> dict:
-        return {"num_draft_tokens": self.num_draft_tokens,
-                "num_accepted_tokens": self.num_accepted_tokens,
-                "num_steps": self.num_steps,
-                "acceptance_rate": round(self.acceptance_rate, 4),
-                "mean_acceptance_length": round(self.mean_acceptance_length, 4)}
+        out = {"num_draft_tokens": self.num_draft_tokens,
+               "num_accepted_tokens": self.num_accepted_tokens,
+               "num_steps": self.num_steps,
+               "acceptance_rate": round(self.acceptance_rate, 4),
+               "mean_acceptance_length": round(self.mean_acceptance_length, 4)}
+        if self.per_drafter:
+            out["per_drafter"] = {n: s.summary() for n, s in sorted(self.per_drafter.items())}
+        return out
 
 
 @dataclass(frozen=True)

@@ -16,3 +16,16 @@ if "SPECSERVE_CACHE_DIR" not in os.environ:
 
     os.environ["SPECSERVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="specserve-cache-")
     atexit.register(shutil.rmtree, os.environ["SPECSERVE_CACHE_DIR"], ignore_errors=True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A tiny random Llama target and a perturbed copy as its draft (agrees often, not
+    always). Modules that need another family or noise define their own `pair`."""
+    from helpers import perturbed, tiny_model
+
+    target = tiny_model("llama", seed=0)
+    return target, perturbed(target, noise=0.15)

@@ -1,9 +1,17 @@
-"""Shared test fixtures: tiny random-initialized models of several families, saved locally."""
+"""Shared test helpers: tiny random-initialized models of several families, a perturbed
+copy as their draft, and in-process engines over them."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
+
+from specserve_ray.config import LimitsConfig, SamplingParams, SpeculationConfig
+from specserve_ray.engine import SpecEngine
+from specserve_ray.models.runner import ModelRunner
+from specserve_ray.workers.draft import DraftWorker
+from specserve_ray.workers.target import TargetWorker
 
 
 def tiny_config(family: str, vocab: int = 96, seed: int = 0):
@@ -48,3 +56,37 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
                              min_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+class IdTokenizer:
+    """Token ids as text; enough for engines fed token-id prompts."""
+
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def perturbed(model, noise: float, seed: int = 7):
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise * p.std().clamp(min=1e-3))
+    return draft
+
+
+def make_engine(target, draft, k: int = 4, max_seqs: int = 8, tokenizer=None):
+    limits = LimitsConfig(max_model_len=256, max_num_seqs=max_seqs, max_tokens=200)
+    return SpecEngine(TargetWorker(ModelRunner(target, max_seqs, 256, "target")),
+                      DraftWorker(ModelRunner(draft, max_seqs, 256, "draft")) if draft is not None else None,
+                      tokenizer or IdTokenizer(), limits, SpeculationConfig(num_speculative_tokens=k))
+
+
+def random_prompts(n: int, seed: int, vocab: int = 96):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 24, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (m,), generator=g).tolist() for m in lengths]
+
+
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)

@@ -1,9 +1,8 @@
 """The trace benchmark's pure parts: trace loading, scaling, arrivals, prompts, metrics,
 the JSON contract; the synthetic-acceptance hook and the chosen-k histogram.
 
-The end-to-end sweep against a real app is not run here (it needs its own Ray app with
-policy switching and takes minutes on 2 cores); it is checked by the manual smoke run in
-the README (`bench trace ... --regime fp32 --policies none specserve ...`)."""
+The end-to-end sweep against a real app is the slow smoke test in test_bench_sweep.py and
+`python -m specserve_ray.bench sweep --quick` (README)."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +28,7 @@ CSV = """TIMESTAMP,ContextTokens,GeneratedTokens
 
 @pytest.fixture
 def trace_csv(tmp_path):
-    path = tmp_path / "trace.csv"
+    path = tmp_path / "AzureLLMInferenceTrace_code.csv"
     path.write_text(CSV)
     return str(path)
 
@@ -72,17 +71,26 @@ def test_cli_rejects_bad_input(tmp_path, trace_csv, capsys):
 
     with pytest.raises(SystemExit, match="no such file"):
         main(["trace", "--trace", str(tmp_path / "nope.csv"), "--dry-run"])
-    bad = tmp_path / "bad.csv"
+    (tmp_path / "bad").mkdir()
+    bad = tmp_path / "bad" / "AzureLLMInferenceTrace_code.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match="missing column"):
-        main(["trace", "--trace", str(bad), "--dry-run"])
+        main(["trace", "--trace", str(bad), "--dry-run", "--workloads", "code"])
     with pytest.raises(SystemExit, match="--max-k"):
-        main(["trace", "--trace", trace_csv, "--dry-run", "--max-k", "3"])   # static:5
+        main(["trace", "--trace", trace_csv, "--dry-run", "--max-k", "3",
+              "--workloads", "code"])   # static:5
     with pytest.raises(SystemExit, match="cannot switch"):
-        main(["trace", "--trace", trace_csv, "--dry-run", "--url", "http://x:1"])
+        main(["trace", "--trace", trace_csv, "--dry-run", "--url", "http://x:1",
+              "--workloads", "code"])
     with pytest.raises(SystemExit, match="--loads"):
-        main(["trace", "--trace", trace_csv, "--dry-run", "--loads", "low"])
-    main(["trace", "--trace", trace_csv, "--dry-run"])
+        main(["trace", "--trace", trace_csv, "--dry-run", "--loads", "low",
+              "--workloads", "code"])
+    with pytest.raises(SystemExit, match="--workloads"):
+        main(["sweep", "--trace-dir", str(tmp_path), "--dry-run", "--workloads", "nope"])
+    with pytest.raises(SystemExit, match="not found"):   # the conversation trace is missing
+        main(["sweep", "--trace-dir", str(tmp_path), "--dry-run", "--workloads",
+              "conv-decode"])
+    main(["trace", "--trace", trace_csv, "--dry-run", "--workloads", "code"])
     assert "estimated" in capsys.readouterr().out
 
 
@@ -189,7 +197,9 @@ def test_run_entry_json_schema_and_table():
     records = [_rec(0, 0.0, 0.1, [0.1, 0.3], 0.3, 3)]
     m = run_metrics(records, 1.0, SLO(1.0, 1.0))
     entry = run_entry("fp32", "specserve", "low", 0.3, 1.5, "trace", None, m,
-                      {"mean_acceptance_length": 2.0, "chosen_k_dist": [0.5, 0.5]}, [0.1])
+                      {"mean_acceptance_length": 2.0, "chosen_k_dist": [0.5, 0.5]}, [0.1],
+                      workload="code:poisson", drafter="model", repetition=0, slo_scale=2.0,
+                      rate_req_s=1.5, run_id="fp32/code/model/0/0/specserve")
     entry = json.loads(json.dumps(entry))      # JSON-serialisable as is
     for key in RUN_KEYS + ("request_rate", "goodput_req_s", "slo_attainment", "output_tok_s",
                            "ttft_p50_s", "tpot_p50_s", "tpot_p99_s", "mean_acceptance_length"):
@@ -203,13 +213,16 @@ def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     from specserve_ray.bench.plots import write_plots
 
-    runs = []
-    for load, rate in (("low", 1.0), ("high", 3.0)):
+    curves, runs = [], []
+    for rate in (1.0, 3.0):
         for policy in ("none", "specserve"):
-            runs.append({"regime": "fp32", "policy": policy, "load": load, "request_rate": rate,
-                         "goodput_req_s": rate / 2, "slo_attainment": 0.5,
-                         "tpot_samples_s": [0.02, 0.03, 0.05], "slo_tpot_s": 0.04})
-    paths = write_plots(runs, str(tmp_path))
+            cell = {"regime": "fp32", "workload": "code:poisson", "drafter": "model",
+                    "slo_scale": 2.0, "policy": policy, "rate_req_s": rate}
+            curves.append({**cell, "attainment": 0.5, "attainment_ci95": [0.4, 0.6],
+                           "goodput_req_s": rate / 2, "goodput_ci95": [rate / 3, rate / 1.5]})
+            runs.append({**cell, "repetition": 0, "tpot_samples_s": [0.02, 0.03, 0.05],
+                         "slo_tpot_s": 0.04})
+    paths = write_plots(curves, runs, str(tmp_path))
     assert len(paths) == 2 and all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
 
 

@@ -8,7 +8,7 @@ from specserve_ray.policy import CostModel, record_step, start_drafting
 from specserve_ray.policy.calibration import ConfidenceCalibration, apply_table
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.drafter import should_continue
-from specserve_ray.policy.policies import BatchState, SpecServe, StepFeedback
+from specserve_ray.policy import BatchState, SpecServe, StepFeedback
 
 
 def test_unseen_bins_trust_the_draft():
@@ -67,10 +67,10 @@ def test_step_overhead_favours_deeper_drafts():
 def test_specserve_learns_calibration_from_feedback():
     cost = CostModel((0.01, 1e-4, 1e-5, 1e-8), (1e-4, 1e-4, 1e-5, 1e-9))
     policy = SpecServe(cost, max_k=4)
-    state = BatchState(context_len=(50, 60), remaining_tokens=(20, 20), confidence_ema=(0.3, 0.3))
+    state = BatchState(context_len=(50, 60), k_cap=(4, 4), confidence_ema=(0.3, 0.3))
     decision = policy.decide(state)
-    for _ in range(200):
-        policy.observe(StepFeedback((3, 3), (3, 3), 0.02, confidences=np.full((2, 3), 0.25)))
+    for _ in range(200):   # the engine's learned state, which every policy instance shares
+        policy.learned.observe(StepFeedback((3, 3), (3, 3), 0.02, confidences=np.full((2, 3), 0.25)))
     assert policy.calibrate(np.array([0.25]))[0] > 0.9
     control = policy.decide(state).control
     assert control is not None and control.calibration is not None

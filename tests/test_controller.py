@@ -15,7 +15,7 @@ import pytest
 
 from helpers import tiny_model
 from test_cluster_policy import router
-from test_engine_lossless import perturbed, make_engine, random_prompts
+from helpers import perturbed, make_engine, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
 from specserve_ray.config import SamplingParams, SignalsConfig
 from specserve_ray.contracts import RuntimeBounds

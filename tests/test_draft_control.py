@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import hf_greedy, tiny_model
-from test_engine_lossless import GREEDY, make_engine, perturbed, random_prompts
+from helpers import GREEDY, make_engine, perturbed, random_prompts
 from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID
 from specserve_ray.config import SpeculationConfig
 from specserve_ray.models.runner import ModelRunner

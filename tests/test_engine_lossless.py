@@ -11,7 +11,8 @@ import copy
 import pytest
 import torch
 
-from helpers import hf_greedy, tiny_model
+from helpers import (GREEDY, IdTokenizer, hf_greedy, make_engine, perturbed,  # noqa: F401
+                     random_prompts, tiny_model)
 from specserve_ray.config import LimitsConfig, SamplingParams, SpeculationConfig
 from specserve_ray.engine import SpecEngine
 from specserve_ray.models.runner import ModelRunner
@@ -21,37 +22,6 @@ from specserve_ray.workers.target import TargetWorker
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 
 
-class IdTokenizer:
-    """Token ids as text; enough for engines fed token-id prompts."""
-
-    eos_token_id = 2
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(i) for i in ids)
-
-
-def perturbed(model, noise: float, seed: int = 7):
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * noise * p.std().clamp(min=1e-3))
-    return draft
-
-
-def make_engine(target, draft, k: int = 4, max_seqs: int = 8, tokenizer=None):
-    limits = LimitsConfig(max_model_len=256, max_num_seqs=max_seqs, max_tokens=200)
-    return SpecEngine(TargetWorker(ModelRunner(target, max_seqs, 256, "target")),
-                      DraftWorker(ModelRunner(draft, max_seqs, 256, "draft")) if draft is not None else None,
-                      tokenizer or IdTokenizer(), limits, SpeculationConfig(num_speculative_tokens=k))
-
-
-def random_prompts(n: int, seed: int, vocab: int = 96):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 24, (n,), generator=g).tolist()
-    return [torch.randint(3, vocab, (m,), generator=g).tolist() for m in lengths]
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request):
     target = tiny_model(request.param, seed=0)
@@ -59,8 +29,6 @@ def pair(request):
     noise = 0.6 if request.param == "gpt2" else 0.15
     return request.param, target, perturbed(target, noise=noise)
 
-
-GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
 
 @pytest.mark.parametrize("k", range(1, 9))

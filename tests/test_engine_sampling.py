@@ -16,7 +16,7 @@ from helpers import tiny_model
 from specserve_ray.config import SamplingParams, SpeculationConfig
 from specserve_ray.policy import CostModel
 from specserve_ray.core.sampling import logits_to_probs
-from test_engine_lossless import make_engine, perturbed, random_prompts
+from helpers import make_engine, perturbed, random_prompts
 
 
 def processed(model, seqs, temperature, top_k, top_p):
@@ -75,6 +75,11 @@ def test_sampled_tokens_follow_target_distribution(temperature, top_k, top_p, po
     engine = make_engine(target, draft, k=2, max_seqs=32)
     engine.cost_model = SPEC_FRIENDLY
     engine.speculation = SpeculationConfig(num_speculative_tokens=2, policy=policy)
+    if policy == "specserve":
+        # The cost model is made up, not profiled: left to learn, SpecServe would find that
+        # plain steps run far faster than it says and mostly stop speculating, and this
+        # test needs drafts (its subject is the in-loop rules' sampling).
+        engine.policy.correct_goodput = False
     # max_tokens 4: after the first (prefill) token, k = 2 fits, so one verification
     # step produces tokens 2 and 3 (and a bonus 4th when both drafts are accepted).
     params = [SamplingParams(max_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -95,7 +100,11 @@ def test_sampled_tokens_follow_target_distribution(temperature, top_k, top_p, po
     # Accepted drafts and rejections (recovered tokens) both happened, and bonus tokens:
     # requests whose first step accepted both drafts.
     assert 0 < totals.num_accepted_tokens < totals.num_draft_tokens
-    assert any(o.spec.accepted_per_position[1:2] for o in outs)
+    if policy != "specserve":
+        # SpecServe seeds each request's estimate from the acceptance it measured (about
+        # 0.25 with this draft), so it rarely drafts two tokens here and bonus tokens are
+        # too rare to require; the static and threshold cases exercise them.
+        assert any(o.spec.accepted_per_position[1:2] for o in outs)
 
 
 def test_same_seed_same_output():

@@ -2,9 +2,18 @@
 
 * deployments/*.yaml: Ray Serve configs. Each validates with Ray's own
   `ServeDeploySchema`, and its application `args` with `specserve_ray.config.AppConfig`.
-* k8s/*.yaml: KubeRay RayServices. Each validates with the RayService CRD's OpenAPI v3
-  schema (`$SPECSERVE_SHARED/kuberay/ray.io_rayservices.yaml`, skipped when absent), and
-  its `serveConfigV2` string as a Serve config, like the files above.
+* k8s/rayservice-*.yaml: KubeRay RayServices. Each validates with the RayService CRD's
+  OpenAPI v3 schema (`$SPECSERVE_SHARED/kuberay/ray.io_rayservices.yaml`, skipped when
+  absent), and its `serveConfigV2` string as a Serve config, like the files above.
+* The other objects in k8s/ (Service, Ingress): Kubernetes' own schema, strict
+  (`kubernetes-validate`, a test extra; skipped with a reason when missing).
+* Serve settings of every shipped config (`_serve_settings_problems`): Serve never holds
+  requests back before the app's own queue is full (max_ongoing_requests >= slots +
+  queue), its own queue is bounded and answers with Retry-After, request timeouts and a
+  graceful drain are set, and no fault-injection switch is on.
+
+Security of the Kubernetes objects (securityContext, token auth, secrets, exposure,
+images) is checked in test_k8s_hardening.py, the Dockerfiles in test_dockerfile.py.
 
 Two gaps of those validators are closed here, because both silently accept typos:
 Ray's pydantic schemas ignore unknown keys (and keep `autoscaling_config` as a plain
@@ -23,6 +32,7 @@ import copy
 import importlib
 import json
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -31,28 +41,19 @@ import yaml
 from pydantic import BaseModel
 
 import specserve_ray.config as sconfig
+from manifest_files import (INGRESS, RAYSERVICES, ROOT, SERVE_CONFIG_OF, SERVE_CONFIGS,
+                            groups, ids, load, shipped_serve_configs)
 from specserve_ray.config import AppConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVE_CONFIGS = sorted((ROOT / "deployments").glob("*.yaml"))
-K8S_MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
+K8S_MANIFESTS = RAYSERVICES
 IMPORT_PATH = "deployments.app:build_app"
-INGRESS = "SpecRouter"
 GRPC_SERVICER = "deployments.proto.specserve_pb2_grpc.add_SpecServeServicer_to_server"
 SHARED_ENV = "SPECSERVE_SHARED"
 CRD_RELPATH = Path("kuberay") / "ray.io_rayservices.yaml"
 
 
-def _load(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        docs = [d for d in yaml.safe_load_all(f) if d is not None]
-    assert len(docs) == 1, f"{path.name}: expected one YAML document, found {len(docs)}"
-    assert isinstance(docs[0], dict), f"{path.name}: top level is not a mapping"
-    return docs[0]
-
-
-def _ids(paths):
-    return [p.name for p in paths]
+_load = load
+_ids = ids
 
 
 def test_manifests_exist():
@@ -203,7 +204,8 @@ def test_serve_config_validates(path, local_pair):
 
 def test_default_config_is_the_cpu_demo(local_pair):
     data = _load(ROOT / "deployments" / "default.yaml")
-    assert data["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    assert data["http_options"]["host"] == "127.0.0.1"
+    assert data["http_options"]["port"] == 8000
     [(app, cfg, external)] = _check_serve_config(data, local_pair, "default.yaml")
     assert app["name"] == "specserve" and app["route_prefix"] == "/"
     assert external == {}, "the CPU demo uses the embedded pair"
@@ -292,10 +294,7 @@ def _containers(group: dict) -> list[dict]:
     return group["template"]["spec"]["containers"]
 
 
-def _groups(manifest: dict):
-    cluster = manifest["spec"]["rayClusterConfig"]
-    return [("head", cluster["headGroupSpec"])] + [
-        (g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []]
+_groups = groups
 
 
 def _custom_resources(group: dict) -> dict:
@@ -355,10 +354,12 @@ def test_rayservice_cluster(path):
     head = cluster["headGroupSpec"]
     ports = {p["containerPort"] for p in _containers(head)[0].get("ports", [])}
     assert {6379, 8265, 8000, 9000} <= ports
+    # Ray token authentication is on (details in test_k8s_hardening.py).
+    assert cluster.get("authOptions", {}).get("mode") == "token", path.name
     for name, group in _groups(manifest):
         for container in _containers(group):
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
-            assert env.get("RAY_AUTH_MODE") == "disabled", f"{path.name}: {name}"
+            assert env.get("RAY_AUTH_MODE") == "token", f"{path.name}: {name}"
             assert container.get("image"), f"{path.name}: {name}"
         params = group.get("rayStartParams") or {}
         assert all(isinstance(v, str) for v in params.values()), (
@@ -428,3 +429,224 @@ def test_gpu_rayservice_layout(local_pair):
     single = _load(ROOT / "deployments" / "gpu-llama.yaml")["applications"][0]
     assert app["args"]["engine"] == single["args"]["engine"]
     assert app["args"]["model_name"] == single["args"]["model_name"]
+
+
+def test_gpu_rayservice_is_gpu_llama_yaml():
+    """serveConfigV2 of the GPU RayService = deployments/gpu-llama.yaml, except the
+    custom resources that pin draft and target to their worker groups."""
+    manifest = _load(ROOT / "k8s" / "rayservice-gpu.yaml")
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    for app in serve_config["applications"]:
+        for key in ("draft_resources", "target_resources"):
+            app["args"][key] = {k: v for k, v in app["args"][key].items()
+                                if k in ("CPU", "GPU", "memory")}
+    assert serve_config == _load(ROOT / "deployments" / "gpu-llama.yaml"), (
+        "serveConfigV2 drifted from deployments/gpu-llama.yaml")
+
+
+def test_every_rayservice_mirrors_a_serve_config():
+    assert {p.name for p in K8S_MANIFESTS} == set(SERVE_CONFIG_OF)
+
+
+# --------------------------------------------------------------------------- Serve settings
+
+FAULT_KEY = re.compile(r"fault", re.IGNORECASE)
+OFF_WORDS = {"", "0", "false", "off", "no", "none", "disabled"}
+
+
+def _is_off(value) -> bool:
+    """Whether a fault-injection switch's value leaves injection off."""
+    if value is None or value is False or value == 0:
+        return True
+    if isinstance(value, str):
+        return value.strip().lower() in OFF_WORDS
+    if isinstance(value, dict):
+        if "enabled" in value:
+            return _is_off(value["enabled"])
+        return all(_is_off(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return len(value) == 0
+    return False
+
+
+def _fault_switches_on(data, where: str = "") -> list[str]:
+    """Paths of keys named like fault injection (`fault_injection`, `faults`, ...) whose
+    value turns it on, anywhere in `data`."""
+    found = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            at = f"{where}.{key}" if where else str(key)
+            if FAULT_KEY.search(str(key)) and not _is_off(value):
+                found.append(at)
+            else:
+                found += _fault_switches_on(value, at)
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            found += _fault_switches_on(item, f"{where}[{i}]")
+    return found
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _serve_settings_problems(data: dict, local_pair, where: str) -> list[str]:
+    """What a shipped Serve config gets wrong about overload, timeouts, drain and fault
+    injection; [] when nothing. Limits are read as the app reads them: args through
+    AppConfig, then the deployment's user_config (live max_num_seqs up to the cache
+    slots, max_queued_requests) and Serve's per-deployment overrides."""
+    problems = []
+    http, grpc = data.get("http_options") or {}, data.get("grpc_options") or {}
+    if not _positive(http.get("request_timeout_s")):
+        problems.append(f"{where}: http_options.request_timeout_s is not set (> 0)")
+    if grpc.get("grpc_servicer_functions") and not _positive(grpc.get("request_timeout_s")):
+        problems.append(f"{where}: grpc_options.request_timeout_s is not set (> 0)")
+    for at in _fault_switches_on(data):
+        problems.append(f"{where}: fault injection switched on at {at}")
+
+    for app in data.get("applications") or []:
+        at = f"{where}: app {app.get('name')!r}"
+        try:
+            cfg, _ = _validate_args(app.get("args") or {}, local_pair, at)
+        except ValueError as exc:       # pydantic's ValidationError included
+            problems.append(f"{at}: args rejected by AppConfig: {exc}")
+            continue
+        router = {d["name"]: d for d in app.get("deployments") or []}.get(INGRESS) or {}
+        user = router.get("user_config") or {}
+        slots = cfg.engine.limits.max_num_seqs         # live max_num_seqs may rise to it
+        live_slots = user.get("max_num_seqs", slots)
+        queue = user.get("max_queued_requests", cfg.max_queued_requests)
+        ongoing = router.get("max_ongoing_requests", cfg.max_ongoing_requests)
+        if ongoing < max(slots, live_slots) + queue:
+            problems.append(
+                f"{at}: max_ongoing_requests {ongoing} < max_num_seqs {slots} + "
+                f"max_queued_requests {queue}: Serve would queue requests the app has "
+                "room for")
+        serve_queue = router.get("max_queued_requests", -1)
+        if not (isinstance(serve_queue, int) and serve_queue >= 0):
+            problems.append(f"{at}: SpecRouter.max_queued_requests (Serve's own queue) "
+                            "is unbounded")
+        backpressure = router.get("backpressure_config") or {}
+        if not _positive(backpressure.get("retry_after_s")):
+            problems.append(f"{at}: SpecRouter.backpressure_config.retry_after_s is not "
+                            "set: Serve's refusals would carry no Retry-After")
+        for field in ("graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s"):
+            if not _positive(router.get(field)):
+                problems.append(f"{at}: SpecRouter.{field} is not set (> 0)")
+        if _positive(router.get("graceful_shutdown_wait_loop_s")) and _positive(
+                router.get("graceful_shutdown_timeout_s")) and router[
+                "graceful_shutdown_wait_loop_s"] >= router["graceful_shutdown_timeout_s"]:
+            problems.append(f"{at}: graceful_shutdown_wait_loop_s >= "
+                            "graceful_shutdown_timeout_s")
+    return problems
+
+
+SHIPPED = shipped_serve_configs()
+
+
+@pytest.mark.parametrize("name,data", SHIPPED, ids=[n for n, _ in SHIPPED])
+def test_shipped_serve_settings(name, data, local_pair):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(data)   # every field used exists in Ray
+    assert not _unknown_serve_keys(ServeDeploySchema, data, name)
+    assert _serve_settings_problems(data, local_pair, name) == []
+    # The values Ray parsed are the ones the checks read.
+    assert schema.http_options.request_timeout_s == data["http_options"]["request_timeout_s"]
+    [router] = [d for d in schema.applications[0].deployments if d.name == INGRESS]
+    assert router.backpressure_config.retry_after_s > 0
+    assert router.graceful_shutdown_timeout_s > 0
+
+
+def _set(path: str, value):
+    """A mutation that sets a dotted path (list indexes as numbers) in a Serve config."""
+    def mutate(data):
+        *parents, last = path.split(".")
+        node = data
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+        node[last] = value
+    return mutate
+
+
+def _delete(path: str):
+    def mutate(data):
+        *parents, last = path.split(".")
+        node = data
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        del node[last]
+    return mutate
+
+
+ROUTER = "applications.0.deployments.0"
+SETTINGS_MUTATIONS = {
+    # name: (mutation, words the problem must contain)
+    "ongoing below slots + queue": (_set(f"{ROUTER}.max_ongoing_requests", 32),
+                                    "max_ongoing_requests 32 <"),
+    "queue raised live": (_set(f"{ROUTER}.user_config.max_queued_requests", 4096),
+                          "max_queued_requests 4096"),
+    "no http timeout": (_delete("http_options.request_timeout_s"),
+                        "http_options.request_timeout_s"),
+    "no grpc timeout": (_delete("grpc_options.request_timeout_s"),
+                        "grpc_options.request_timeout_s"),
+    "no graceful timeout": (_delete(f"{ROUTER}.graceful_shutdown_timeout_s"),
+                            "graceful_shutdown_timeout_s is not set"),
+    "no graceful loop": (_delete(f"{ROUTER}.graceful_shutdown_wait_loop_s"),
+                         "graceful_shutdown_wait_loop_s is not set"),
+    "serve queue unbounded": (_set(f"{ROUTER}.max_queued_requests", -1), "unbounded"),
+    "no retry-after": (_delete(f"{ROUTER}.backpressure_config"), "Retry-After"),
+    "fault injection on": (_set("applications.0.args.fault_injection",
+                                {"enabled": True, "worker": "draft", "step": 3}),
+                           "fault injection switched on"),
+    "faults in user_config": (_set(f"{ROUTER}.user_config.faults", "draft:stall@5"),
+                              "fault injection switched on"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(SETTINGS_MUTATIONS))
+@pytest.mark.parametrize("name,data", SHIPPED, ids=[n for n, _ in SHIPPED])
+def test_serve_settings_checks_can_fail(name, data, mutation, local_pair):
+    """Each check above catches its fault in a copy of every shipped config."""
+    mutate, words = SETTINGS_MUTATIONS[mutation]
+    broken = copy.deepcopy(data)
+    mutate(broken)
+    problems = _serve_settings_problems(broken, local_pair, name)
+    assert any(words in p for p in problems), (mutation, problems)
+
+
+def test_fault_switch_off_values_pass():
+    assert _fault_switches_on({"args": {"fault_injection": None, "faults": [],
+                                        "x": {"fault": {"enabled": False}}}}) == []
+    assert _fault_switches_on({"a": [{"FAULTS": "on"}]}) == ["a[0].FAULTS"]
+
+
+# --------------------------------------------------------------------------- core objects
+
+CORE_DOCS = [(f"{p.name}: {d['kind']} {d['metadata']['name']}", d)
+             for p in sorted((ROOT / "k8s").glob("*.yaml"))
+             for d in yaml.safe_load_all(p.read_text(encoding="utf-8"))
+             if d and d.get("kind") != "RayService"]
+
+
+def _core_schema_errors(doc: dict) -> str | None:
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (test extra) is not installed: "
+        "the Service and Ingress objects in k8s/ are not checked against Kubernetes' schema")
+    try:
+        kv.validate(doc, kv.latest_version(), strict=True)   # strict: unknown fields fail
+    except kv.ValidationError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+@pytest.mark.parametrize("name,doc", CORE_DOCS, ids=[n for n, _ in CORE_DOCS])
+def test_core_objects_match_kubernetes_schema(name, doc):
+    assert _core_schema_errors(doc) is None
+
+
+def test_core_object_check_can_fail():
+    name, doc = next((n, d) for n, d in CORE_DOCS if d["kind"] == "Service")
+    broken = copy.deepcopy(doc)
+    broken["spec"]["ports"][0]["tagretPort"] = 8000
+    assert "tagretPort" in (_core_schema_errors(broken) or ""), name

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import asyncio
-import math
 
 import pytest
 
 from helpers import tiny_model
-from test_engine_lossless import GREEDY, make_engine, perturbed, random_prompts
+from helpers import GREEDY, make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
 from specserve_ray.config import SamplingParams, SloConfig
-from specserve_ray.metrics import Counts, MetricsAggregator, request_latency, slo_attained
+from specserve_ray.metrics import Counts, MetricsAggregator, request_latency
+from specserve_ray.policy.slo import SloClass, SloTracker, attainment_record
 from specserve_ray.policy import CostModel
 from specserve_ray.recorder import StepRecorder, slo_class_of
 from specserve_ray.workers.host import run_draft, run_target
@@ -43,8 +43,9 @@ def test_drain_hands_out_increments_and_totals_add_up():
     agg.observe_step(0.02, 0, [3], [3], [3], 4, predicted_seconds=0.015, expected_tokens=3.5)
     first = agg.drain(1.0)
     agg.observe_step(0.04, 0, [1, 1], [1, 1], [1, 0], 3)
-    agg.observe_finished("chat", 0.2, 0.03, True)
-    agg.observe_finished("chat", 0.9, 0.03, False)
+    chat = SloClass("chat", 0.5, 0.05)
+    agg.observe_finished("chat", 0.2, 0.03, attainment_record(chat, 0.2, 0.03))
+    agg.observe_finished("chat", 0.9, 0.03, attainment_record(chat, 0.9, 0.03))
     agg.observe_finished("batch", 0.1, None, None)   # no SLO: not an attainment sample
     second = agg.drain(3.0)
     assert first.counts.num_accepted_tokens == 3 and second.counts.num_accepted_tokens == 1
@@ -52,7 +53,14 @@ def test_drain_hands_out_increments_and_totals_add_up():
     assert first.counts.predicted_observed_seconds == pytest.approx(0.02)
     assert first.counts.expected_tokens == pytest.approx(3.5) and first.counts.expected_emitted == 4
     assert second.counts.predicted_steps == 0 and second.window_s == 2.0
-    assert second.counts.slo == {"chat": [2, 1]} and second.counts.finished == 3
+    record = second.counts.slo["chat"]
+    assert (record.requests, record.attained) == (2, 1) and second.counts.finished == 3
+    assert second.counts.summary()["slo"] == {"chat": {"requests": 2, "attained": 1}}
+    # One accounting: the scheduler's tracker sums the very same records.
+    tracker = SloTracker()
+    tracker.record(chat, 0.2, 0.03)
+    tracker.record(chat, 0.9, 0.03)
+    assert tracker.per_class["chat"] == record
     assert [c for c, _ in second.ttft] == ["chat", "chat", "batch"] and len(second.tpot) == 2
     assert agg.totals.num_accepted_tokens == 4 and agg.totals.accepted_per_pos == [2, 1, 1]
     assert agg.totals.num_drafts == 3 and agg.totals.decode_steps == 2
@@ -80,10 +88,11 @@ def test_latency_and_attainment_helpers():
     assert request_latency(10.0, 10.5, 12.5, 5) == (0.5, pytest.approx(0.5))
     assert request_latency(10.0, 10.5, 10.5, 1) == (0.5, None)
     assert request_latency(10.0, None, 11.0, 0) == (None, None)
-    assert slo_attained(0.5, 0.05, math.inf, math.inf) is None
-    assert slo_attained(0.5, 0.05, 1.0, 0.1) is True
-    assert slo_attained(0.5, 0.2, 1.0, 0.1) is False
-    assert slo_attained(0.5, None, 1.0, 0.1) is True   # a one-token output has no TPOT
+    within = SloClass("c", 1.0, 0.1)
+    assert attainment_record(within, 0.5, 0.05).attained == 1
+    assert attainment_record(within, 0.5, 0.2).attained == 0
+    assert attainment_record(within, 0.5, None).attained == 1   # a one-token output has no TPOT
+    assert attainment_record(within, 0.5, None).tpot_count == 0
 
 
 def test_slo_class_is_read_tolerantly():
@@ -98,12 +107,6 @@ def test_slo_class_is_read_tolerantly():
 
 
 # -- the hook on a real step loop ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pair():
-    target = tiny_model("llama", seed=0)
-    return target, perturbed(target, noise=0.15)
-
-
 def _serve(engine, recorder, prompts, params, slo_classes=None, pipeline=False):
     async def execute(plan):
         return run_target(engine.target, run_draft(engine.draft, plan))
@@ -176,7 +179,8 @@ def test_slo_attainment_per_class_matches_the_engine(pair):
            slo_classes=["tight", "loose", "loose", None])
     delta = recorder.aggregator.drain(1.0)
     # Budgets no step can meet vs budgets no step can miss; best-effort is not counted.
-    assert delta.counts.slo == {"tight": [1, 0], "loose": [2, 2]}
+    assert {n: (c.requests, c.attained) for n, c in delta.counts.slo.items()} == \
+        {"tight": (1, 0), "loose": (2, 2)}
     assert sorted(c for c, _ in delta.ttft) == ["best-effort", "loose", "loose", "tight"]
     tracked = engine.slo_tracker.per_class
     assert tracked["loose"].attained == 2 and tracked["tight"].attained == 0

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from helpers import hf_greedy, tiny_model
-from test_engine_lossless import make_engine, perturbed, random_prompts
+from helpers import make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
 from specserve_ray.config import SamplingParams
 from specserve_ray.workers.host import run_draft, run_target

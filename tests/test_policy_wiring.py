@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from helpers import hf_greedy, tiny_model
-from test_engine_lossless import GREEDY, make_engine, perturbed, random_prompts
+from helpers import GREEDY, make_engine, perturbed, random_prompts
 from specserve_ray.config import SamplingParams, SpeculationConfig
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy import CostModel, profile_grid
@@ -21,12 +21,6 @@ from specserve_ray.policy.profile import cache_dir, load_or_profile, profile_run
 # Verification dominated by a fixed cost and drafting cheap: speculation pays, so the
 # adaptive policies actually draft (and both acceptance paths run).
 SPEC_FRIENDLY = CostModel((0.01, 1e-4, 1e-5, 1e-8), (1e-4, 1e-4, 1e-5, 1e-9))
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = tiny_model("llama", seed=0)
-    return target, perturbed(target, noise=0.15)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +97,8 @@ def test_policy_switch_on_a_live_engine(pair):
     with pytest.raises(ValueError, match="cost model"):
         engine.speculation = SpeculationConfig(policy="specserve")
     assert engine.speculation.policy == "static" and engine.policy is None
-    engine.cost_model = SPEC_FRIENDLY
+    engine.cost_model = CostModel.from_dict(SPEC_FRIENDLY.to_dict())
+    learned = engine.learned
     switches = ["specserve", "none", "smartspec", "static:2", "threshold", "static"] * 20
     for policy in switches:
         if not engine.has_unfinished():
@@ -115,11 +110,16 @@ def test_policy_switch_on_a_live_engine(pair):
             assert engine.mean_chosen_k == 0.0
         if policy == "static:2" and engine.chosen_k_rows:
             assert engine.mean_chosen_k <= 2.0
+        # What the engine learned (acceptance, calibration, cost corrections) is the
+        # engine's, not the policy instance's: every switch keeps it.
+        assert engine.learned is learned
+        assert engine.policy is None or engine.policy.learned is learned
     while engine.has_unfinished():
         step()
     for rid, p in zip(ids, prompts):
         assert tokens[rid] == hf_greedy(target, p, 30)
     assert engine.totals.num_draft_tokens > 0
+    assert learned.acceptance_of().evidence > 0 and learned.cost is engine.cost_model
 
 
 def test_profile_runner_budget_and_fit(pair):
@@ -190,3 +190,15 @@ def test_from_config_profiles_once_and_caches(tmp_path):
     assert again.cost_model.verify_coef == engine.cost_model.verify_coef
     assert again.cost_model.draft_coef == engine.cost_model.draft_coef
     assert first < 30
+    # What serving taught is saved with the profile (every persist_every decode steps;
+    # here by hand) and a restart resumes it: acceptance, calibration, goodput, the
+    # cost model's scale and step overhead.
+    assert engine.learned.acceptance_of().evidence > 0 and engine.cost_model.step_overhead > 0
+    engine.persist_learned()
+    resumed = SpecEngine.from_config(cfg, cache_dir=str(tmp_path))
+    assert resumed.learned.prior() == pytest.approx(engine.learned.prior(), abs=1e-3)
+    assert resumed.learned.goodput.count == engine.learned.goodput.count
+    assert resumed.cost_model.step_overhead == pytest.approx(engine.cost_model.step_overhead)
+    assert resumed.cost_model.scale == pytest.approx(engine.cost_model.scale)
+    assert resumed.learned.calibration_of().table() == pytest.approx(
+        engine.learned.calibration_of().table(), abs=1e-3)

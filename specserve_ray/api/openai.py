@@ -1,129 +1,169 @@
 """OpenAI-compatible request and response shapes (pure: no Ray, no HTTP server).
 
-Requests are validated here and turned into SamplingParams; responses, stream chunks and
-error bodies are built here, so the HTTP layer only moves bytes.
+Requests are validated here, strictly, and turned into SamplingParams; responses, stream
+chunks and error bodies are built here, so the HTTP layer only moves bytes. What a request
+may contain (README "Request validation"): OpenAI's fields with OpenAI's types and ranges;
+fields this server does not implement are refused unless set to a value that changes
+nothing (api/validation.py lists them); fields that only label a request (`user`,
+`metadata`, `store`...) are accepted and ignored; fields OpenAI does not define are refused.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Re-exported: the router renders chats and older callers import the template from here.
+from specserve_ray.api.chat import DEFAULT_CHAT_TEMPLATE, parse_messages, render_chat  # noqa: F401
+from specserve_ray.api.inputs import check_prompt, check_text
+from specserve_ray.api.validation import (CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED,
+                                          UnsupportedTable, drop_unsupported, request_error,
+                                          sampling_params)
 from specserve_ray.config import SamplingParams
-from specserve_ray.errors import RequestError
+from specserve_ray.errors import RequestError, UnsupportedParameter
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+# Strict like OpenAI: "stream": "yes" is not true, 1.0 is not a token count, NaN is no number.
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+_NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "top_k", "n", "presence_penalty",
+                              "frequency_penalty", "stream", "ignore_eos"})
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _Common(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
+    UNSUPPORTED: ClassVar[UnsupportedTable] = {}   # the endpoint's refused OpenAI fields
+
     model: str | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = Field(0, description="Extra: top-k sampling (0 or -1 = off).")
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Any = Field(None, description="A string or a list of strings (SamplingParams "
+                      "checks them).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     ignore_eos: bool = Field(False, description="Extra: generate exactly max_tokens.")
     slo_class: str | None = Field(None, description="Extra: the request's latency SLO class, "
                                   "one of engine.slo.classes (None = the default class).")
-    num_speculative_tokens: int | None = Field(None, description="Extra: static k override.")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: Any = None
-    echo: bool = False
+    num_speculative_tokens: int | None = Field(None, ge=0, le=16,
+                                               description="Extra: static k override.")
+    drafter: str | None = Field(None, description="Extra: this request's drafter, 'model', "
+                                "'ngram' or 'model+ngram' (None = the configured one).")
+    # Tolerated: they label the request and change nothing the client gets back.
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            data = drop_unsupported(data, cls.UNSUPPORTED)
+            # OpenAI's schema makes these nullable: null means "the default".
+            data = {k: v for k, v in data.items() if not (v is None and k in _NULL_IS_DEFAULT)}
+        return data
+
+    @field_validator("model", "slo_class", "user")
+    @classmethod
+    def _text(cls, v: str | None, info) -> str | None:
+        return None if v is None else check_text(v, info.field_name)
 
     @field_validator("n")
     @classmethod
     def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n = 1 is supported")
+        if v > 1:
+            raise UnsupportedParameter("n", "n > 1 is not supported: one choice per request")
+        if v < 1:
+            raise RequestError(f"n must be 1, got {v}", "n", "invalid_value")
         return v
 
-    def check_unsupported(self) -> None:
-        if self.presence_penalty or self.frequency_penalty:
-            raise RequestError("presence_penalty and frequency_penalty are not supported")
-        if self.logprobs not in (None, False, 0):
-            raise RequestError("logprobs are not supported")
-        if self.echo:
-            raise RequestError("echo is not supported")
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v: float, info) -> float:
+        if not -2.0 <= v <= 2.0:
+            raise RequestError(f"{info.field_name} must be in [-2, 2], got {v}",
+                               info.field_name, "invalid_value")
+        if v != 0.0:
+            raise UnsupportedParameter(info.field_name, f"{info.field_name} is not supported "
+                                       "(only 0)")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options are only allowed when stream is true",
+                               "stream_options", "invalid_value")
+        return self
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        self.check_unsupported()
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
-        try:
-            return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                                  top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                                  stop=self.stop, ignore_eos=self.ignore_eos)
-        except ValidationError as exc:
-            raise RequestError(validation_message(exc)) from None
+        return sampling_params(max_tokens=max_tokens, temperature=self.temperature,
+                               top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                               stop=self.stop, ignore_eos=self.ignore_eos,
+                               drafter=self.drafter)
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
+    UNSUPPORTED: ClassVar[UnsupportedTable] = COMPLETION_UNSUPPORTED
+    prompt: Any = Field(description="A string, a list of one string, or a list of token ids.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return check_prompt(v)
 
     def prompt_input(self) -> str | list[int]:
-        p = self.prompt
-        if isinstance(p, list):
-            if p and all(isinstance(x, str) for x in p):
-                if len(p) != 1:
-                    raise RequestError("only one prompt per request is supported")
-                return p[0]
-            return list(p)
-        return p
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = ""
-
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(part.get("text", "") for part in self.content
-                           if isinstance(part, dict) and part.get("type") == "text")
-        return self.content or ""
+        return self.prompt
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    UNSUPPORTED: ClassVar[UnsupportedTable] = CHAT_UNSUPPORTED
+    messages: Any = Field(description="The conversation: text messages (api/chat.py).")
     max_completion_tokens: int | None = None
+    # Tolerated: request labels and storage/tier hints with nothing to do here.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: Literal["auto", "default"] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, v) -> list[dict]:
+        return parse_messages(v)
+
+    @model_validator(mode="after")
+    def _one_token_limit(self):
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise RequestError("max_tokens and max_completion_tokens differ; set one",
+                               "max_completion_tokens", "invalid_value")
+        return self
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
+            default_max_tokens = self.max_completion_tokens
         return super().sampling_params(default_max_tokens)
 
 
-def validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts) or "invalid request"
+def parse_request(model: type[_Common], body) -> _Common:
+    """Validate a decoded JSON body; every refusal as one RequestError (param, code)."""
+    from pydantic import ValidationError
 
-
-def render_chat(tokenizer, messages: list[ChatMessage], template: str | None) -> str:
-    convo = [{"role": m.role, "content": m.text()} for m in messages]
-    chosen = template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(convo, chat_template=chosen, tokenize=False,
-                                         add_generation_prompt=True)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise request_error(exc) from None
 
 
 def new_id(prefix: str) -> str:
@@ -169,8 +209,20 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int
             "usage": usage(prompt_tokens, completion_tokens), "speculation": speculation}
 
 
-def error_body(message: str, status: int, err_type: str | None = None) -> dict:
+def error_body(message: str, status: int, err_type: str | None = None,
+               param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape; `param` names the field at fault, `code` a short reason."""
     if err_type is None:
         err_type = ("invalid_request_error" if 400 <= status < 500 and status != 429
                     else "rate_limit_error" if status == 429 else "server_error")
-    return {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def error_fields(exc: BaseException) -> dict:
+    """`param` and `code` of a RequestError (none for other errors), for error_body."""
+    return {"param": getattr(exc, "param", None), "code": getattr(exc, "code", None)}
+
+
+def validation_message(exc) -> str:
+    """A pydantic ValidationError as one message (kept for callers outside the API)."""
+    return str(request_error(exc))

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib
+import os
+import socket
 import time
 
 import httpx
@@ -25,13 +28,75 @@ APP_NAME = "specserve"
 ROUTER = "SpecRouter"
 
 
-def start_app(regime_dtype: str, max_k: int, synthetic_acceptance_rate: float | None,
-              max_num_seqs: int | None = None):
-    """The default app (deployments/default.yaml's args), target in `regime_dtype`.
-    Returns (url, handle, stop)."""
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "deployments",
+                              "default.yaml")
+
+
+def app_from_config(config_path: str = DEFAULT_CONFIG) -> tuple[str, dict]:
+    """(import_path, args) of the first application of a Serve config file.
+
+    The library names no application package: it builds whatever the config's
+    `import_path` says, exactly as `serve run CONFIG` would.
+    """
+    import yaml
+
+    with open(config_path) as f:
+        app = yaml.safe_load(f)["applications"][0]
+    return app["import_path"], copy.deepcopy(app.get("args") or {})
+
+
+def build_from_import_path(import_path: str, args: dict):
+    """Call the application builder named `module:attr` with `args` (Serve's convention)."""
+    module, _, attr = import_path.partition(":")
+    if not module or not attr:
+        raise ValueError(f"import_path must be 'module:attribute', got {import_path!r}")
+    return getattr(importlib.import_module(module), attr)(args)
+
+
+def start_app(engine_overrides: dict | None = None, transport: str | None = None,
+              config_path: str = DEFAULT_CONFIG) -> tuple[str, callable]:
+    """Start Ray and the config's app on a free local port; returns (url, stop).
+
+    `engine_overrides` ({section: {key: value}}) are merged into the config's engine
+    sections (e.g. {"target": {"dtype": "bfloat16"}}).
+    """
+    from specserve_ray.bench.client import PROJECT_WORKER_NICE
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The app as `make serve` runs it: Ray's workers are the server, at nice 0 (Ray's own
+    # default of 15 would hand their cycles to any nice-0 process); the client stays at 19.
+    os.environ.setdefault("RAY_worker_niceness", str(PROJECT_WORKER_NICE))
+    import ray
     from ray import serve
 
-    from specserve_ray.bench.deploy import start_app as start_default_app
+    import_path, args = app_from_config(config_path)
+    if transport is not None:
+        args["transport"] = transport
+    engine = args.setdefault("engine", {})
+    for section, values in (engine_overrides or {}).items():
+        engine[section] = {**(engine.get(section) or {}), **values}
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_from_import_path(import_path, args), name=APP_NAME, route_prefix="/")
+    except BaseException:
+        serve.shutdown()
+        ray.shutdown()
+        raise
+
+    def stop():
+        serve.shutdown()
+        ray.shutdown()
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def start_sweep_app(regime_dtype: str, max_k: int, synthetic_acceptance_rate: float | None,
+                    max_num_seqs: int | None = None, extra: dict | None = None):
+    """The default app with the target in `regime_dtype`. Returns (url, handle, stop)."""
+    from ray import serve
 
     spec = {"num_speculative_tokens": max_k}
     if synthetic_acceptance_rate is not None:
@@ -39,8 +104,16 @@ def start_app(regime_dtype: str, max_k: int, synthetic_acceptance_rate: float | 
     overrides = {"target": {"dtype": regime_dtype}, "speculation": spec}
     if max_num_seqs is not None:
         overrides["limits"] = {"max_num_seqs": max_num_seqs}
-    url, stop = start_default_app("actor", max_k, engine_overrides=overrides)
+    for section, values in (extra or {}).items():
+        overrides[section] = {**overrides.get(section, {}), **values}
+    url, stop = start_app(overrides, transport="actor")
     return url, serve.get_app_handle(APP_NAME), stop
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def wait_for_policy(url: str, policy: str, timeout_s: float) -> dict:

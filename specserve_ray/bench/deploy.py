@@ -4,28 +4,21 @@ Measures output tokens/s at 1 and 8 concurrent streams over streaming HTTP (the 
 API), the same workload on the in-process engine, and the router's step time split into
 draft forward, target verify, prefill and the rest (router + transport + Ray), read from
 the router's own counters (`GET /v1/stats`) before and after each run.
+
+Fairness on a shared 2-core machine (../shared/ENVIRONMENT.md): Ray runs the Serve proxy,
+the replica and the draft/target actors at its worker niceness (Ray's default is 15; the
+Makefile and the app this benchmark starts set RAY_worker_niceness=0: they are the server). So the HTTP client runs in
+its own process at nice 19 (client.py, its CPU use reported), and the in-process engine
+runs in its own process at `--engine-nice` (default: the workers' level; pass e.g.
+`--engine-nice 15 0` to report both). The report says how each side ran.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import time
+from concurrent.futures import ProcessPoolExecutor
 
-import torch
-
-from specserve_ray.config import EngineConfig, SamplingParams
-from specserve_ray.prompts import held_out_prompts
-
-
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "deployments", "default.yaml")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _stream_one(client, url: str, prompt: str, max_tokens: int) -> int:
@@ -40,6 +33,24 @@ async def _stream_one(client, url: str, prompt: str, max_tokens: int) -> int:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
     return tokens
+
+
+def step_split(before: dict, after: dict) -> dict:
+    """Per-run step-time split from two /v1/stats snapshots (pure). Every key the router's
+    `step_time_s` exposes is diffed, so planning/applying timers show up when it has them."""
+    b, a = before.get("step_time_s", {}), after.get("step_time_s", {})
+    split = {k: a[k] - b.get(k, 0) for k in a if isinstance(a[k], (int, float))}
+    total, steps = split.get("total", 0), split.get("steps", 0)
+    out = {"step_split_s": split,
+           "overhead_share": round(split["overhead"] / total, 4)
+           if total and "overhead" in split else None,
+           "mean_batch": round(split["rows"] / steps, 2) if steps and "rows" in split else None,
+           # Per step as a request sees it; with pipelining two steps overlap in time.
+           "mean_step_ms": round(1e3 * total / steps, 2) if steps else None}
+    parts = [k for k in ("plan", "apply", "router", "transport") if k in split]
+    if total and parts:
+        out["router_parts_share"] = {k: round(split[k] / total, 4) for k in parts}
+    return out
 
 
 async def http_run(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
@@ -59,56 +70,51 @@ async def http_run(url: str, prompts: list[str], concurrency: int, max_tokens: i
         tokens = sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
         seconds = time.perf_counter() - start
         after = (await client.get(url + "/v1/stats", timeout=60)).json()
-    split = {k: after["step_time_s"][k] - before["step_time_s"][k]
-             for k in ("draft", "verify", "prefill", "total", "overhead", "steps", "rows")}
     return {"tok_s": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2),
-            "step_split_s": split,
-            "overhead_share": round(split["overhead"] / split["total"], 4) if split["total"] else None,
-            "mean_batch": round(split["rows"] / split["steps"], 2) if split["steps"] else None,
-            # Per step as a request sees it; with pipelining two steps overlap in time.
-            "mean_step_ms": round(1e3 * split["total"] / split["steps"], 2) if split["steps"] else None}
+            **step_split(before, after)}
 
 
-def engine_run(engine, prompt_ids: list[list[int]], concurrency: int, max_tokens: int) -> dict:
-    engine.limits = engine.limits.model_copy(update={"max_num_seqs": concurrency})
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    engine.generate(prompt_ids[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    start = time.perf_counter()
-    outs = engine.generate(prompt_ids, params)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o.output_ids) for o in outs)
-    return {"tok_s": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2)}
+def _http_in_child(url, prompts, concurrency, max_tokens) -> dict:
+    from specserve_ray.bench.client import _cpu_seconds, _niceness
+
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    out = asyncio.run(http_run(url, prompts, concurrency, max_tokens))
+    cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+    out["client"] = {"nice": _niceness(), "cpu_share_of_one_core": round(cpu / wall, 4)}
+    return out
 
 
-def start_app(transport: str, k: int, engine_overrides: dict | None = None) -> tuple[str, callable]:
-    """Start Ray and the default app; `engine_overrides` ({section: {key: value}}) are
-    merged into the config's engine sections (e.g. {"target": {"dtype": "bfloat16"}})."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
+def _engine_in_child(k: int, threads: int, prompt_ids, streams, max_tokens) -> dict:
+    """Runs in a process at the engine's niceness: build the engine, time each concurrency."""
+    import torch
 
-    from deployments.app import build_app
+    from specserve_ray.bench.client import _niceness
+    from specserve_ray.config import EngineConfig, SamplingParams, SpeculationConfig
+    from specserve_ray.engine import SpecEngine
 
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # The default app exactly as `make serve` runs it, with this run's transport and k.
-    import yaml
+    torch.set_num_threads(threads)
+    engine = SpecEngine.from_config(EngineConfig())   # fp32 pair, like the app's target
+    engine.speculation = SpeculationConfig(num_speculative_tokens=k)
+    out = {"nice": _niceness(), "threads": threads}
+    for c in streams:
+        engine.limits = engine.limits.model_copy(update={"max_num_seqs": c})
+        engine.generate(prompt_ids[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        start = time.perf_counter()
+        outs = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.output_ids) for o in outs)
+        out[c] = {"tok_s": round(tokens / seconds, 2), "tokens": tokens,
+                  "seconds": round(seconds, 2)}
+    return out
 
-    with open(DEFAULT_CONFIG) as f:
-        args = yaml.safe_load(f)["applications"][0]["args"]
-    args["transport"] = transport
-    args["engine"]["speculation"] = {"num_speculative_tokens": k}
-    for section, values in (engine_overrides or {}).items():
-        args["engine"][section] = {**(args["engine"].get(section) or {}), **values}
-    serve.run(build_app(args), name="specserve", route_prefix="/")
 
-    def stop():
-        serve.shutdown()
-        ray.shutdown()
+def _child(nice: int) -> ProcessPoolExecutor:
+    import multiprocessing as mp
 
-    return f"http://127.0.0.1:{port}", stop
+    from specserve_ray.bench.client import _init
+
+    return ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_init,
+                               initargs=(nice,))
 
 
 def _set_pipeline(on: bool) -> None:
@@ -118,54 +124,74 @@ def _set_pipeline(on: bool) -> None:
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    engine_cfg = EngineConfig()
-    from specserve_ray.engine import SpecEngine
-    from specserve_ray.config import SpeculationConfig
+    from specserve_ray.bench.client import server_worker_nice
+    from specserve_ray.bench.control import start_app
+    from specserve_ray.bench.workload import load_tokenizer
 
-    engine = SpecEngine.from_config(engine_cfg)   # fp32 pair, 2 threads, like the app's target
-    engine.speculation = SpeculationConfig(num_speculative_tokens=args.k)
-    prompt_ids = held_out_prompts(engine.tokenizer, args.requests, args.prompt_tokens)
-    prompts = [engine.tokenizer.decode(p) for p in prompt_ids]
+    args.engine_nice = args.engine_nice or [server_worker_nice()]
+    from specserve_ray.prompts import held_out_prompts
+
+    tokenizer = load_tokenizer()
+    prompt_ids = held_out_prompts(tokenizer, args.requests, args.prompt_tokens)
+    prompts = [tokenizer.decode(p) for p in prompt_ids]
     # Re-encode so both sides see exactly the same token ids.
-    prompt_ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
     transports = ["external"] if args.url else args.transport
     report: dict = {"setup": {"requests": len(prompts), "prompt_tokens": args.prompt_tokens,
                               "new_tokens": args.new_tokens, "k": args.k,
-                              "transports": transports}, "by_transport": {}}
-    for i, transport in enumerate(transports):
-        url, stop = (args.url, None) if args.url else start_app(transport, args.k)
-        runs = report["by_transport"][transport] = {}
-        try:
-            for pipeline in (args.pipeline if not args.url else ["as-deployed"]):
-                if pipeline != "as-deployed":
-                    _set_pipeline(pipeline == "on")
-                for c in args.streams:
-                    # Warm the deployment up once per concurrency level.
-                    asyncio.run(http_run(url, prompts[:c], c, 8))
-                    d = asyncio.run(http_run(url, prompts, c, args.new_tokens))
-                    d["pipeline"] = pipeline
-                    runs[c if pipeline in ("off", "as-deployed") else f"{c}_pipelined"] = d
-                    if i == 0 and pipeline in ("off", "as-deployed"):
-                        # The headline keys describe the first (default) transport.
-                        report[f"deploy_{c}"] = d
-                        report[f"deploy_tok_s_{c}"] = d["tok_s"]
-                        report[f"overhead_share_{c}"] = d["overhead_share"]
-                    print(f"deployment ({transport}, pipeline {pipeline}) {c} streams: "
-                          f"{d['tok_s']:8.2f} tok/s  mean step {d['mean_step_ms']} ms  mean "
-                          f"batch {d['mean_batch']}  router/transport share "
-                          f"{d['overhead_share']}", flush=True)
-        finally:
-            if stop:
-                stop()
-    for c in args.streams:
-        e = engine_run(engine, prompt_ids, c, args.new_tokens)
-        report[f"engine_{c}"] = e
-        report[f"engine_tok_s_{c}"] = e["tok_s"]
-        print(f"in-process  {c} streams: {e['tok_s']:8.2f} tok/s", flush=True)
-        if f"deploy_tok_s_{c}" in report:
-            report[f"deploy_vs_engine_{c}"] = round(report[f"deploy_tok_s_{c}"] / e["tok_s"], 3)
+                              "transports": transports,
+                              "how_each_side_ran": {
+                                  "deployment": f"Ray workers (proxy, replica, draft and target "
+                                  f"actors) at nice {server_worker_nice()} "
+                                  "(RAY_worker_niceness; the project's default 0)"
+                                  if not args.url else "external: as deployed",
+                                  "http_client": "own process at nice 19",
+                                  "in_process_engine": f"own process at nice "
+                                  f"{args.engine_nice}, no client beside it, "
+                                  f"{args.threads} torch threads"}},
+                    "by_transport": {}}
+    with _child(19) as client:
+        for i, transport in enumerate(transports):
+            url, stop = (args.url, None) if args.url else start_app(
+                {"speculation": {"num_speculative_tokens": args.k}}, transport=transport)
+            runs = report["by_transport"][transport] = {}
+            try:
+                for pipeline in (args.pipeline if not args.url else ["as-deployed"]):
+                    if pipeline != "as-deployed":
+                        _set_pipeline(pipeline == "on")
+                    for c in args.streams:
+                        # Warm the deployment up once per concurrency level.
+                        client.submit(_http_in_child, url, prompts[:c], c, 8).result()
+                        d = client.submit(_http_in_child, url, prompts, c,
+                                          args.new_tokens).result()
+                        d["pipeline"] = pipeline
+                        runs[c if pipeline in ("off", "as-deployed") else f"{c}_pipelined"] = d
+                        if i == 0 and pipeline in ("off", "as-deployed"):
+                            # The headline keys describe the first (default) transport.
+                            report[f"deploy_{c}"] = d
+                            report[f"deploy_tok_s_{c}"] = d["tok_s"]
+                            report[f"overhead_share_{c}"] = d["overhead_share"]
+                        print(f"deployment ({transport}, pipeline {pipeline}) {c} streams: "
+                              f"{d['tok_s']:8.2f} tok/s  mean step {d['mean_step_ms']} ms  "
+                              f"mean batch {d['mean_batch']}  router/transport share "
+                              f"{d['overhead_share']}", flush=True)
+            finally:
+                if stop:
+                    stop()
+    for nice in args.engine_nice:
+        with _child(nice) as pool:
+            e = pool.submit(_engine_in_child, args.k, args.threads, prompt_ids, args.streams,
+                            args.new_tokens).result()
+        suffix = "" if nice == args.engine_nice[0] else f"_nice{nice}"
+        for c in args.streams:
+            report[f"engine_{c}{suffix}"] = {**e[c], "nice": e["nice"]}
+            report[f"engine_tok_s_{c}{suffix}"] = e[c]["tok_s"]
+            print(f"in-process (nice {e['nice']}) {c} streams: {e[c]['tok_s']:8.2f} tok/s",
+                  flush=True)
+            if f"deploy_tok_s_{c}" in report:
+                report[f"deploy_vs_engine_{c}{suffix}"] = round(
+                    report[f"deploy_tok_s_{c}"] / e[c]["tok_s"], 3)
     return report
 
 
@@ -180,6 +206,10 @@ def add_parser(sub):
     p.add_argument("--pipeline", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="run each transport with draft/verify pipelining off and/or on "
                         "(switched live through reconfigure; ignored with --url)")
+    p.add_argument("--engine-nice", type=int, nargs="+", default=None,
+                   help="niceness of the in-process engine's process (default: the Ray "
+                   "workers' level, RAY_worker_niceness, 0 unless set; the first is the "
+                   "headline, others are reported beside it)")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)

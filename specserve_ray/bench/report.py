@@ -103,7 +103,8 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
-TABLE_COLUMNS = [("regime", "regime"), ("load", "load"), ("policy", "policy"),
+TABLE_COLUMNS = [("regime", "regime"), ("workload", "workload"), ("slo_scale", "S"),
+                 ("repetition", "rep"), ("load", "load"), ("policy", "policy"),
                  ("request_rate", "req/s in"), ("goodput_req_s", "goodput req/s"),
                  ("slo_attainment", "SLO att."), ("output_tok_s", "out tok/s"),
                  ("ttft_p50_s", "TTFT p50 s"), ("ttft_p99_s", "TTFT p99 s"),
@@ -125,13 +126,20 @@ def markdown_table(runs: list[dict]) -> str:
 RUN_KEYS = ("regime", "policy", "load", "load_fraction", "request_rate", "arrival",
             "synthetic_acceptance_rate", "goodput_req_s", "slo_attainment", "output_tok_s",
             "ttft_p50_s", "tpot_p50_s", "tpot_p99_s", "itl_p50_s", "e2e_p50_s",
-            "mean_acceptance_length", "chosen_k_dist", "failed")
+            "mean_acceptance_length", "chosen_k_dist", "failed",
+            # The sweep's dimensions (issue 11): one entry per policy, rate, workload,
+            # regime, drafter, repetition and SLO scale.
+            "workload", "drafter", "repetition", "slo_scale", "rate_req_s", "run_id")
 
 
 def run_entry(regime: str, policy: str, load: str, load_fraction: float | None,
               request_rate: float, arrival: str, synthetic: float | None,
-              metrics: dict, server: dict, tpots: list[float]) -> dict:
+              metrics: dict, server: dict, tpots: list[float], *, workload: str,
+              drafter: str, repetition: int, slo_scale: float | None, rate_req_s: float,
+              run_id: str) -> dict:
     entry = {"regime": regime, "policy": policy, "load": load, "load_fraction": load_fraction,
+             "workload": workload, "drafter": drafter, "repetition": repetition,
+             "slo_scale": slo_scale, "rate_req_s": rate_req_s, "run_id": run_id,
              "request_rate": request_rate, "arrival": arrival,
              "synthetic_acceptance_rate": synthetic, **metrics,
              "mean_acceptance_length": server.get("mean_acceptance_length"),
@@ -142,3 +150,9 @@ def run_entry(regime: str, policy: str, load: str, load_fraction: float | None,
              # Raw TPOTs (for the CDF plot), rounded to keep the JSON small.
              "tpot_samples_s": [round(t, 5) for t in sorted(tpots)]}
     return entry
+
+
+def outcomes(records: list[RequestRecord]) -> list:
+    """Per request [ttft_s, tpot_s | None], or None when it failed (the JSON `samples`)."""
+    return [[round(r.ttft, 5), None if r.tpot is None else round(r.tpot, 6)] if r.ok else None
+            for r in records]

@@ -1,9 +1,12 @@
 """`bench single`: batch-1 greedy decoding on held-out prompts, everything in one run.
 
 Compares, on the same prompts and the same pair: target-only decoding, our speculative
-engine at each static k, and Hugging Face `generate(assistant_model=...)` at its defaults
-and across its knobs (the peer is given its best settings too). It also measures the step
-costs and reports the cost-model limit: tokens per target call over the time of one step.
+engine at each static k and drafter (`--drafter model ngram model+ngram`) on each prompt
+set (`--prompt-set completion edit`, bench/prompt_sets.py), and Hugging Face
+`generate(assistant_model=...)` at its defaults and across its knobs, and its prompt-lookup
+mode (`prompt_lookup_num_tokens`) on every set (the peer is given its best settings too).
+It also measures the step costs and reports the cost-model limit: tokens per target call
+over the time of one step. The top-level figures are the completion set's.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from specserve_ray.config import EMBEDDED_DRAFT, EMBEDDED_TARGET
 from specserve_ray.contracts import PrefillItem, SeqSampling
 from specserve_ray.engine import SpecEngine
 from specserve_ray.models.runner import load_causal_lm
-from specserve_ray.prompts import held_out_prompts
+from specserve_ray.bench.prompt_sets import PROMPT_SETS, prompt_set
 
 
 def _median(xs):
@@ -25,8 +28,11 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def time_engine(engine: SpecEngine, prompts, new_tokens: int, k: int):
-    engine.speculation = SpeculationConfig(num_speculative_tokens=k)
+def time_engine(engine: SpecEngine, prompts, new_tokens: int, k: int, drafter: str = "model",
+                lookup: tuple[int, int] = (2, 4)):
+    engine.speculation = SpeculationConfig(num_speculative_tokens=k, drafter=drafter,
+                                           prompt_lookup_min=lookup[0],
+                                           prompt_lookup_max=lookup[1])
     engine.totals = type(engine.totals)()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     engine.generate([prompts[0]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
@@ -42,8 +48,10 @@ def time_engine(engine: SpecEngine, prompts, new_tokens: int, k: int):
 
 
 def time_hf(target, draft, prompts, new_tokens: int, num_assistant_tokens=None,
-            confidence_threshold=None):
+            confidence_threshold=None, prompt_lookup_num_tokens=None):
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if prompt_lookup_num_tokens is not None:
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
     if draft is not None:
         gc = draft.generation_config
         if num_assistant_tokens is not None:
@@ -173,21 +181,39 @@ def run(args) -> dict:
         limits=LimitsConfig(max_model_len=1024, max_num_seqs=8),   # 8: the b8 step costs
     )
     engine = SpecEngine.from_config(cfg)
-    prompts = held_out_prompts(engine.tokenizer, args.prompts, args.prompt_tokens)
+    sets = {name: prompt_set(name, engine.tokenizer, args.prompts, args.prompt_tokens)
+            for name in args.prompt_set}
     n = args.new_tokens
-    print(f"{len(prompts)} held-out prompts x {n} new tokens, batch 1, greedy, "
+    ks = args.ks or list(range(1, args.max_k + 1))
+    lookup = (args.prompt_lookup_min, args.prompt_lookup_max)
+    print(f"{args.prompts} prompts per set x {n} new tokens, batch 1, greedy, "
           f"target {args.dtype}, draft {args.draft_dtype}, {args.threads} threads, "
           f"CPU native bf16: {'yes' if native_bf16() else 'no'}")
 
-    results = {"target_only": time_engine(engine, prompts, n, k=0)}
-    print(f"  target-only            {results['target_only']['tok_s']:8.2f} tok/s")
-    per_k = []
-    for k in range(1, args.max_k + 1):
-        r = time_engine(engine, prompts, n, k)
-        per_k.append(r)
-        print(f"  speculative k={k}        {r['tok_s']:8.2f} tok/s  acceptance "
-              f"{r['acceptance_rate']:.3f}  tokens/call {r['mean_acceptance_length']:.2f}")
-    best = max(per_k, key=lambda r: r["tok_s"])
+    per_k, by_set = [], {}
+    for name, prompts in sets.items():
+        base = {**time_engine(engine, prompts, n, k=0), "drafter": "none", "prompt_set": name}
+        per_k.append(base)
+        print(f"  [{name}] target-only            {base['tok_s']:8.2f} tok/s")
+        summary = {"target_only_tok_s": base["tok_s"], "best": {}}
+        for drafter in args.drafter:
+            rows = []
+            for k in ks:
+                r = {**time_engine(engine, prompts, n, k, drafter, lookup), "drafter": drafter,
+                     "prompt_set": name}
+                rows.append(r)
+                print(f"  [{name}] {drafter:11s} k={k}  {r['tok_s']:8.2f} tok/s  acceptance "
+                      f"{r['acceptance_rate']:.3f}  tokens/call {r['mean_acceptance_length']:.2f}")
+            per_k.extend(rows)
+            top = max(rows, key=lambda r: r["tok_s"])
+            summary["best"][drafter] = {"k": top["k"], "tok_s": top["tok_s"],
+                                        "speedup": round(top["tok_s"] / base["tok_s"], 3)}
+        by_set[name] = summary
+    main_set = "completion" if "completion" in sets else next(iter(sets))
+    prompts = sets[main_set]
+    results = {"target_only": next(r for r in per_k if r["prompt_set"] == main_set)}
+    best = max((r for r in per_k if r["prompt_set"] == main_set and r["k"] > 0),
+               key=lambda r: r["tok_s"])
 
     # Hugging Face as a user runs it: fresh, untouched models (ours are prepacked in place).
     target_model = load_causal_lm(cfg.target)[0]
@@ -206,21 +232,34 @@ def run(args) -> dict:
             key = f"n={num},threshold={thr}"
             sweep[key] = time_hf(target_model, draft_model, prompts, n, num, thr)
             print(f"  HF assisted {key:24s} {sweep[key]:8.2f} tok/s")
-    hf_best_key = max(sweep, key=sweep.get)
-    best_num, best_thr = (float(x.split("=")[1]) for x in hf_best_key.split(","))
-    sweep[hf_best_key + ",prepacked"] = time_hf(engine.target.runner.model, draft_model,
-                                                prompts, n, int(best_num), best_thr)
-    print(f"  HF assisted {hf_best_key} on our prepacked target "
-          f"{sweep[hf_best_key + ',prepacked']:8.2f} tok/s")
-    hf_best_key = max(sweep, key=sweep.get)
-    hf_best = max(sweep[hf_best_key], hf["assisted_default"])
+    hf_best_key = max(sweep, key=sweep.get) if sweep else None
+    if sweep:
+        best_num, best_thr = (float(x.split("=")[1]) for x in hf_best_key.split(","))
+        sweep[hf_best_key + ",prepacked"] = time_hf(engine.target.runner.model, draft_model,
+                                                    prompts, n, int(best_num), best_thr)
+        print(f"  HF assisted {hf_best_key} on our prepacked target "
+              f"{sweep[hf_best_key + ',prepacked']:8.2f} tok/s")
+        hf_best_key = max(sweep, key=sweep.get)
+    hf_best = max([hf["assisted_default"]] + ([sweep[hf_best_key]] if sweep else []))
     target_only = max(results["target_only"]["tok_s"], hf["target_only"],
                       hf["target_only_prepacked"])
+    # HF prompt lookup (its n-gram mode) on every set, across its one knob.
+    for name, set_prompts in sets.items():
+        lookups = {}
+        for num in args.hf_lookup_tokens:
+            lookups[num] = time_hf(target_model, None, set_prompts, n,
+                                   prompt_lookup_num_tokens=num)
+            print(f"  [{name}] HF prompt lookup n={num}  {lookups[num]:8.2f} tok/s")
+        by_set[name]["hf_prompt_lookup_tok_s"] = lookups
+        if lookups:
+            by_set[name]["hf_prompt_lookup_best_tok_s"] = max(lookups.values())
 
-    costs = step_costs(engine, prompts[0], args.max_k, target_model, draft_model)
+    costs = step_costs(engine, prompts[0], max(ks), target_model, draft_model)
     k = best["k"]
-    step_ms = costs["target_ms"][k + 1] + k * costs["draft_propose_ms"].get(
-        k, costs.get("draft_ms", 0.0))
+    # An n-gram draft costs no forward; model+ngram rows may use either (upper bound).
+    propose = costs.get("draft_propose_ms", {})
+    draft_ms = 0.0 if best["drafter"] == "ngram" else propose.get(k, costs.get("draft_ms", 0.0))
+    step_ms = costs["target_ms"][k + 1] + k * draft_ms
     limit = best["mean_acceptance_length"] / step_ms * 1000
     report = {
         "target_only_tok_s": results["target_only"]["tok_s"],
@@ -233,32 +272,39 @@ def run(args) -> dict:
                          "hf_assisted_best": round(1000 / hf_best, 2)},
         "hf_assisted_tok_s": hf_best,
         "hf_assisted_default_tok_s": hf["assisted_default"],
-        "hf_assisted_best_setting": hf_best_key if sweep[hf_best_key] >= hf["assisted_default"] else "defaults",
+        "hf_assisted_best_setting": (hf_best_key if sweep and sweep[hf_best_key] >= hf["assisted_default"]
+                                     else "defaults"),
         "hf_target_only_tok_s": hf["target_only"],
         "hf_target_only_prepacked_tok_s": hf["target_only_prepacked"],
         "speedup_vs_hf_assisted": round(best["tok_s"] / hf_best, 3),
         "best_k": k,
+        "best_drafter": best["drafter"],
         "acceptance_rate": best["acceptance_rate"],
         "mean_acceptance_length": best["mean_acceptance_length"],
         "per_k": per_k,
         "hf_sweep": sweep,
+        "by_prompt_set": by_set,
         "step_costs_ms": costs,
         "cost_model_limit_tok_s": round(limit, 2),
         "engine_share_of_limit": round(best["tok_s"] / limit, 3),
         "setup": {"prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
+                  "prompt_sets": list(sets), "drafters": list(args.drafter),
+                  "prompt_lookup_min": lookup[0], "prompt_lookup_max": lookup[1],
                   "new_tokens": n, "target_dtype": args.dtype, "draft_dtype": args.draft_dtype,
                   "threads": args.threads, "torch": torch.__version__,
                   "cpu_native_bf16": native_bf16(), "prepacked": engine.target.runner.prepacked,
                   "cpu": platform.processor() or platform.machine()},
     }
     r = costs["ratios"]
+    kk = min(4, max(ks))
     print(f"step costs: target 1/5 tokens {costs['target_ms'][1]:.2f}/{costs['target_ms'].get(5, 0):.2f} ms "
           f"(HF {costs['hf_target_ms'][1]:.2f}/{costs['hf_target_ms'].get(5, 0):.2f}), verify/step "
-          f"{r};  draft propose {costs['draft_propose_ms'][min(4, args.max_k)]:.3f} "
-          f"ms/token at k={min(4, args.max_k)} (HF draft forward {costs['hf_draft_ms']:.3f}) = 1/"
+          f"{r}; draft propose {costs['draft_propose_ms'][kk]:.3f} "
+          f"ms/token at k={kk} (HF draft forward {costs['hf_draft_ms']:.3f}) = 1/"
           f"{1 / r['propose_over_step1']:.1f} of a target step")
-    print(f"best k={k}: {best['tok_s']:.2f} tok/s = {report['speedup_vs_target_only']:.2f}x "
-          f"target-only ({target_only:.2f} tok/s, the best of engine k=0 and HF generate), {report['speedup_vs_hf_assisted']:.2f}x HF assisted (best); "
+    print(f"best on {main_set}: {best['drafter']} k={k}: {best['tok_s']:.2f} tok/s = "
+          f"{report['speedup_vs_target_only']:.2f}x target-only ({target_only:.2f} tok/s, the best "
+          f"of engine k=0 and HF generate), {report['speedup_vs_hf_assisted']:.2f}x HF assisted (best); "
           f"cost-model limit {limit:.1f} tok/s (engine reaches {report['engine_share_of_limit']:.0%})")
     return report
 
@@ -275,5 +321,13 @@ def add_parser(sub):
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--max-k", type=int, default=8)
     p.add_argument("--hf-assistant-tokens", type=int, nargs="*", default=[3, 5, 8])
+    p.add_argument("--hf-lookup-tokens", type=int, nargs="*", default=[3, 5, 10],
+                   help="HF prompt_lookup_num_tokens values to try on every prompt set")
+    p.add_argument("--drafter", nargs="+", default=["model", "ngram", "model+ngram"],
+                   choices=["model", "ngram", "model+ngram"])
+    p.add_argument("--prompt-set", nargs="+", default=list(PROMPT_SETS), choices=PROMPT_SETS)
+    p.add_argument("--ks", type=int, nargs="*", help="the static k values (default 1..max-k)")
+    p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=run)

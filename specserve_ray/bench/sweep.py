@@ -1,151 +1,165 @@
-"""`bench trace`: policies x load levels x cost regimes against one deployment per regime.
+"""`bench sweep` (alias `trace`): policies x rates x workloads x regimes, repeated, paired.
 
-Per regime (target dtype bf16 or fp32) it starts the default app (or uses `--url`), then
-calibrates on it: single-stream TTFT and TPOT with plain decoding (the SLO defaults are
-multiples of these) and the capacity in req/s of the trace's request mix with
-`max_num_seqs` closed-loop clients (load levels are fractions of it). Then, for every load
-level and every policy: switch the policy through reconfigure, warm up, replay the same
-requests (same prompts, same arrival times), and diff the router's /v1/stats around the run.
+Per regime (target dtype fp32 or bf16) it starts the default app once (or uses `--url`);
+per workload it calibrates with plain decoding: single-stream TTFT and time per token at the
+workload's median prompt (the SLO rule's base) and the closed-loop capacity of the workload's
+request mix (rates are fractions of it). Then for every rate and repetition it draws one
+request set and runs every policy on it, in a freshly shuffled order, through the router's
+live reconfigure. After the first pass, the rates that decide the 90%-attainment crossing get
+extra repetitions. Requests are sent by a separate client process at nice 19 (client.py).
+Conclusions (max rate at 90%, paired differences, curves) are computed by aggregate.py from
+the per-request samples kept in the JSON.
 """
 from __future__ import annotations
 
 import asyncio
-import math
-import os
+import json
 import statistics
 import time
+import zlib
 
+import numpy as np
+
+from specserve_ray.bench import aggregate as agg
+from specserve_ray.bench import stats as st
 from specserve_ray.bench import trace as tr
-from specserve_ray.bench.control import (HandleSwitcher, RestSwitcher, start_app,
-                                         wait_for_policy)
-from specserve_ray.bench.loadgen import get_json, run_closed_loop, run_open_loop
-from specserve_ray.bench.report import SLO, markdown_table, run_entry, run_metrics, server_delta
+from specserve_ray.bench import workloads as wl
+from specserve_ray.bench.report import SLO, markdown_table, outcomes, run_entry, run_metrics, \
+    server_delta
 
 REGIME_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-# Rough fixed costs for the duration estimate (this 2-core CPU; measured on the smoke run).
-APP_START_S, CALIBRATION_S, PROFILE_S, PER_RUN_OVERHEAD_S = 30.0, 35.0, 25.0, 6.0
-
-
-def parse_loads(text: str) -> list[tuple[str, float]]:
-    """'low=0.3,medium=0.7,overload=1.3' -> [(name, fraction of capacity)]."""
-    out = []
-    for part in text.split(","):
-        name, sep, value = part.strip().partition("=")
-        try:
-            frac = float(value)
-        except ValueError:
-            frac = -1.0
-        if not sep or not name or not frac > 0:
-            raise SystemExit(f"--loads: expected NAME=FRACTION,... with fractions > 0, got {part!r}")
-        out.append((name, frac))
-    return out
-
-
-def estimate_seconds(args, n_regimes: int) -> float:
-    n_runs = len(args.policies) * len(args.load_levels)
-    # Overload leaves a backlog to drain after the last arrival (absolute rates: unknown).
-    drain = max(0.0, max((f or 1.0) for _, f, _ in args.load_levels) - 1.0) * args.duration
-    per_run = PER_RUN_OVERHEAD_S + args.duration + 0.5 * drain + 2.0
-    adaptive = any(p.split(":")[0] in ("smartspec", "specserve") for p in args.policies)
-    start = 0.0 if args.url else APP_START_S
-    return n_regimes * (start + CALIBRATION_S + (PROFILE_S if adaptive else 0) + n_runs * per_run)
-
-
+# Fixed costs for the duration estimate (this 2-core CPU; measured on smoke runs).
+APP_START_S, CALIBRATION_S, PROFILE_S, PER_RUN_OVERHEAD_S = 40.0, 60.0, 30.0, 10.0
 BENCH_SLO_CLASS = "bench"
 
 
+def seed_for(*parts) -> int:
+    """A stable 32-bit seed from ints and strings (request sets, policy orders)."""
+    ints = [p if isinstance(p, int) else zlib.crc32(str(p).encode()) for p in parts]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
+
+
+def cell_workloads(args, regime: str) -> list:
+    """bf16 runs the first workload only unless --bf16-all-workloads (the goal matrix)."""
+    specs = args.workload_specs
+    return specs if regime != "bf16" or args.bf16_all_workloads else specs[:1]
+
+
+def point_span_s(rate: float, args) -> float:
+    return wl.request_count(rate, args.duration, args.min_requests, args.max_requests) / rate
+
+
+def _cell_estimate(args, regime: str, spec, cap: float) -> float:
+    """Seconds of one (regime, workload) cell's runs at capacity `cap` req/s."""
+    spans = []
+    for _, frac, rate in args.load_levels:
+        rate = rate or frac * cap
+        span = point_span_s(rate, args)
+        drain = max(0.0, rate / cap - 1.0) * span      # backlog past capacity
+        spans.append(span + drain + PER_RUN_OVERHEAD_S)
+    n_pol = len(args.policies)
+    total = n_pol * args.repetitions * sum(spans)
+    extra = max(0, args.deciding_repetitions - args.repetitions)
+    k = min(args.deciding_rates, len(spans))
+    if k:   # the deciding rates are unknown before the first pass: take the middle ones
+        mid = sorted(spans)[(len(spans) - k) // 2:(len(spans) - k) // 2 + k]
+        total += n_pol * extra * sum(mid)
+    return total
+
+
+def estimate_seconds(args, capacity: dict | None = None) -> float:
+    """Wall time of the plan: arrivals + drain + per-run overhead, app starts, calibration."""
+    total = 0.0
+    adaptive = any(p.split(":")[0] in ("smartspec", "specserve") for p in args.policies)
+    for regime in args.regimes:
+        total += (0.0 if args.url else APP_START_S) + (PROFILE_S if adaptive else 0.0)
+        for spec, _ in cell_workloads(args, regime):
+            cap = (capacity or {}).get((regime, spec.name)) or _assumed(args, spec.name)
+            total += CALIBRATION_S
+            if not args.calibrate_only:
+                total += _cell_estimate(args, regime, spec, cap)
+    return total
+
+
+def _assumed(args, workload: str) -> float:
+    caps = args.assumed_capacity
+    return caps.get(workload, caps.get("*", 1.0)) if isinstance(caps, dict) else float(caps)
+
+
 class Sweep:
-    def __init__(self, args, tokenizer, prompts, full_trace):
+    def __init__(self, args, client, prompts, traces: dict):
         self.args = args
-        self.tokenizer = tokenizer
+        self.client = client          # ClientProcess: requests leave from a niced child
         self.prompts = prompts
-        self.trace = full_trace
-        self.slo_class: str | None = None    # sent with every measured request, if set
+        self.traces = traces          # {"code": rows, "conv": rows}
+        self.slo_class: str | None = None
+        self.capacity: dict = {}      # (regime, workload name) -> measured req/s
 
-    # -- workloads ----------------------------------------------------------------------------
-    def fit(self, reqs, max_model_len: int):
+    def requests(self, spec, arrival, rate, count, seed, max_model_len):
         a = self.args
-        budget = min(a.input_budget, max_model_len - min(a.max_output_tokens, max_model_len // 4))
-        scale = (tr.auto_input_scale(self.trace, budget) if a.input_scale == "auto"
-                 else float(a.input_scale))
-        return tr.fit_lengths(reqs, max_model_len, input_scale=scale, output_scale=a.output_scale,
-                              max_input_tokens=a.max_input_tokens,
-                              max_output_tokens=a.max_output_tokens), scale
+        return wl.make_requests(spec, arrival, self.traces[spec.trace], rate, count, seed,
+                                max_model_len, a.input_budget, a.burstiness)
 
-    def workload(self, rate: float, max_model_len: int):
-        a = self.args
-        n = min(a.max_requests, max(a.min_requests, math.ceil(rate * a.duration)))
-        reqs, _ = self.fit(tr.window(self.trace, a.trace_start, n), max_model_len)
-        if a.arrival == "trace":
-            reqs = (tr.scale_time(reqs, a.time_scale) if a.time_scale
-                    else tr.scale_to_rate(reqs, rate))
-        else:
-            burst = 1.0 if a.arrival == "poisson" else a.burstiness
-            reqs = tr.with_arrivals(reqs, tr.gamma_arrivals(rate, n, burst, seed=a.seed))
-        prompts = self.prompts.prompts([r.input_tokens for r in reqs])
-        return reqs, prompts
-
-    # -- calibration --------------------------------------------------------------------------
-    async def calibrate(self, url, switcher, model, max_model_len: int, max_num_seqs: int) -> dict:
-        a = self.args
-        await self.switch(url, switcher, a.capacity_policy)
-        sample, _ = self.fit(tr.window(self.trace, a.trace_start, 3 * max_num_seqs), max_model_len)
-        median_in = int(statistics.median(r.input_tokens for r in sample))
-        single_prompts = self.prompts.prompts([median_in] * 4, offset=10_000)
-        await run_closed_loop(url, single_prompts[:1], [median_in], [8], 1, model)   # warm-up
-        recs, _ = await run_closed_loop(url, single_prompts, [median_in] * 4, [32] * 4, 1, model,
-                                        a.request_timeout)
-        ok = [r for r in recs if r.ok]
-        if not ok:
-            raise RuntimeError(f"calibration requests failed: {[r.error for r in recs]}")
-        tpot1 = statistics.median(r.tpot for r in ok)
-        ttft1 = statistics.median(r.ttft for r in ok)
-        cap_prompts = self.prompts.prompts([r.input_tokens for r in sample], offset=20_000)
-        recs, seconds = await run_closed_loop(
-            url, cap_prompts, [r.input_tokens for r in sample], [r.output_tokens for r in sample],
-            max_num_seqs, model, a.request_timeout)
-        done = sum(r.ok for r in recs)
-        capacity = done / seconds if done else 0.0
-        if capacity <= 0:
-            raise RuntimeError("capacity run completed no request")
-        slo = SLO(ttft_s=a.slo_ttft if a.slo_ttft else max(a.slo_ttft_factor * ttft1,
-                                                             10 * tpot1),
-                  tpot_s=a.slo_tpot if a.slo_tpot else a.slo_tpot_factor * tpot1)
-        return {"policy": a.capacity_policy, "single_stream_tpot_s": tpot1,
-                "single_stream_ttft_s": ttft1, "median_input_tokens": median_in,
-                "capacity_req_s": capacity, "capacity_concurrency": max_num_seqs,
-                "capacity_tok_s": sum(r.output_tokens for r in recs if r.ok) / seconds,
-                "slo_ttft_s": slo.ttft_s, "slo_tpot_s": slo.tpot_s}
-
-    # -- one run ------------------------------------------------------------------------------
     async def switch(self, url, switcher, policy: str) -> None:
+        from specserve_ray.bench.control import wait_for_policy
+
         if switcher is not None:
             await switcher.switch(policy, self.args.max_k)
         await wait_for_policy(url, policy, timeout_s=self.args.switch_timeout)
 
-    async def warm_up(self, url, model) -> None:
-        n = self.args.warmup_requests
-        if n > 0:
-            prompts = self.prompts.prompts([32] * n, offset=30_000)
-            await run_closed_loop(url, prompts, [32] * n, [16] * n, n, model,
-                                  self.args.request_timeout)
-
-    async def run_one(self, url, switcher, model, policy, reqs, prompts, progress):
+    def calibrate(self, url, switcher, model, spec, arrival, max_model_len, max_num_seqs) -> dict:
+        """Single-stream TTFT/TPOT of plain decoding and closed-loop capacity, this workload."""
         a = self.args
-        await self.switch(url, switcher, policy)
-        await self.warm_up(url, model)
-        before = await get_json(url, "/v1/stats")
-        records, duration = await run_open_loop(
-            url, prompts, [r.input_tokens for r in reqs], [r.output_tokens for r in reqs],
-            [r.arrival_s for r in reqs], model, a.request_timeout,
+        asyncio.run(self.switch(url, switcher, a.capacity_policy))
+        sample = self.requests(spec, arrival, 1.0, 3 * max_num_seqs, seed_for(a.seed, "cal"),
+                               max_model_len)
+        median_in = int(statistics.median(r.input_tokens for r in sample))
+        out_single = max(2, min(64, max_model_len - median_in - 1))
+        single = self.prompts.prompts([median_in] * 5, offset=10_000)
+        common = {"url": url, "model": model, "timeout_s": a.request_timeout}
+        self.client.closed_loop(prompts=single[:1], input_tokens=[median_in],
+                                output_tokens=[8], concurrency=1, **common)   # warm-up
+        recs = self.client.closed_loop(prompts=single[1:], input_tokens=[median_in] * 4,
+                                       output_tokens=[out_single] * 4, concurrency=1,
+                                       **common)["records"]
+        ok = [r for r in recs if r.ok]
+        if not ok:
+            raise RuntimeError(f"calibration requests failed: {[r.error for r in recs]}")
+        cap_prompts = self.prompts.prompts([r.input_tokens for r in sample], offset=20_000)
+        res = self.client.closed_loop(prompts=cap_prompts,
+                                      input_tokens=[r.input_tokens for r in sample],
+                                      output_tokens=[r.output_tokens for r in sample],
+                                      concurrency=max_num_seqs, **common)
+        done = [r for r in res["records"] if r.ok]
+        if not done:
+            raise RuntimeError("capacity run completed no request")
+        return {"policy": a.capacity_policy, "single_stream_ttft_s": statistics.median(
+                    r.ttft for r in ok),
+                "single_stream_tpot_s": statistics.median(r.tpot for r in ok),
+                "single_stream_input_tokens": median_in, "single_stream_output_tokens":
+                    out_single, "capacity_req_s": len(done) / res["duration"],
+                "capacity_tok_s": sum(r.output_tokens for r in done) / res["duration"],
+                "capacity_concurrency": max_num_seqs, "capacity_requests": len(sample),
+                "mix": wl.length_summary(sample)}
+
+    def run_one(self, url, switcher, model, policy, reqs, prompts, desc):
+        a = self.args
+        asyncio.run(self.switch(url, switcher, policy))
+        n = a.warmup_requests
+        if n > 0:
+            warm = self.prompts.prompts([32] * n, offset=30_000)
+            self.client.closed_loop(url=url, prompts=warm, input_tokens=[32] * n,
+                                    output_tokens=[16] * n, concurrency=n, model=model,
+                                    timeout_s=a.request_timeout)
+        before = self.client.get_json(url, "/v1/stats")
+        res = self.client.open_loop(
+            desc=desc, url=url, prompts=prompts, input_tokens=[r.input_tokens for r in reqs],
+            output_tokens=[r.output_tokens for r in reqs], arrivals=[r.arrival_s for r in reqs],
+            model=model, timeout_s=a.request_timeout,
             drain_s=a.drain_timeout if a.drain_timeout else 60.0 + a.duration,
-            progress=progress, slo_class=self.slo_class)
-        after = await get_json(url, "/v1/stats")
-        return records, duration, before, after
-
-
-def _policy_label(policy: str) -> str:
-    return policy.strip().lower()
+            slo_class=self.slo_class)
+        after = self.client.get_json(url, "/v1/stats")
+        return res, before, after
 
 
 def run(args) -> dict:
@@ -153,129 +167,214 @@ def run(args) -> dict:
     from specserve_ray.bench.args import check_args
 
     check_args(args)
-    regimes = args.regimes
-    est = estimate_seconds(args, len(regimes))
-    print(f"trace sweep: {len(regimes)} regime(s) x {len(args.load_levels)} load level(s) x "
-          f"{len(args.policies)} policies, {args.duration:.0f} s of arrivals per run; "
-          f"estimated {est / 60:.1f} min", flush=True)
+    est = estimate_seconds(args)
+    n_cells = sum(len(cell_workloads(args, r)) for r in args.regimes)
+    print(f"sweep: {len(args.regimes)} regime(s), {n_cells} (regime, workload) cell(s) x "
+          f"{len(args.load_levels)} rate(s) x {len(args.policies)} policies x "
+          f"{args.repetitions} repetition(s) (+{max(0, args.deciding_repetitions - args.repetitions)}"
+          f" at {args.deciding_rates} deciding rate(s)); >= {args.min_requests} requests and "
+          f">= {args.duration:.0f} s per point; estimated {est / 60:.0f} min at assumed "
+          f"capacities {args.assumed_capacity} req/s", flush=True)
+    if args.bf16_note:
+        print(args.bf16_note)
+    report = {"setup": _setup(args), "estimated_s": est, "slo_rule": st.SLO_RULE_TEXT,
+              "notes": [n for n in (args.bf16_note,) if n], "runs": []}
     if args.dry_run:
-        return {"setup": _setup(args), "estimated_s": est, "runs": []}
+        return report
 
     from tqdm import tqdm
 
+    from specserve_ray.bench.client import ClientProcess, server_worker_nice
     from specserve_ray.bench.workload import PromptSource, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    sweep = Sweep(args, tokenizer, PromptSource(tokenizer, args.seed),
-                  tr.load_trace(args.trace))
-    report = {"setup": _setup(args), "estimated_s": est, "calibration": {}, "runs": [],
-              "errors": []}
+    traces = {name: tr.load_trace(path) for name, path in args.trace_paths.items()}
+    prior = _prior_calibration(args.calibration_from)
+    report.update({"calibration": {}, "slos": [], "samples": {}, "errors": []})
     t_start = time.monotonic()
-    bar = tqdm(total=len(regimes) * len(args.load_levels) * len(args.policies), desc="runs",
-               unit="run", position=0)
-    for regime in regimes:
-        stop = None
-        try:
-            if args.url:
-                url, switcher = args.url.rstrip("/"), (RestSwitcher(args.dashboard_url)
-                                                      if args.dashboard_url else None)
-            else:
-                bar.set_description(f"starting app ({regime})")
-                url, handle, stop = start_app(REGIME_DTYPES[regime], args.max_k,
-                                              args.synthetic_acceptance, args.max_num_seqs)
-                switcher = HandleSwitcher(handle)
-            _run_regime(sweep, regime, url, switcher, report, bar)
-        finally:
-            if stop is not None:
-                stop()
+    planned = sum(len(cell_workloads(args, r)) for r in args.regimes) * \
+        len(args.load_levels) * len(args.policies) * args.repetitions
+    bar = tqdm(total=0 if args.calibrate_only else planned, desc="runs", unit="run", position=0)
+    with ClientProcess() as client:
+        sweep = Sweep(args, client, PromptSource(tokenizer, args.seed), traces)
+        for regime in args.regimes:
+            _run_regime(sweep, regime, report, prior, bar)
+        report["client"] = {**client.summary(), "server_worker_nice": server_worker_nice()}
     bar.close()
     report["elapsed_s"] = time.monotonic() - t_start
-    runs = report["runs"]
-    report["table_markdown"] = markdown_table(runs)
-    print("\n" + report["table_markdown"] + "\n")
-    if report["errors"]:
-        print(f"{len(report['errors'])} run(s) failed: see 'errors' in the report")
-    if not args.no_plots and runs:
-        from specserve_ray.bench.plots import write_plots
-
-        report["plots"] = write_plots(runs, args.plots_dir)
-        for p in report["plots"]:
-            print(f"wrote {p}")
+    _conclude(args, report)
     print(f"sweep took {report['elapsed_s'] / 60:.1f} min (estimated {est / 60:.1f})")
     return report
 
 
-def _run_regime(sweep: Sweep, regime: str, url: str, switcher, report: dict, bar) -> None:
+def _conclude(args, report: dict) -> None:
+    runs, samples = report["runs"], report["samples"]
+    if not runs:
+        return
+    reference = "specserve" if "specserve" in args.policies else args.policies[0]
+    report["max_rate_at_90"] = agg.max_rates(runs, samples, args.attainment_target)
+    report["paired"] = agg.paired(runs, samples, reference)
+    report["curves"] = agg.curves(runs, samples)
+    report["table_markdown"] = agg.curve_table(report["curves"])
+    report["max_rate_table_markdown"] = agg.max_rate_table(report["max_rate_at_90"])
+    report["runs_table_markdown"] = markdown_table(runs)
+    print("\n" + report["table_markdown"] + "\n\n" + report["max_rate_table_markdown"] + "\n")
+    c = report.get("client", {})
+    print(f"client: own process at nice {c.get('nice')}, {c.get('cpu_s')} CPU s over "
+          f"{c.get('wall_s')} s ({c.get('cpu_share_of_one_core')} of one core)")
+    if report["errors"]:
+        print(f"{len(report['errors'])} run(s) failed: see 'errors' in the report")
+    if not args.no_plots:
+        from specserve_ray.bench.plots import write_plots
+
+        report["plots"] = write_plots(report["curves"], runs, args.plots_dir)
+        for p in report["plots"]:
+            print(f"wrote {p}")
+
+
+def _prior_calibration(path: str | None) -> dict:
+    if not path:
+        return {}
+    with open(path) as f:
+        return json.load(f).get("calibration", {})
+
+
+def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> None:
     from tqdm import tqdm
 
+    from specserve_ray.bench.control import (HandleSwitcher, RestSwitcher, get_json,
+                                             start_sweep_app)
+
     args = sweep.args
-    models = asyncio.run(get_json(url, "/v1/models"))["data"][0]
-    model = args.model or models["id"]
-    max_model_len = args.max_model_len or models.get("max_model_len")
-    if not max_model_len:
-        raise SystemExit("the endpoint's /v1/models does not report max_model_len; "
-                         "pass --max-model-len")
-    stats = asyncio.run(get_json(url, "/v1/stats"))
-    synthetic = stats.get("synthetic_acceptance_rate", args.synthetic_acceptance)
-    bar.set_description(f"calibrating ({regime})")
-    cal = asyncio.run(sweep.calibrate(url, switcher, model, max_model_len, args.max_num_seqs))
-    cal["max_model_len"] = max_model_len
-    report["calibration"][regime] = cal
-    slo = SLO(cal["slo_ttft_s"], cal["slo_tpot_s"])
-    sweep.slo_class = None
-    if switcher is not None:
-        # The benchmark's SLO becomes a server-side class every measured request names,
-        # so SLO-aware policies (specserve) see the budget the goodput is judged by;
-        # the other policies ignore it. Without a switcher (--url alone) nothing is sent.
-        asyncio.run(switcher.apply({"slo": {"classes": [
-            {"name": BENCH_SLO_CLASS, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}]}}))
-        sweep.slo_class = BENCH_SLO_CLASS
-    cal["slo_class_sent"] = sweep.slo_class
-    tqdm.write(f"[{regime}] single stream: TTFT {cal['single_stream_ttft_s'] * 1000:.0f} ms, "
-               f"TPOT {cal['single_stream_tpot_s'] * 1000:.1f} ms; capacity "
-               f"{cal['capacity_req_s']:.2f} req/s ({cal['capacity_tok_s']:.0f} out tok/s); "
-               f"SLOs: TTFT <= {slo.ttft_s:.3f} s, TPOT <= {slo.tpot_s * 1000:.0f} ms")
-    levels = []
-    for load, frac, abs_rate in args.load_levels:
-        if frac:
-            rate = frac * cal["capacity_req_s"]
-        elif abs_rate:
-            rate = abs_rate
-        else:   # --time-scale: the trace window's own rate, scaled
-            rate = tr.mean_rate(tr.window(sweep.trace, args.trace_start, 200)) / args.time_scale
-        reqs, prompts = sweep.workload(rate, max_model_len)
-        levels.append((load, frac, reqs, prompts))
-    # Now the arrival spans are known (--min-requests can stretch a low-load run).
-    span = sum(r[-1].arrival_s for _, _, r, _ in levels)
-    tqdm.write(f"[{regime}] arrivals: {span:.0f} s per policy; this regime's runs need about "
-               f"{len(args.policies) * (span + len(levels) * (PER_RUN_OVERHEAD_S + 2)) / 60:.1f} min")
-    for load, frac, reqs, prompts in levels:
-        offered = tr.mean_rate(reqs) if len(reqs) > 1 else 0.0
-        for policy in args.policies:
-            bar.set_description(f"{regime} {load} {policy}")
-            inner = tqdm(total=len(reqs), desc="  requests", unit="req", leave=False, position=1)
-            try:
-                records, duration, before, after = asyncio.run(sweep.run_one(
-                    url, switcher, model, policy, reqs, prompts, inner))
-            except Exception as exc:   # noqa: BLE001 - one failed run must not lose the sweep
-                report["errors"].append({"regime": regime, "load": load, "policy": policy,
-                                         "error": f"{type(exc).__name__}: {exc}"})
-                tqdm.write(f"[{regime}] {load} {policy}: FAILED {exc}")
+    stop = None
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+            switcher = RestSwitcher(args.dashboard_url) if args.dashboard_url else None
+        else:
+            bar.set_description(f"starting app ({regime})")
+            url, handle, stop = start_sweep_app(REGIME_DTYPES[regime], args.max_k,
+                                                args.synthetic_acceptance, args.max_num_seqs)
+            switcher = HandleSwitcher(handle)
+        models = asyncio.run(get_json(url, "/v1/models"))["data"][0]
+        model = args.model or models["id"]
+        max_model_len = args.max_model_len or models.get("max_model_len")
+        if not max_model_len:
+            raise SystemExit("the endpoint's /v1/models does not report max_model_len; "
+                             "pass --max-model-len")
+        stats = asyncio.run(get_json(url, "/v1/stats"))
+        synthetic = stats.get("synthetic_acceptance_rate", args.synthetic_acceptance)
+        for wi, (spec, arrival) in enumerate(cell_workloads(args, regime)):
+            label = f"{spec.name}:{arrival}" if arrival != "replay" else spec.name
+            bar.set_description(f"calibrating {regime} {label}")
+            cal = (prior.get(regime, {}).get(label) or
+                   sweep.calibrate(url, switcher, model, spec, arrival, max_model_len,
+                                   args.max_num_seqs))
+            cal = {**cal, "max_model_len": max_model_len}
+            report["calibration"].setdefault(regime, {})[label] = cal
+            rules = st.slo_rules(cal["single_stream_ttft_s"], cal["single_stream_tpot_s"],
+                                 args.slo_scales, args.slo_ttft_ms, args.slo_tpot_ms)
+            report["slos"] += [{"regime": regime, "workload": label, **r.as_json()}
+                               for r in rules]
+            sweep.slo_class = None
+            if switcher is not None:
+                # The tightest SLO becomes a server-side class every measured request names,
+                # so the SLO-aware policy (specserve) sees a budget goodput is judged by.
+                tight = min(rules, key=lambda r: r.tpot_ms)
+                asyncio.run(switcher.apply({"slo": {"classes": [
+                    {"name": BENCH_SLO_CLASS, "ttft_s": tight.ttft_ms / 1e3,
+                     "tpot_s": tight.tpot_ms / 1e3}]}}))
+                sweep.slo_class = BENCH_SLO_CLASS
+                cal["slo_class_sent"] = {"name": BENCH_SLO_CLASS, **tight.as_json()}
+            tqdm.write(f"[{regime} {label}] single stream: TTFT "
+                       f"{cal['single_stream_ttft_s'] * 1e3:.0f} ms, TPOT "
+                       f"{cal['single_stream_tpot_s'] * 1e3:.1f} ms; capacity "
+                       f"{cal['capacity_req_s']:.2f} req/s; SLOs "
+                       + ", ".join(f"S={r.scale}: TTFT {r.ttft_ms:.0f} / TPOT {r.tpot_ms:.0f} ms"
+                                   for r in rules))
+            tqdm.write(f"[{regime} {label}] this workload's runs: about "
+                       f"{_cell_estimate(args, regime, spec, cal['capacity_req_s']) / 60:.0f} min")
+            sweep.capacity[(regime, spec.name)] = cal["capacity_req_s"]
+            if args.calibrate_only:
                 continue
-            finally:
-                inner.close()
-                bar.update(1)
-            metrics = run_metrics(records, duration, slo)
-            server = server_delta(before, after)
-            entry = run_entry(regime, _policy_label(policy), load, frac or None, offered,
-                              args.arrival, synthetic, metrics, server,
-                              [r.tpot for r in records if r.ok and r.tpot is not None])
+            rates = [rate or frac * cal["capacity_req_s"] for _, frac, rate in args.load_levels]
+            ctx = (url, switcher, model, spec, arrival, label, wi, max_model_len, synthetic,
+                   rules, rates)
+            for ri in range(len(rates)):
+                for rep in range(args.repetitions):
+                    _run_point(sweep, regime, ctx, ri, rep, report, bar)
+            extra = max(0, args.deciding_repetitions - args.repetitions)
+            if extra and args.deciding_rates:
+                decide = _deciding(report, regime, label, rules[0], rates, args)
+                bar.total += extra * len(decide) * len(args.policies)
+                bar.refresh()
+                report.setdefault("deciding_rates", []).append(
+                    {"regime": regime, "workload": label, "rates_req_s": decide})
+                for rate in decide:
+                    for rep in range(args.repetitions, args.deciding_repetitions):
+                        _run_point(sweep, regime, ctx, rates.index(rate), rep, report, bar)
+    finally:
+        if stop is not None:
+            stop()
+
+
+def _deciding(report, regime, label, rule, rates, args) -> list[float]:
+    att: dict[str, dict[float, float]] = {}
+    for r in report["runs"]:
+        if r["regime"] == regime and r["workload"] == label and r["slo_scale"] == rule.scale:
+            flags = st.met(report["samples"][r["run_id"]], rule)
+            att.setdefault(r["policy"], {})[r["rate_req_s"]] = float(flags.mean())
+    return [r for r in agg.deciding_rates(att, args.attainment_target, args.deciding_rates)
+            if r in rates]
+
+
+def _run_point(sweep: Sweep, regime: str, ctx, ri: int, rep: int, report: dict, bar) -> None:
+    from tqdm import tqdm
+
+    (url, switcher, model, spec, arrival, label, wi, max_model_len, synthetic, rules,
+     rates) = ctx
+    args = sweep.args
+    rate = rates[ri]
+    n = wl.request_count(rate, args.duration, args.min_requests, args.max_requests)
+    reqs = sweep.requests(spec, arrival, rate, n, seed_for(args.seed, label, ri, rep),
+                          max_model_len)
+    prompts = sweep.prompts.prompts([r.input_tokens for r in reqs],
+                                    offset=100_000 + (wi * 10_000 + ri * 100 + rep) * 1000)
+    order = list(args.policies)
+    np.random.default_rng(seed_for(args.seed, "order", label, ri, rep)).shuffle(order)
+    offered = tr.mean_rate(reqs) if len(reqs) > 1 else 0.0
+    for pos, policy in enumerate(order):
+        where = f"{regime} {label} {rate:.2f}/s rep {rep} {policy}"
+        bar.set_description(where)
+        try:
+            res, before, after = sweep.run_one(url, switcher, model, policy, reqs, prompts,
+                                               desc="  requests")
+        except Exception as exc:   # noqa: BLE001 - one failed run must not lose the sweep
+            report["errors"].append({"regime": regime, "workload": label, "rate_req_s": rate,
+                                     "repetition": rep, "policy": policy,
+                                     "error": f"{type(exc).__name__}: {exc}"})
+            tqdm.write(f"[{where}] FAILED {exc}")
+            continue
+        finally:
+            bar.update(1)
+        records, duration = res["records"], res["duration"]
+        run_id = f"{regime}/{label}/{args.drafter}/{ri}/{rep}/{policy}"
+        report["samples"][run_id] = outcomes(records)
+        server = server_delta(before, after)
+        tpots = [r.tpot for r in records if r.ok and r.tpot is not None]
+        for rule in rules:
+            metrics = run_metrics(records, duration, SLO(rule.ttft_ms / 1e3, rule.tpot_ms / 1e3))
+            entry = run_entry(regime, policy, args.load_levels[ri][0], args.load_levels[ri][1],
+                              offered, arrival, synthetic, metrics, server, tpots,
+                              workload=label, drafter=args.drafter, repetition=rep,
+                              slo_scale=rule.scale, rate_req_s=rate, run_id=run_id)
+            entry.update({"rate_index": ri, "order_position": pos, "client": res["client"]})
             report["runs"].append(entry)
-            tqdm.write(f"[{regime}] {load:>9} {policy:>10}: goodput {metrics['goodput_req_s']:.2f} "
-                       f"req/s, SLO {metrics['slo_attainment']:.2f}, {metrics['output_tok_s']:.1f} "
-                       f"tok/s, TPOT p50 {_ms(metrics['tpot_p50_s'])}, accept len "
-                       f"{_f(server.get('mean_acceptance_length'))}, mean k "
-                       f"{_f(server.get('mean_chosen_k'))}, failed {metrics['failed']}")
+        m = run_metrics(records, duration, SLO(rules[0].ttft_ms / 1e3, rules[0].tpot_ms / 1e3))
+        tqdm.write(f"[{where}] attainment(S={rules[0].scale}) {m['slo_attainment']:.2f}, "
+                   f"{m['output_tok_s']:.1f} tok/s, TTFT p50 {_ms(m['ttft_p50_s'])}, TPOT p50 "
+                   f"{_ms(m['tpot_p50_s'])}, mean k {_f(server.get('mean_chosen_k'))}, failed "
+                   f"{m['failed']}, client CPU {res['client']['cpu_share_of_one_core']}")
 
 
 def _ms(v):
@@ -287,9 +386,10 @@ def _f(v):
 
 
 def _setup(args) -> dict:
-    keys = ("trace", "url", "dashboard_url", "regimes", "policies", "max_k", "load_levels",
-            "arrival", "burstiness", "time_scale", "duration", "min_requests", "max_requests",
-            "trace_start", "input_scale", "input_budget", "output_scale", "max_input_tokens",
-            "max_output_tokens", "slo_ttft", "slo_tpot", "slo_ttft_factor", "slo_tpot_factor",
-            "warmup_requests", "synthetic_acceptance", "capacity_policy", "max_num_seqs", "seed")
+    keys = ("workloads", "trace_paths", "url", "dashboard_url", "regimes", "drafter",
+            "policies", "max_k", "load_levels", "burstiness", "duration", "min_requests",
+            "max_requests", "input_budget", "slo_scales", "slo_ttft_ms", "slo_tpot_ms",
+            "calibration_from", "attainment_target", "repetitions", "deciding_repetitions",
+            "deciding_rates", "warmup_requests", "synthetic_acceptance", "capacity_policy",
+            "max_num_seqs", "seed", "quick")
     return {k: getattr(args, k, None) for k in keys}

@@ -1,4 +1,4 @@
-"""`bench trace`: workloads from an Azure LLM inference trace, or synthetic arrivals.
+"""Azure trace handling for `bench sweep`: workloads from an Azure LLM inference trace, or synthetic arrivals.
 
 Pure functions (no Ray, no HTTP): load the trace CSV (columns TIMESTAMP, ContextTokens,
 GeneratedTokens), take a window of it, time-scale its arrivals to a request rate, scale and
@@ -176,7 +176,8 @@ def add_parser(sub):
 
         return run_sweep(args)
 
-    p = sub.add_parser("trace", help="replay a trace (or Poisson/gamma arrivals) against the "
-                       "app: policies x load levels, SLO goodput, JSON, table, plots")
+    p = sub.add_parser("sweep", aliases=["trace"], help="policies x rates x workloads x "
+                       "regimes with Azure-trace lengths: SLO attainment, goodput, max rate at "
+                       "90%% attainment with CIs, paired differences, JSON, tables, plots")
     add_arguments(p)
     p.set_defaults(func=run)

@@ -13,7 +13,8 @@ from itertools import chain
 
 import torch
 
-__all__ = ["RaggedBatch", "pack_ragged", "positions_and_mask", "unpad", "gather_last"]
+__all__ = ["RaggedBatch", "pack_ragged", "positions_and_mask", "unpad", "gather_last",
+           "group_by_length"]
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensors is elementwise, so no generated __eq__
@@ -114,3 +115,21 @@ def gather_last(
     """Each row's value at its last valid position (where its next token is read)."""
     rows = torch.arange(values.shape[0], device=values.device)
     return values[rows, num_tokens.to(values.device) - 1]
+
+
+def group_by_length(lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Split rows into forwards whose right-padding stays within `max_padding` of their
+    real tokens (padded positions cost real compute on a CPU). Longest rows first;
+    returns lists of row indices."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            width = lengths[group[0]]          # the group's longest row sets its width
+            real = sum(lengths[j] for j in group) + lengths[i]
+            if width * (len(group) + 1) <= (1 + max_padding) * real:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups

@@ -44,7 +44,7 @@ def apply_table(table, confidences) -> np.ndarray:
 
 
 class ConfidenceCalibration:
-    def __init__(self, bins: int = 10, prior_weight: float = 8.0, decay: float = 0.999):
+    def __init__(self, bins: int = 10, prior_weight: float = 2.0, decay: float = 0.999):
         if bins < 1 or prior_weight <= 0 or not 0 < decay <= 1:
             raise ValueError("calibration needs bins >= 1, prior_weight > 0, 0 < decay <= 1")
         self.bins = bins

@@ -50,10 +50,13 @@ class DraftControl:
     verify_budget: int | None = None
     cost: CostModel | None = None
     mean_confidence: np.ndarray | float = 0.5   # [B] running mean confidence per row
-    context: float = 0.0                         # mean context length of the batch
+    context: float = 0.0                         # longest context in the batch
     # Per-bin acceptance probability of a draft token by its confidence (calibration.py);
     # None = take the draft's probability at its word (the threshold rule always does).
     calibration: tuple[float, ...] | None = None
+    # Rows draft at least this many tokens (within their caps) before the stop rule is
+    # asked: the policy already decided, from measured goodput, that speculation pays.
+    min_draft: int = 0
 
     def __post_init__(self):
         if self.stop not in STOP_RULES or self.trim not in TRIM_RULES:
@@ -75,7 +78,7 @@ class DraftControl:
 
     def should_continue(self, progress: DraftProgress) -> np.ndarray:  # [B] bool
         """Rows that draft the next step (rows that stop never resume within a step)."""
-        if self.stop == "cap":
+        if self.stop == "cap" or progress.step < self.min_draft:
             return progress.active.copy()
         if self.stop == "threshold":
             if progress.step == 0:      # always draft one token

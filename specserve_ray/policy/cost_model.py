@@ -6,15 +6,23 @@ and `observe` keeps correcting them from live steps. The result is cached on dis
 `CostModel.key(...)` so a restart with the same model, dtype, device and library
 versions skips the profile.
 
-    T_verify(B, n, L) = v0 + v1 B + v2 n + v3 B L           n tokens scored in total
-    T_draft(B, k, L)  = d0 [k > 0] + k (d1 + d2 B + d3 B L)  k sequential draft steps
+    T_verify(B, n, L) = v0 + v1 B + v2 n + v3 B L + v4 n L    n = B W tokens in the forward
+    T_draft(B, k, L)  = d0 [k > 0] + k (d1 + d2 B + d3 B L)    k sequential draft steps
+
+The shapes are the ones the workers really run (models/runner.py, core/ragged.py): one
+verify forward pads every row to the longest, W = max_i(k_i + 1), and attends over the
+longest context, L = max_i(L_i) (the mask is [B, 1, W, L + W]). So n is B W, not
+sum_i(k_i + 1): trimming one row's draft saves verify time only if it shortens the
+longest row (`padded_tokens`). Callers pass the batch's longest context as L.
 
 Why these features: a forward pass has a fixed launch/transport cost (v0, d0), a
-per-sequence cost (B), a per-token compute cost (n) and an attention cost that reads
-every cached token (B L). At small batch the per-token term is tiny (memory-bound: the
-weights are read once whatever n is); at large batch it dominates (compute-bound). The
-draft's call overhead d0 is paid once per step however many draft steps run, which is
-what makes "draft one more token" cheaper than "start drafting".
+per-sequence cost (B), a per-token compute cost (n), a read of every cached key (B L)
+and the attention products of every query with every key (n L). At small batch the
+per-token term is tiny (memory-bound: the weights are read once whatever n is); at
+large batch it dominates (compute-bound). The draft's call overhead d0 is paid once per
+step however many draft steps run, which is what makes "draft one more token" cheaper
+than "start drafting". Fits are non-negative (a feature whose weight would come out
+negative is dropped), so a prediction never falls as a shape grows.
 
 Online correction is an EMA of log(observed / predicted) per kind, applied as a
 multiplicative scale. It is cheap, cannot be destabilized by a burst of outliers (each
@@ -35,9 +43,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Sample", "CostModel", "profile_grid"]
+__all__ = ["Sample", "CostModel", "profile_grid", "padded_tokens"]
 
-VERIFY_FEATURES = ("intercept", "batch", "tokens", "batch*context")
+VERIFY_FEATURES = ("intercept", "batch", "tokens", "batch*context", "tokens*context")
 DRAFT_FEATURES = ("call", "steps", "steps*batch", "steps*batch*context")
 _MIN_SECONDS = 1e-6          # predictions never reach 0: efficiencies divide by them
 _MAX_LOG_RATIO = math.log(4.0)
@@ -49,8 +57,8 @@ class Sample:
 
     kind: str          # "draft" | "verify"
     batch: int         # requests in the call
-    tokens: int        # verify: tokens scored in total; draft: sequential draft steps k
-    context: float     # mean context length (tokens already in each request's KV cache)
+    tokens: int        # verify: tokens in the forward, padded (B W); draft: draft steps k
+    context: float     # longest context in the call (tokens already in a KV cache)
     seconds: float     # wall time of the call
 
     def __post_init__(self):
@@ -58,10 +66,17 @@ class Sample:
             raise ValueError(f"sample kind must be 'draft' or 'verify', got {self.kind!r}")
 
 
-def _verify_features(batch, tokens, context) -> np.ndarray:  # [..., 4]
+def padded_tokens(num_draft) -> int:
+    """Tokens one verify forward really computes for per-row draft counts: B max(k + 1)."""
+    num_draft = list(num_draft)
+    return len(num_draft) * (max(num_draft, default=0) + 1)
+
+
+def _verify_features(batch, tokens, context) -> np.ndarray:  # [..., 5]
     batch, tokens, context = np.broadcast_arrays(*(np.asarray(x, np.float64)
                                                    for x in (batch, tokens, context)))
-    return np.stack([np.ones_like(batch), batch, tokens, batch * context], axis=-1)
+    return np.stack([np.ones_like(batch), batch, tokens, batch * context, tokens * context],
+                    axis=-1)
 
 
 def _draft_features(batch, steps, context) -> np.ndarray:  # [..., 4]
@@ -78,8 +93,16 @@ def _fit_relative(features: np.ndarray, seconds: np.ndarray) -> tuple[float, ...
     weighted = features / seconds[:, None]
     scale = np.abs(weighted).max(axis=0)
     scale[scale == 0] = 1.0
-    coef, *_ = np.linalg.lstsq(weighted / scale, np.ones_like(seconds), rcond=None)
-    return tuple(float(c) for c in coef / scale)
+    columns = list(range(features.shape[1]))
+    coef = np.zeros(features.shape[1])
+    while columns:   # active set: drop the most negative weight, refit the rest
+        sub, *_ = np.linalg.lstsq(weighted[:, columns] / scale[columns], np.ones_like(seconds),
+                                  rcond=None)
+        if (sub >= 0).all():
+            coef[columns] = sub / scale[columns]
+            break
+        columns.pop(int(np.argmin(sub)))
+    return tuple(float(c) for c in coef)
 
 
 class CostModel:
@@ -103,9 +126,12 @@ class CostModel:
     def _checked(coef, kind):
         if coef is None:
             return None
-        if len(coef) != 4:
-            raise ValueError(f"{kind} coefficients need 4 values, got {len(coef)}")
-        return tuple(float(c) for c in coef)
+        coef = tuple(float(c) for c in coef)
+        if kind == "verify" and len(coef) == 4:
+            coef += (0.0,)          # the 4-term law: no per-query attention term
+        if len(coef) != (5 if kind == "verify" else 4):
+            raise ValueError(f"{kind} coefficients: wrong count ({len(coef)})")
+        return coef
 
     # -- fitting -----------------------------------------------------------------------
     def fit(self, samples: Iterable[Sample]) -> "CostModel":
@@ -128,17 +154,27 @@ class CostModel:
         self.scale = {"verify": 1.0, "draft": 1.0}
         return self
 
+    def reference(self) -> "CostModel":
+        """The profiled laws without the online scale (same step overhead): a fixed yard-
+        stick that observed goodput can be compared with over time (learned.py)."""
+        twin = getattr(self, "_reference", None)
+        if twin is None or twin.verify_coef != self.verify_coef or twin.draft_coef != self.draft_coef:
+            twin = self._reference = CostModel(self.verify_coef, self.draft_coef)
+        twin.step_overhead = self.step_overhead
+        return twin
+
     @property
     def has_draft(self) -> bool:
         return self.draft_coef is not None
 
     # -- prediction (scalars or numpy arrays; broadcasting) ----------------------------
     def predict_verify(self, batch, tokens, context):
-        """Seconds of one target forward scoring `tokens` tokens over `batch` requests."""
+        """Seconds of one target forward of `tokens` (padded: B W) tokens over `batch`
+        rows whose longest context is `context`."""
         if self.verify_coef is None:
             raise RuntimeError("cost model has no verify law; fit() or from_dict() first")
-        v0, v1, v2, v3 = self.verify_coef
-        raw = v0 + v1 * batch + v2 * tokens + v3 * batch * context
+        v0, v1, v2, v3, v4 = self.verify_coef
+        raw = v0 + v1 * batch + v2 * tokens + v3 * batch * context + v4 * tokens * context
         return np.maximum(raw * self.scale["verify"], _MIN_SECONDS)
 
     def predict_draft_step(self, batch, context):
@@ -219,15 +255,16 @@ class CostModel:
 
     # -- on-disk cache -----------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": 1, "verify_features": list(VERIFY_FEATURES),
+        """The fitted laws and what serving taught them (scale, step overhead)."""
+        return {"format": 2, "verify_features": list(VERIFY_FEATURES),
                 "draft_features": list(DRAFT_FEATURES),
                 "verify_coef": list(self.verify_coef) if self.verify_coef else None,
                 "draft_coef": list(self.draft_coef) if self.draft_coef else None,
-                "scale": dict(self.scale)}
+                "scale": dict(self.scale), "step_overhead": self.step_overhead}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "CostModel":
-        if data.get("format") != 1 or list(data.get("verify_features", ())) != list(VERIFY_FEATURES) \
+        if data.get("format") != 2 or list(data.get("verify_features", ())) != list(VERIFY_FEATURES) \
                 or list(data.get("draft_features", ())) != list(DRAFT_FEATURES):
             raise ValueError("cost model cache has an unknown format; re-profile")
         model = cls(data.get("verify_coef"), data.get("draft_coef"))
@@ -235,6 +272,8 @@ class CostModel:
             if kind in model.scale and value > 0:
                 model.scale[kind] = float(value)
                 model._log_scale[kind] = math.log(value)
+        overhead = float(data.get("step_overhead", 0.0))
+        model.step_overhead = overhead if math.isfinite(overhead) and overhead >= 0 else 0.0
         return model
 
     @staticmethod

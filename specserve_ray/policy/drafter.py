@@ -20,7 +20,7 @@ Two refinements over a literal "compare E(j+1) with E(j)":
 The loop owner (a draft worker, the engine, a simulator) keeps a `DraftProgress`:
 
     progress = start_drafting(max_k)                       # [B] caps from the Decision
-    while (rows := policy.should_continue(progress)).any():
+    while (rows := control.should_continue(progress)).any():     # control.DraftControl
         step_confidence = draft_one_step(rows)             # [B] prob of each new token
         progress = record_step(progress, step_confidence, rows)
     progress.confidences, progress.num_drafted             # -> the verifier
@@ -34,7 +34,7 @@ import numpy as np
 from specserve_ray.policy.cost_model import CostModel
 from specserve_ray.policy.efficiency import as_array
 
-__all__ = ["DraftProgress", "start_drafting", "record_step", "should_continue", "precheck"]
+__all__ = ["DraftProgress", "start_drafting", "record_step", "should_continue"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ def record_step(progress: DraftProgress, step_confidence, drafted) -> DraftProgr
 def should_continue(progress: DraftProgress, mean_confidence, cost: CostModel,
                     context: float) -> np.ndarray:  # [B] bool
     """Rows that should draft step j+1: those in the best predicted continuation, if it
-    beats E(j); all False to stop. `mean_confidence` is a scalar or [B]."""
+    beats E(j); all False to stop. `mean_confidence` is a scalar or [B]; `context` is the
+    batch's longest context (what the forwards attend over)."""
     batch = progress.batch_size
     remaining = progress.max_k - progress.num_drafted
     rows = np.flatnonzero(progress.active & (remaining > 0))
@@ -114,7 +115,6 @@ def should_continue(progress: DraftProgress, mean_confidence, cost: CostModel,
     order = np.argsort(-gain, axis=0, kind="stable")                           # per depth h
     gain_top = np.cumsum(gain[order, columns], axis=0)                         # [m, H]
     depth_sorted = depth[order, columns]
-    tokens_top = np.cumsum(depth_sorted, axis=0)                               # [m, H]
 
     # Rows drafting at future step l among the top m, for lookahead h: [l, m, h].
     counts = np.cumsum(depth_sorted[None, :, :] >= depths[:, None, None], axis=1)
@@ -125,24 +125,18 @@ def should_continue(progress: DraftProgress, mean_confidence, cost: CostModel,
     # Time the step costs whatever happens next: drafting already done, and the fixed
     # per-step overhead (router, transport), which favours deeper drafts where it is large.
     sunk_draft = cost.predict_draft_ragged(progress.active_counts, context) + cost.step_overhead
-    tokens_now = batch + int(progress.num_drafted.sum())
+    # The verify forward pads every row to the longest (cost_model.padded_tokens): a
+    # continuation costs verify time only where it makes the longest row longer.
+    longest_now = int(progress.num_drafted.max(initial=0))
+    reach = np.maximum.accumulate(progress.num_drafted[rows][order] + depth_sorted, axis=0)
+    width_next = np.maximum(reach, longest_now) + 1                            # [m, H]
     expected_now = batch + progress.expected_accepted
-    e_now = expected_now / (sunk_draft + float(cost.predict_verify(batch, tokens_now, context)))
+    e_now = expected_now / (sunk_draft + float(cost.predict_verify(batch, batch * (longest_now + 1),
+                                                                   context)))
     e_next = (expected_now + gain_top) / (
-        sunk_draft + draft_more + cost.predict_verify(batch, tokens_now + tokens_top, context))
+        sunk_draft + draft_more + cost.predict_verify(batch, batch * width_next, context))
     top_m, depth_h = np.unravel_index(int(np.argmax(e_next)), e_next.shape)
     if not e_next[top_m, depth_h] > e_now:
         return keep
     keep[rows[order[: top_m + 1, depth_h]]] = True
     return keep
-
-
-def precheck(batch: int, mean_confidence, context: float, cost: CostModel, max_k=1) -> bool:
-    """Does speculation pay this step at all? E(1) > E(0) for max_k = 1; with a larger
-    cap, whether any predicted depth up to it beats plain decoding (which also catches
-    a draft-call overhead that only deeper drafts amortize). False means a plain step
-    with no draft call."""
-    caps = np.broadcast_to(as_array(max_k, np.int64), (batch,))
-    if batch <= 0 or not cost.has_draft or caps.max(initial=0) <= 0:
-        return False
-    return bool(should_continue(start_drafting(caps), mean_confidence, cost, context).any())

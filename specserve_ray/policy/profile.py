@@ -27,7 +27,7 @@ import numpy as np
 from specserve_ray.policy.cost_model import CostModel, Sample, profile_grid
 
 __all__ = ["profile_runner", "load_or_profile", "cache_dir", "profile_cost_model", "profile_grids",
-           "cost_model_key"]
+           "cost_model_key", "load_learned", "save_learned", "attach_persistence"]
 
 log = logging.getLogger("specserve_ray")
 _SCRATCH = "__specserve_profile_{}__"
@@ -61,7 +61,18 @@ def profile_runner(runner, kind: str, grid: Sequence[tuple[int, int, float]], re
         return 1 <= batch <= free and int(context) + per_row(point) <= runner.max_model_len \
             and int(context) >= 1 and per_row(point) >= 1
 
-    points = sorted((p for p in grid if fits(p)), key=lambda p: (p[0] * (p[2] + 1), p[1]))
+    fitting = [p for p in grid if fits(p)]
+    # The corners of the (batch, context) range first, then the rest cheapest first: a
+    # short budget still spans the whole range the deployment serves, coarsely.
+    batches = {min((p[0] for p in fitting), default=0), max((p[0] for p in fitting), default=0)}
+    contexts = {min((int(p[2]) for p in fitting), default=0),
+                max((int(p[2]) for p in fitting), default=0)}
+
+    def order(p):
+        corner = p[0] in batches and int(p[2]) in contexts
+        return (not corner, p[0] * (p[2] + 1), p[1])
+
+    points = sorted(fitting, key=order)
     # One scratch prefill per (batch, context) group; the points of a group share it.
     for (batch, context), group in groupby(points, key=lambda p: (p[0], int(p[2]))):
         if time.perf_counter() >= deadline:
@@ -122,22 +133,59 @@ def load_or_profile(directory: str | os.PathLike | None, key: str,
     An unreadable or stale-format cache file is re-profiled; a cache that cannot be
     written only logs a warning (the model is still returned).
     """
-    path = cache_dir(directory) / f"cost-{key}.json"
+    path = _cache_path(directory, key)
     if path.is_file():
         try:
             return CostModel.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError, KeyError) as exc:
             log.warning("ignoring cost model cache %s: %s", path, exc)
     model = fn()
+    _write(path, model.to_dict())
+    return model
+
+
+def _cache_path(directory, key: str) -> Path:
+    return cache_dir(directory) / f"cost-{key}.json"
+
+
+def _write(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cost-", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump(model.to_dict(), f)
+            json.dump(data, f)
         os.replace(tmp, path)   # atomic: concurrent readers never see half a file
     except OSError as exc:
         log.warning("cannot cache the cost model at %s: %s", path, exc)
-    return model
+
+
+def load_learned(directory: str | os.PathLike | None, key: str) -> dict | None:
+    """The learned state saved beside the cached cost model under `key` (None if none)."""
+    try:
+        data = json.loads(_cache_path(directory, key).read_text())
+    except (OSError, ValueError):
+        return None
+    learned = data.get("learned") if isinstance(data, dict) else None
+    return learned if isinstance(learned, dict) else None
+
+
+def save_learned(directory: str | os.PathLike | None, key: str, cost: CostModel,
+                 learned) -> None:
+    """Rewrite the cache entry with the cost model as serving corrected it (scale, step
+    overhead) and the learned state (learned.LearnedState), so a restart resumes them."""
+    _write(_cache_path(directory, key), {**cost.to_dict(), "learned": learned.to_dict()})
+
+
+def attach_persistence(scheduler, directory: str | os.PathLike | None, key: str) -> None:
+    """Load what an earlier run learned into `scheduler.learned` and save it as it goes
+    (every `scheduler.persist_every` decode steps)."""
+    scheduler.learned.load(load_learned(directory, key))
+
+    def persist():
+        if scheduler.cost_model is not None:
+            save_learned(directory, key, scheduler.cost_model, scheduler.learned)
+
+    scheduler.persist_learned = persist
 
 
 def cost_model_key(target_path: str, draft_path: str | None, dtype: str, device: str) -> str:
@@ -153,9 +201,12 @@ def cost_model_key(target_path: str, draft_path: str | None, dtype: str, device:
 
 
 def profile_grids(max_seqs: int, max_k: int, max_model_len: int):
-    """The (verify, draft) grids of the start-up profile: small on purpose."""
-    contexts = sorted({min(16, max_model_len // 4), min(192, max_model_len // 2)})
-    max_batch = max(1, min(max_seqs, 8))
+    """The (verify, draft) grids of the start-up profile: the batch and context range the
+    deployment serves (up to max_num_seqs rows, contexts up to max_model_len less the
+    longest verified row), log-spaced so its size stays small."""
+    longest = max(max_model_len - max(max_k, 1) - 2, 1)
+    contexts = sorted({max(min(16, longest), 1), max(longest // 4, 1), longest})
+    max_batch = max(1, max_seqs)
     verify = profile_grid(max_batch, max(max_k, 1) + 1, contexts, "verify")
     draft = profile_grid(max_batch, max(max_k, 1) + 1, contexts, "draft")
     return verify, draft

@@ -4,8 +4,10 @@ A request belongs to one class; the class sets its time-to-first-token (TTFT) an
 time-per-output-token (TPOT) budgets. Speculation lengthens a step, so the policy keeps
 the predicted step time within the tightest TPOT budget in the batch; admission serves
 the waiting request with the least TTFT slack first. A request *attains* its SLO when
-its TTFT and its mean TPOT are both within budget. Attainment records are plain counts:
-trackers from many routers add up.
+its TTFT and its mean TPOT are both within budget. One finished request becomes one
+`ClassAttainment` record (`attainment_record`); records are plain counts and sums that
+add up, and both the scheduler's `SloTracker` and the metrics' `Counts` (metrics.py)
+are sums of those same records, so the two cannot disagree.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 __all__ = ["SloClass", "SloRegistry", "tightest_tpot", "admission_order", "ClassAttainment",
-           "SloTracker", "NO_SLO"]
+           "SloTracker", "NO_SLO", "request_latency", "attainment_record"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,32 @@ class ClassAttainment:
                 "max_tpot_s": round(self.tpot_max_s, 6) if self.tpot_count else None}
 
 
+def request_latency(arrival: float, first_token: float | None, finish: float,
+                    num_output_tokens: int) -> tuple[float | None, float | None]:
+    """(TTFT, mean TPOT) of a finished request from monotonic timestamps. TPOT is the
+    mean time between later tokens; None for a one-token output (nothing to measure)."""
+    if first_token is None:
+        return None, None
+    ttft = max(first_token - arrival, 0.0)
+    if num_output_tokens <= 1:
+        return ttft, None
+    return ttft, max(finish - first_token, 0.0) / (num_output_tokens - 1)
+
+
+def attainment_record(slo: SloClass, ttft_s: float | None,
+                      mean_tpot_s: float | None) -> ClassAttainment:
+    """One finished request as a record. `mean_tpot_s` is None for a one-token output,
+    which has no inter-token time to miss; `ttft_s` None (no token) misses nothing."""
+    ttft_ok = ttft_s is None or ttft_s <= slo.ttft_s
+    tpot_ok = mean_tpot_s is None or mean_tpot_s <= slo.tpot_s
+    ttft = 0.0 if ttft_s is None else ttft_s
+    tpot = 0.0 if mean_tpot_s is None else mean_tpot_s
+    return ClassAttainment(requests=1, attained=int(ttft_ok and tpot_ok), ttft_met=int(ttft_ok),
+                           tpot_met=int(tpot_ok), ttft_sum_s=ttft, ttft_max_s=ttft,
+                           tpot_count=int(mean_tpot_s is not None), tpot_sum_s=tpot,
+                           tpot_max_s=tpot)
+
+
 @dataclass
 class SloTracker:
     """Per-class attainment of finished requests."""
@@ -129,22 +157,10 @@ class SloTracker:
     per_class: dict[str, ClassAttainment] = field(default_factory=dict)
 
     def record(self, slo: SloClass, ttft_s: float, mean_tpot_s: float | None) -> bool:
-        """Count one finished request; True if it attained. `mean_tpot_s` is None for a
-        one-token output, which has no inter-token time to miss."""
-        ttft_ok = ttft_s <= slo.ttft_s
-        tpot_ok = mean_tpot_s is None or mean_tpot_s <= slo.tpot_s
-        counts = self.per_class.setdefault(slo.name, ClassAttainment())
-        counts.requests += 1
-        counts.ttft_met += ttft_ok
-        counts.tpot_met += tpot_ok
-        counts.attained += ttft_ok and tpot_ok
-        counts.ttft_sum_s += ttft_s
-        counts.ttft_max_s = max(counts.ttft_max_s, ttft_s)
-        if mean_tpot_s is not None:
-            counts.tpot_count += 1
-            counts.tpot_sum_s += mean_tpot_s
-            counts.tpot_max_s = max(counts.tpot_max_s, mean_tpot_s)
-        return ttft_ok and tpot_ok
+        """Count one finished request; True if it attained (see `attainment_record`)."""
+        record = attainment_record(slo, ttft_s, mean_tpot_s)
+        self.per_class[slo.name] = self.per_class.get(slo.name, ClassAttainment()) + record
+        return bool(record.attained)
 
     def __add__(self, other: "SloTracker") -> "SloTracker":
         merged = {name: ClassAttainment() + counts for name, counts in self.per_class.items()}

@@ -1,18 +1,14 @@
 """Confidence-prior verifier (SpecServe, arXiv 2503.05096, section 5.2): how many of
 the drafted tokens each request sends to the target.
 
-Once drafting is done its time is spent; verification still costs per token. The
-verifier repeatedly drops the remaining draft token with the lowest prefix survival c
-across the whole batch (always some row's last token, because c never grows along a
-row) and keeps the trimmed plan while E = N / T does not fall. A verification token
-budget, if given, forces drops first.
-
-Why greedy is exact (TETRIS, arXiv 2502.15197): for a fixed number n of kept draft
-tokens, N is largest when the kept set is the top-n by c, and that set is prefix-closed
-because c is monotone along each row. N(n) is then concave in n (sorted increments) and
-T(n) is affine in n (the cost model is linear in the token count), so E(n) = N(n) / T(n)
-is unimodal: dropping until the first fall reaches the global maximum over all
-prefix-length vectors. `brute_force_verify` enumerates those vectors as the reference.
+Once drafting is done its time is spent; verification still costs per token of the
+padded forward: every row is padded to the longest verified row, so only the longest
+row's length moves the verify time. For a fixed longest length w the best plan keeps
+min(num_draft_i, w) tokens of every row (more tokens, same time), so the verifier scans
+w and keeps the one with the highest E = N / T(w). A verification token budget, if
+given, drops the lowest-survival tokens first (`trim_to_budget`; c never grows along a
+row, so that stays prefix-closed). `brute_force_verify` enumerates every prefix-length
+vector as the reference.
 
 Shapes: draft_confidences [B, K] per-token draft probabilities (columns beyond a row's
 num_draft are ignored), num_draft [B]; the result num_verify [B] has num_verify <=
@@ -24,7 +20,7 @@ import itertools
 
 import numpy as np
 
-from specserve_ray.policy.cost_model import CostModel
+from specserve_ray.policy.cost_model import CostModel, padded_tokens
 from specserve_ray.policy.efficiency import as_array, cumulative_confidence, draft_mask
 
 __all__ = ["select_verify", "trim_to_budget", "brute_force_verify", "plan_efficiency"]
@@ -67,33 +63,41 @@ def trim_to_budget(draft_confidences, num_draft, verify_budget: int | None) -> n
 
 def select_verify(draft_confidences, num_draft, cost: CostModel, context: float, *,
                   verify_budget: int | None = None, fixed_seconds: float = 0.0) -> np.ndarray:
-    """Greedy confidence-prior trim; returns num_verify [B] (int64).
+    """Confidence-prior trim under padded verification; returns num_verify [B] (int64).
 
-    `fixed_seconds` is step time that does not depend on the verified length (the
-    draft time already spent, router overhead); it belongs in E's denominator because
-    the step costs it either way, and it makes the verifier keep more tokens.
+    The target pads every row to the longest (cost_model.padded_tokens), so for a given
+    longest row w every row may as well verify min(num_draft, w): dropping a shorter
+    row's tail lowers N and saves nothing. The plan is then the best w by E = N / T(w),
+    after a verification budget, if any, dropped the lowest-survival tokens first.
+    `fixed_seconds` is step time that does not depend on the verified length (the draft
+    time already spent, router overhead); it belongs in E's denominator because the step
+    costs it either way, and it makes the verifier keep more tokens.
     """
-    counts, rows, values, total_value = _drop_order(draft_confidences, num_draft)
-    batch, total = counts.shape[0], rows.size
-    dropped = np.arange(total + 1)
-    expected = batch + total_value - np.concatenate([[0.0], np.cumsum(values)])   # N after m drops
-    seconds = fixed_seconds + cost.predict_verify(batch, batch + total - dropped, context)
-    efficiency = expected / seconds
-    start = _forced_drops(total, verify_budget)
-    # Drop while E does not fall: stop at the first m whose next drop lowers E.
-    falls = np.flatnonzero(efficiency[start + 1:] < efficiency[start:-1])
-    stop = start + int(falls[0]) if falls.size else total
-    return _kept_after(counts, rows[:stop])
+    counts = trim_to_budget(draft_confidences, num_draft, verify_budget)
+    longest = int(counts.max(initial=0))
+    if longest == 0:
+        return counts
+    survival = cumulative_confidence(draft_confidences)
+    batch = counts.shape[0]
+    widths = np.arange(longest + 1)                                     # w = kept per row
+    kept = np.minimum(counts[None, :], widths[:, None])                 # [W, B]
+    gained = np.concatenate([np.zeros((batch, 1)), np.cumsum(
+        np.where(draft_mask(counts, survival.shape[1]), survival, 0.0), axis=1)], axis=1)
+    expected = batch + gained[np.arange(batch)[None, :], kept].sum(axis=1)   # [W]
+    seconds = fixed_seconds + cost.predict_verify(batch, batch * (widths + 1), context)
+    best = int(np.argmax(expected / seconds))      # the shortest of equals: argmax is first
+    return kept[best].astype(np.int64)
 
 
 def plan_efficiency(draft_confidences, num_verify, cost: CostModel, context: float,
                     fixed_seconds: float = 0.0) -> float:
-    """E of verifying the first num_verify[i] drafted tokens of each request."""
+    """E of verifying the first num_verify[i] drafted tokens of each request (padded)."""
     counts = as_array(num_verify, np.int64)
     survival = cumulative_confidence(draft_confidences)
     batch = counts.shape[0]
     expected = batch + survival[draft_mask(counts, survival.shape[1])].sum()
-    return float(expected / (fixed_seconds + cost.predict_verify(batch, batch + counts.sum(), context)))
+    tokens = padded_tokens(counts.tolist())
+    return float(expected / (fixed_seconds + cost.predict_verify(batch, tokens, context)))
 
 
 def brute_force_verify(draft_confidences, num_draft, cost: CostModel, context: float, *,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID
+from specserve_ray.core.ragged import group_by_length
 from specserve_ray.core.sampling import (greedy_with_confidence, logits_to_probs,
                                          sample_from_probs, stream_seed)
 from specserve_ray.models.runner import ModelRunner
@@ -93,14 +94,20 @@ class DraftWorker:
         return self.runner.vocab_size
 
     def prefill(self, items: list[PrefillItem]) -> None:
+        """Cache prompt chunks, rows of similar length in one forward (see the target's)."""
         for item in items:
-            self.runner.add(item.seq_id)
-            self._seqs[item.seq_id] = _DraftSeq(item.prompt_ids, item.sampling)
-            try:
-                self.runner.forward([item.seq_id], [item.prompt_ids], all_logits=False)
-            except Exception:
-                self.release([item.seq_id])
-                raise
+            if item.first:
+                self.runner.add(item.seq_id)
+                self._seqs[item.seq_id] = _DraftSeq([], item.sampling)
+            self._seqs[item.seq_id].committed.extend(item.prompt_ids)
+        try:
+            for group in group_by_length([len(item.prompt_ids) for item in items]):
+                rows = [items[g] for g in group]
+                self.runner.forward([r.seq_id for r in rows], [r.prompt_ids for r in rows],
+                                    all_logits=False)
+        except Exception:
+            self.release([item.seq_id for item in items])
+            raise
 
     def _sync(self, seq_id: str, new_tokens: list[int]) -> list[int]:
         """Commit `new_tokens`; roll the cache back to where it agrees; return what to feed."""

@@ -13,13 +13,18 @@ from dataclasses import replace
 import torch
 
 from specserve_ray.contracts import DraftOutput, StepPlan, StepResult
+from specserve_ray.drafting.fixed import fixed_proposal, merge_fixed, model_caps, with_point_mass
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
 
 
 def run_draft(worker: DraftWorker | None, plan: StepPlan) -> DraftOutput:
+    fixed = plan.fixed_drafts
     if worker is None:
-        return DraftOutput(plan, None)
+        # No draft model: only the scheduler's fixed (n-gram) drafts, if any.
+        if fixed is None or not plan.decode_ids:
+            return DraftOutput(plan, None)
+        return DraftOutput(plan, fixed_proposal(fixed, plan.fixed_confidence))
     worker.release(plan.release)
     start = time.perf_counter()
     if plan.prefill:
@@ -27,8 +32,11 @@ def run_draft(worker: DraftWorker | None, plan: StepPlan) -> DraftOutput:
     prefill_s = time.perf_counter() - start
     proposal = None
     if plan.decode_ids:
-        proposal = worker.propose(plan.decode_ids, plan.new_tokens, plan.num_draft,
-                                  plan.draft_control)
+        # Rows with fixed drafts only sync (the model sees their tokens lazily).
+        proposal = worker.propose(plan.decode_ids, plan.new_tokens,
+                                  model_caps(plan.num_draft, fixed), plan.draft_control)
+        if fixed is not None:
+            proposal = merge_fixed(proposal, fixed, plan.fixed_confidence)
     return DraftOutput(plan, proposal, prefill_seconds=prefill_s)
 
 
@@ -46,8 +54,12 @@ def run_target(worker: TargetWorker, draft_out: DraftOutput) -> StepResult:
             verify = worker.verify(plan.decode_ids, torch.empty(batch, 0, dtype=torch.long),
                                    torch.zeros(batch, dtype=torch.long), None)
         else:
+            probs = proposal.draft_probs
+            if proposal.fixed_rows is not None:
+                probs = with_point_mass(proposal, worker.sampled(plan.decode_ids),
+                                        worker.vocab_size)
             verify = worker.verify(plan.decode_ids, proposal.draft_token_ids,
-                                   proposal.num_draft_tokens, proposal.draft_probs)
+                                   proposal.num_draft_tokens, probs)
     proposal = draft_out.proposal
     if proposal is not None and proposal.draft_probs is not None:
         proposal = replace(proposal, draft_probs=None)  # the router needs only confidences

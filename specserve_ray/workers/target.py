@@ -12,6 +12,7 @@ import torch
 
 from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
 from specserve_kernels.greedy import greedy_verify
+from specserve_ray.core.ragged import group_by_length
 from specserve_ray.core.sampling import logits_to_probs, sample_from_probs, stream_seed
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.workers.synthetic import synthetic_accept
@@ -56,21 +57,33 @@ class TargetWorker:
     def has(self, seq_id: str) -> bool:
         return seq_id in self._seqs
 
-    def prefill(self, items: list[PrefillItem]) -> list[int]:
-        """Cache each prompt and sample the first output token of each sequence."""
-        first_tokens = []
-        for item in items:  # one at a time: prompts differ widely in length
-            seq = _TargetSeq(item.prompt_ids, item.sampling)
-            self.runner.add(item.seq_id)
-            self._seqs[item.seq_id] = seq
-            try:
-                logits = self.runner.forward([item.seq_id], [item.prompt_ids], all_logits=False)
-            except Exception:
-                self.release([item.seq_id])
-                raise
-            token = self._sample_one(logits[0].cpu(), seq)
-            seq.committed.append(token)
-            first_tokens.append(token)
+    def sampled(self, seq_ids: list[str]) -> list[bool]:
+        """Which rows sample (fixed drafts need a point-mass draft distribution there)."""
+        return [not self._seqs[s].sampling.greedy for s in seq_ids]
+
+    def prefill(self, items: list[PrefillItem]) -> list[int | None]:
+        """Cache prompt chunks (rows of similar length share a forward) and sample the
+        first output token of each sequence whose prompt ends here (None for the others)."""
+        for item in items:
+            if item.first:
+                self.runner.add(item.seq_id)
+                self._seqs[item.seq_id] = _TargetSeq([], item.sampling)
+            self._seqs[item.seq_id].committed.extend(item.prompt_ids)
+        first_tokens: list[int | None] = [None] * len(items)
+        try:
+            for group in group_by_length([len(item.prompt_ids) for item in items]):
+                rows = [items[g] for g in group]
+                logits = self.runner.forward([r.seq_id for r in rows],
+                                             [r.prompt_ids for r in rows], all_logits=False)
+                for row, g in enumerate(group):
+                    if items[g].last:
+                        seq = self._seqs[items[g].seq_id]
+                        token = self._sample_one(logits[row].cpu(), seq)
+                        seq.committed.append(token)
+                        first_tokens[g] = token
+        except Exception:
+            self.release([item.seq_id for item in items])
+            raise
         return first_tokens
 
     def _sample_one(self, logits: torch.Tensor, seq: _TargetSeq) -> int:

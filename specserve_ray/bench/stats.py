@@ -1,0 +1,150 @@
+"""The sweep's statistics (pure: numbers in, numbers out; no Ray, no HTTP).
+
+- The SLO rule: TTFT and TPOT budgets in ms, S x the single-stream figures of plain
+  decoding (or set directly), fixed for a whole sweep.
+- Per-request outcomes: a request is (ttft_s, tpot_s) or None when it failed; it meets an
+  SLO when it completed, its TTFT is within budget and its TPOT too (a one-token output has
+  no TPOT and is judged by TTFT alone, as vLLM does).
+- Paired differences: every policy runs the same request set (same prompts, lengths and
+  arrival times), so policy A vs B is compared request by request; the 95% CI of the mean
+  paired difference comes from a bootstrap over the pairs.
+- The maximum rate at >= 90% attainment (DistServe's goodput): the attainment-vs-rate curve
+  crosses the target between the last rate that meets it and the first that does not; linear
+  interpolation between the two; its CI from a bootstrap over requests at every rate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+
+@dataclass(frozen=True)
+class SloRule:
+    """One SLO of the sweep, in milliseconds; `scale` is S (None when set directly)."""
+    ttft_ms: float
+    tpot_ms: float
+    scale: float | None
+
+    def as_json(self) -> dict:
+        return {"slo_scale": self.scale, "ttft_ms": round(self.ttft_ms, 3),
+                "tpot_ms": round(self.tpot_ms, 3)}
+
+
+SLO_RULE_TEXT = ("TTFT SLO = S x the single-stream median TTFT of plain decoding (policy "
+                 "none) and TPOT SLO = S x its single-stream median time per output token, "
+                 "measured once per regime and workload at the workload's median prompt "
+                 "length, in ms, fixed for the whole sweep; or both set directly")
+
+
+def slo_rules(single_ttft_s: float, single_tpot_s: float, scales: list[float],
+              ttft_ms: float | None = None, tpot_ms: float | None = None) -> list[SloRule]:
+    """The rule above; budgets given directly override the derived ones (then S is None
+    for the budget(s) set, and a single rule is returned when both are set)."""
+    if ttft_ms is not None and tpot_ms is not None:
+        return [SloRule(float(ttft_ms), float(tpot_ms), None)]
+    if not scales or any(not s > 0 for s in scales):
+        raise ValueError(f"SLO scales must be > 0, got {scales}")
+    if not (single_ttft_s > 0 and single_tpot_s > 0):
+        raise ValueError("single-stream TTFT and TPOT must be > 0 to derive SLOs")
+    return [SloRule(ttft_ms if ttft_ms is not None else s * single_ttft_s * 1e3,
+                    tpot_ms if tpot_ms is not None else s * single_tpot_s * 1e3, s)
+            for s in scales]
+
+
+def met(outcomes: list, rule: SloRule) -> np.ndarray:
+    """bool[n]: which requests met both budgets (a failed request meets none)."""
+    out = np.zeros(len(outcomes), dtype=bool)
+    for i, o in enumerate(outcomes):
+        if o is None:
+            continue
+        ttft, tpot = o
+        out[i] = ttft * 1e3 <= rule.ttft_ms and (tpot is None or tpot * 1e3 <= rule.tpot_ms)
+    return out
+
+
+def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of `values` (float[n])."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return (math.nan, math.nan)
+    if values.size == 1 or np.all(values == values[0]):
+        return (float(values[0]), float(values[0]))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
+    means = values[idx].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return (float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000,
+                      seed: int = 0) -> dict:
+    """Mean of a - b over pairs (a[i], b[i] measured on the same request) with its 95% CI.
+    Pairs where either side is NaN (e.g. a failed request's TPOT) are dropped."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in shape: {a.shape} vs {b.shape}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    d = a[keep] - b[keep]
+    lo, hi = bootstrap_mean_ci(d, n_boot, seed)
+    return {"mean_diff": float(d.mean()) if d.size else None, "n_pairs": int(d.size),
+            "ci95": [lo, hi] if d.size else None,
+            "significant": bool(d.size and (lo > 0 or hi < 0))}
+
+
+def crossing_rate(rates: list[float], attainment: list[float], target: float = 0.9
+                  ) -> tuple[float, str]:
+    """The highest rate at which attainment >= target on the rising-rate curve.
+
+    Scanning rates upwards, the first rate below target ends the search; between it and the
+    previous rate (which met the target) the answer is interpolated linearly. Returns
+    (rate, bound): bound "interpolated", "at_or_above_highest" (every rate met it: the
+    answer is a lower bound) or "below_lowest" (not even the lowest rate met it: 0.0).
+    """
+    pts = sorted(zip(rates, attainment))
+    if not pts:
+        raise ValueError("no points")
+    prev = None
+    for rate, att in pts:
+        if att < target:
+            if prev is None:
+                return 0.0, "below_lowest"
+            r0, a0 = prev
+            frac = (a0 - target) / (a0 - att) if a0 != att else 0.0
+            return r0 + frac * (rate - r0), "interpolated"
+        prev = (rate, att)
+    return pts[-1][0], "at_or_above_highest"
+
+
+def max_rate_at(per_rate: dict[float, list[np.ndarray]], target: float = 0.9,
+                n_boot: int = 1000, seed: int = 0) -> dict:
+    """The crossing rate of one policy, with a bootstrap CI over requests.
+
+    per_rate: {rate: [bool[n] met-flags of each repetition]}. Attainment at a rate pools its
+    repetitions; each bootstrap draw resamples the requests of every repetition.
+    """
+    rates = sorted(per_rate)
+    pooled = [np.concatenate(per_rate[r]) if per_rate[r] else np.zeros(0, bool) for r in rates]
+    att = [float(p.mean()) if p.size else 0.0 for p in pooled]
+    rate, bound = crossing_rate(rates, att, target)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        boot_att = []
+        for p in pooled:
+            boot_att.append(float(p[rng.integers(0, p.size, p.size)].mean()) if p.size else 0.0)
+        draws.append(crossing_rate(rates, boot_att, target)[0])
+    lo, hi = (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+    return {"rate_req_s": rate, "ci95": [lo, hi], "bound": bound,
+            "attainment_by_rate": dict(zip([float(r) for r in rates], att))}
+
+
+def goodput_ci(met_flags: np.ndarray, duration_s: float, n_boot: int = 1000,
+               seed: int = 0) -> tuple[float, float]:
+    """95% CI of goodput (requests meeting the SLO per second) by resampling requests."""
+    lo, hi = bootstrap_mean_ci(np.asarray(met_flags, dtype=float), n_boot, seed)
+    n = len(met_flags)
+    return (lo * n / duration_s, hi * n / duration_s)

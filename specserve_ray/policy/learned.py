@@ -1,0 +1,224 @@
+"""What the engine learns while serving, whichever policy runs: one object per engine.
+
+    learned = LearnedState(cost)           # the scheduler owns it; policies share it
+    learned.observe(feedback)              # after every decode step (StepFeedback)
+    learned.prior("model")                 # a new request's acceptance estimate
+    learned.goodput.factor(batch, k)       # observed / predicted tokens per second
+
+It outlives a policy switch (a policy instance is rebuilt on every reconfigure; what was
+measured about the hardware and the drafter is not) and is saved with the cached profile
+(profile.save_learned), so a restart starts from what the last run measured:
+
+* per drafter, the acceptance rate at each draft depth (`DepthAcceptance`) and the
+  confidence calibration (calibration.py);
+* the cost model's corrections (its scale and step overhead live on the CostModel the
+  scheduler also owns; `observe` feeds them);
+* `GoodputCorrection`: per (batch bucket, k), how far the tokens per second actually
+  observed sit from what the model predicted for that shape ("probe goodput, do not
+  trust proxies"). Decisions multiply predicted goodput by it, so a model that is wrong
+  about some shape is overruled by what that shape really did.
+
+Pure numbers; no Ray, no I/O.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from specserve_ray.policy.calibration import ConfidenceCalibration
+from specserve_ray.policy.cost_model import CostModel, Sample, padded_tokens
+
+__all__ = ["DepthAcceptance", "GoodputCorrection", "LearnedState", "DEFAULT_DRAFTER"]
+
+DEFAULT_DRAFTER = "model"
+_MAX_DEPTH = 16
+_MAX_LOG_RATIO = math.log(4.0)
+
+
+class DepthAcceptance:
+    """Per draft depth j: tokens the target tested there and accepted (decaying counts).
+
+    A token at depth j is tested only if every earlier token of its row was accepted,
+    so accepted[j] / tested[j] is the conditional acceptance at that depth. A prior of
+    `prior_weight` tokens at `prior_rate` stands in until there is evidence.
+    """
+
+    def __init__(self, prior_rate: float = 0.5, prior_weight: float = 2.0, decay: float = 0.995):
+        self.prior_rate, self.prior_weight, self.decay = prior_rate, prior_weight, decay
+        self.tested = np.zeros(_MAX_DEPTH)
+        self.accepted = np.zeros(_MAX_DEPTH)
+
+    def observe(self, num_verified: Sequence[int], num_accepted: Sequence[int]) -> None:
+        verified = np.minimum(np.asarray(num_verified, np.int64), _MAX_DEPTH)
+        accepted = np.minimum(np.asarray(num_accepted, np.int64), verified)
+        if verified.size == 0 or verified.max(initial=0) == 0:
+            return
+        depth = np.arange(_MAX_DEPTH)[None, :]
+        self.tested *= self.decay
+        self.accepted *= self.decay
+        self.tested += (depth < np.minimum(verified, accepted + 1)[:, None]).sum(axis=0)
+        self.accepted += (depth < accepted[:, None]).sum(axis=0)
+
+    def rate(self, depth: int = 0) -> float:
+        """Conditional acceptance at `depth` (0 = a row's first draft token)."""
+        j = min(max(depth, 0), _MAX_DEPTH - 1)
+        return float((self.accepted[j] + self.prior_weight * self.prior_rate)
+                     / (self.tested[j] + self.prior_weight))
+
+    def depth_profile(self, max_k: int) -> np.ndarray:  # [max_k]
+        """Acceptance at depths 0..max_k-1 relative to depth 0: how much harder a
+        request's j-th draft token is to get accepted than its first."""
+        rates = np.array([self.rate(j) for j in range(max_k)])
+        return rates / max(rates[0], 1e-6) if max_k else rates
+
+    @property
+    def evidence(self) -> float:
+        """Tokens tested at depth 0 (decayed): how much the rates are worth."""
+        return float(self.tested[0])
+
+    def to_dict(self) -> dict:
+        return {"tested": self.tested.round(4).tolist(), "accepted": self.accepted.round(4).tolist()}
+
+    def load(self, data: Mapping) -> None:
+        for name in ("tested", "accepted"):
+            values = np.asarray(data.get(name, ()), np.float64)[:_MAX_DEPTH]
+            if values.size and np.isfinite(values).all() and (values >= 0).all():
+                getattr(self, name)[:values.size] = values
+
+
+def batch_bucket(batch: int) -> int:
+    """log2 buckets: 1, 2, 3-4, 5-8, ... share a correction (nearby sizes behave alike)."""
+    return int(math.ceil(math.log2(max(batch, 1))))
+
+
+class GoodputCorrection:
+    """EMA of log(observed / predicted tokens per second) per (batch bucket, k)."""
+
+    def __init__(self, weight: float = 0.1, max_k: int = _MAX_DEPTH):
+        self.weight = weight
+        self.max_k = max_k
+        self.log_ratio: dict[tuple[int, int], float] = {}
+        self.count: dict[tuple[int, int], int] = {}
+
+    def observe(self, batch: int, k: int, predicted: float, observed: float) -> None:
+        if not (predicted > 0 and observed > 0 and batch > 0 and 0 <= k <= self.max_k):
+            return
+        cell = (batch_bucket(batch), int(k))
+        ratio = min(max(math.log(observed / predicted), -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
+        n = self.count.get(cell, 0)
+        # The first few observations are averaged, later ones are an EMA (follows drift).
+        w = max(self.weight, 1.0 / (n + 1))
+        self.log_ratio[cell] = self.log_ratio.get(cell, 0.0) + w * (ratio - self.log_ratio.get(cell, 0.0))
+        self.count[cell] = n + 1
+
+    def seen(self, batch: int, k: int) -> int:
+        """Steps observed in the cell."""
+        return self.count.get((batch_bucket(batch), int(k)), 0)
+
+    def factor(self, batch: int, k: int) -> float:
+        """Multiply predicted goodput at (batch, k) by this; 1 where nothing was seen."""
+        return math.exp(self.log_ratio.get((batch_bucket(batch), int(k)), 0.0))
+
+    def factors(self, batch: int, max_k: int) -> np.ndarray:  # [max_k + 1]
+        """Per k. A k not seen at this batch size is read off the line through the
+        nearest seen ones (a model wrong about one shape tends to be wrong the same way,
+        and increasingly so, about the next: a trend of corrections is extrapolated so
+        that exploration does not walk up every worse k one by one)."""
+        bucket = batch_bucket(batch)
+        seen = sorted((k, v) for (b, k), v in self.log_ratio.items() if b == bucket)
+        ks = np.arange(max_k + 1)
+        if not seen:
+            return np.ones(max_k + 1)
+        xs = np.array([k for k, _ in seen], np.float64)
+        ys = np.array([v for _, v in seen])
+        values = np.interp(ks, xs, ys)
+        if len(seen) >= 2:
+            low = (ys[1] - ys[0]) / (xs[1] - xs[0])
+            high = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            values = np.where(ks < xs[0], ys[0] + low * (ks - xs[0]), values)
+            values = np.where(ks > xs[-1], ys[-1] + high * (ks - xs[-1]), values)
+        return np.exp(np.clip(values, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+
+    def to_dict(self) -> dict:
+        return {f"{b},{k}": [round(v, 6), self.count[b, k]] for (b, k), v in self.log_ratio.items()}
+
+    def load(self, data: Mapping) -> None:
+        for key, (value, count) in data.items():
+            b, k = (int(x) for x in key.split(","))
+            if math.isfinite(value):
+                self.log_ratio[b, k] = min(max(float(value), -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
+                self.count[b, k] = int(count)
+
+
+class LearnedState:
+    def __init__(self, cost: CostModel | None = None):
+        self.cost = cost
+        self.acceptance: dict[str, DepthAcceptance] = {}
+        self.calibration: dict[str, ConfidenceCalibration] = {}
+        self.goodput = GoodputCorrection()
+
+    def acceptance_of(self, drafter: str = DEFAULT_DRAFTER) -> DepthAcceptance:
+        return self.acceptance.setdefault(drafter, DepthAcceptance())
+
+    def calibration_of(self, drafter: str = DEFAULT_DRAFTER) -> ConfidenceCalibration:
+        return self.calibration.setdefault(drafter, ConfidenceCalibration())
+
+    def prior(self, drafter: str = DEFAULT_DRAFTER, depth: int = 0) -> float:
+        """What a request with no history of its own is expected to accept per token:
+        the measured acceptance at `depth` for its drafter."""
+        return self.acceptance_of(drafter).rate(depth)
+
+    def observe(self, feedback) -> None:
+        """One decode step's StepFeedback: acceptance, calibration, cost corrections."""
+        verified = feedback.verified
+        self.acceptance_of(feedback.drafter).observe(verified, feedback.num_accepted)
+        if feedback.confidences is not None:
+            self.calibration_of(feedback.drafter).observe(feedback.confidences, verified,
+                                                          feedback.num_accepted)
+        cost = self.cost
+        if cost is None or feedback.batch_size is None:
+            return
+        batch, context = feedback.batch_size, feedback.context
+        if feedback.verify_seconds is not None:
+            cost.observe(Sample("verify", batch, padded_tokens(verified), context,
+                                feedback.verify_seconds))
+        steps = max(feedback.num_drafted, default=0)
+        if feedback.draft_seconds is not None and steps > 0:
+            # Per-step draft cost is affine in the rows, so a ragged call costs what a
+            # uniform one with the mean row count does.
+            cost.observe(Sample("draft", sum(feedback.num_drafted) / steps, steps, context,
+                                feedback.draft_seconds))
+        if not feedback.had_prefill and feedback.verify_seconds is not None:
+            # What the step cost beside its two forwards (router, transport, bookkeeping).
+            cost.observe_step_overhead(max(feedback.step_seconds - (feedback.draft_seconds or 0.0)
+                                           - feedback.verify_seconds, 0.0))
+
+    # -- persistence ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": 1,
+                "acceptance": {d: a.to_dict() for d, a in self.acceptance.items()},
+                "calibration": {d: {"tested": c.tested.round(4).tolist(),
+                                    "accepted": c.accepted.round(4).tolist()}
+                                for d, c in self.calibration.items()},
+                "goodput": self.goodput.to_dict()}
+
+    def load(self, data: Mapping | None) -> "LearnedState":
+        """Take what a saved state holds; a malformed one is ignored (start afresh)."""
+        if not data or data.get("format") != 1:
+            return self
+        try:
+            for drafter, entry in dict(data.get("acceptance", {})).items():
+                self.acceptance_of(drafter).load(entry)
+            for drafter, entry in dict(data.get("calibration", {})).items():
+                cal = self.calibration_of(drafter)
+                for name in ("tested", "accepted"):
+                    values = np.asarray(entry.get(name, ()), np.float64)
+                    if values.shape == (cal.bins,) and np.isfinite(values).all():
+                        setattr(cal, name, values.copy())
+                cal._table = None
+            self.goodput.load(dict(data.get("goodput", {})))
+        except (TypeError, ValueError, AttributeError):
+            pass
+        return self

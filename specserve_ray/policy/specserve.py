@@ -1,0 +1,176 @@
+"""SpecServe (arXiv 2503.05096), the load-adaptive policy, with what serving taught us.
+
+Each step, for every cap k up to what the scheduler allows, predict the batch's goodput
+
+    G(k) = sum_i N(m_i, min(k, cap_i)) / T(B, k, L_max)  x  correction(B, k)
+
+with m_i each request's acceptance estimate (seeded from the acceptance measured for its
+drafter, learned.py), N shaped by the acceptance measured at each draft depth, T the cost model of the padded shapes the workers run, and the
+correction the observed / predicted goodput of that (batch, k) so far. The cap is the
+best k among those that keep every request within its TPOT budget; in-loop, rows then
+stop early and the verifier trims with live confidences (control.DraftControl).
+
+* The SLO cap, per request: a step of T seconds emits about N(m_i, k) tokens for
+  request i, which may also spend the slack it has banked (seconds ahead of its
+  budget). k fits when (T - slack_i) / (N_i tpot_i) <= 1 for every request. When none
+  fits, the k with the least worst overrun, i.e. the least time per emitted token
+  against the budget, not plain decoding by default (which may well be slower).
+* Exploration: while k = 0 is chosen, every `probe_every`-th plain step drafts k = 1
+  for every row and verifies it all, so the acceptance, the calibration and the
+  goodput of k = 1 keep being measured; the interval doubles (to `max_probe_every`)
+  while probes keep confirming k = 0 and resets when speculation resumes. While
+  speculating, every `probe_every`-th step tries a neighbouring cap (k - 1, then k + 1)
+  whose goodput at this batch size has been seen fewer than `neighbour_samples`
+  times: a cost model wrong about some shapes is caught where it matters, by measuring
+  the alternatives next to what it chose (a hill climb on observed goodput).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from specserve_ray.policy.contracts import BatchState, Decision, SpeculationPolicy, StepFeedback
+from specserve_ray.policy.control import DraftControl
+from specserve_ray.policy.cost_model import CostModel
+
+__all__ = ["SpecServe", "slo_feasible_k", "predicted_goodput"]
+
+
+def expected_tokens_by_depth(confidence: np.ndarray, depth_profile: np.ndarray | None,
+                             caps: np.ndarray, max_k: int) -> np.ndarray:  # [K+1, B]
+    """Tokens each request emits per step for uniform caps 0..max_k (clipped to its own
+    cap): 1 + a_1 + a_1 a_2 + ..., with a_j = m_i x depth_profile[j] (the measured
+    acceptance at depth j relative to depth 0; None = the same at every depth)."""
+    profile = np.ones(max_k) if depth_profile is None else np.asarray(depth_profile)[:max_k]
+    per_depth = np.clip(confidence[None, :] * profile[:, None], 0.0, 1.0)       # [K, B]
+    survival = np.cumprod(per_depth, axis=0)
+    gained = np.concatenate([np.zeros((1, confidence.size)), np.cumsum(survival, axis=0)])
+    ks = np.minimum(np.arange(max_k + 1)[:, None], caps[None, :])              # [K+1, B]
+    return 1.0 + np.take_along_axis(gained, ks, axis=0)
+
+
+def predicted_goodput(cost: CostModel, state: BatchState, confidence: np.ndarray,
+                      max_k: int, depth_profile: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For caps k = 0..max_k: (tokens per request [K+1, B], step seconds [K+1],
+    goodput [K+1]), uniform caps clipped to each request's own cap."""
+    ks = np.arange(max_k + 1)
+    per_row = np.minimum(ks[:, None], state.caps[None, :])                      # [K+1, B]
+    tokens = expected_tokens_by_depth(confidence, depth_profile, state.caps, max_k)
+    seconds = np.asarray(cost.predict_step(state.batch_size, per_row.max(axis=1),
+                                           state.max_context), np.float64)
+    return tokens, seconds, tokens.sum(axis=1) / seconds
+
+
+def slo_feasible_k(seconds: np.ndarray, tokens: np.ndarray, budget_s, slack_s=None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per k: whether every request keeps its TPOT budget, and the worst overrun.
+
+    seconds [K+1] step time per k; tokens [K+1, B] tokens each request emits; budget_s
+    [B] TPOT budgets (inf = none); slack_s [B] seconds each request is ahead (used up
+    to four budgets, so one step never spends a long-banked lead at once).
+    """
+    budget = np.asarray(budget_s, np.float64)
+    slack = np.zeros_like(budget) if slack_s is None else np.asarray(slack_s, np.float64)
+    finite = np.isfinite(budget)
+    if not finite.any():
+        worst = np.zeros(len(seconds))
+        return np.ones(len(seconds), bool), worst
+    slack = np.clip(slack[finite], 0.0, 4 * budget[finite])
+    overrun = (seconds[:, None] - slack[None, :]) / (tokens[:, finite] * budget[None, finite])
+    worst = overrun.max(axis=1)
+    return worst <= 1.0, worst
+
+
+class SpecServe(SpeculationPolicy):
+    """Load-adaptive speculation from a cost model, measured goodput and live confidences."""
+
+    name = "specserve"
+
+    def __init__(self, cost: CostModel, max_k: int = 8, *, enforce_slo: bool = True,
+                 calibrate: bool = True, correct_goodput: bool = True, probe_every: int = 4,
+                 max_probe_every: int = 64, neighbour_samples: int = 3, learned=None):
+        super().__init__(max_k, learned)
+        self.cost = cost
+        if self.learned.cost is None:
+            self.learned.cost = cost
+        self.enforce_slo = enforce_slo
+        self.use_calibration = calibrate
+        self.correct_goodput = correct_goodput   # off only to show what the correction buys
+        self.probe_every = self.min_probe_every = max(probe_every, 1)
+        self.max_probe_every = max(max_probe_every, self.probe_every)
+        self.neighbour_samples = neighbour_samples
+        self._plain_streak = 0
+        self._since_probe = 0
+
+    def choose_cap(self, state: BatchState, confidence: np.ndarray) -> int:
+        """The uniform cap k for this step (0 = plain decoding)."""
+        max_k = int(min(state.caps.max(initial=0), self.max_k))
+        if max_k <= 0 or not self.cost.has_draft:
+            return 0
+        # Deeper draft tokens are accepted less often than the first (the draft drifts):
+        # the measured acceptance per depth shapes each request's expected tokens.
+        depth = self.learned.acceptance_of(state.drafter).depth_profile(max_k)
+        if self.correct_goodput:
+            # Against the profiled laws (fixed), times what each cap k really delivered.
+            tokens, seconds, goodput = predicted_goodput(self.cost.reference(), state,
+                                                         confidence, max_k, depth)
+            factors = self.learned.goodput.factors(state.batch_size, max_k)
+            goodput, seconds = goodput * factors, seconds / factors
+        else:
+            tokens, seconds, goodput = predicted_goodput(self.cost, state, confidence, max_k,
+                                                         depth)
+        if self.enforce_slo and state.tpot_budget_s is not None:
+            fits, worst = slo_feasible_k(seconds, tokens, state.tpot_budget_s, state.tpot_slack_s)
+            if not fits.any():
+                return int(np.argmin(worst))
+            goodput = np.where(fits, goodput, -np.inf)
+        return int(np.argmax(goodput))      # the first of equals: the shallowest
+
+    def _decide(self, state, confidence):
+        caps = np.minimum(state.caps, self.max_k)
+        k = self.choose_cap(state, confidence)
+        if k == 0:
+            self._plain_streak += 1
+            if self._plain_streak < self.probe_every:
+                return np.zeros_like(caps), None, False
+            # Probe: k = 1, drafted and verified in full, to measure what k = 0 forgoes.
+            self._plain_streak = 0
+            self.probe_every = min(2 * self.probe_every, self.max_probe_every)
+            return np.minimum(caps, 1), None, True
+        self._plain_streak, self.probe_every = 0, self.min_probe_every
+        self._since_probe += 1
+        if self._since_probe >= self.min_probe_every:
+            goodput, batch = self.learned.goodput, state.batch_size
+            for other in (k - 1, k + 1):
+                if 0 <= other <= int(caps.max()) and goodput.seen(batch, other) < self.neighbour_samples:
+                    self._since_probe = 0
+                    return np.minimum(caps, other), None, True
+        table = self.learned.calibration_of(state.drafter).table() if self.use_calibration else None
+        control = DraftControl(stop="efficiency", trim="efficiency", cost=self.cost,
+                               mean_confidence=confidence, context=state.max_context,
+                               calibration=table, min_draft=1)
+        return np.minimum(caps, k), control, False
+
+    def calibrate(self, draft_confidences, drafter="model"):
+        if not self.use_calibration:
+            return np.asarray(draft_confidences, np.float64)
+        return super().calibrate(draft_confidences, drafter)
+
+    def observe(self, feedback: StepFeedback, decision: Decision | None = None) -> bool:
+        """Fold the step's observed speed into the correction of the cap it ran.
+
+        Goodput is tokens over seconds. The tokens side is learned from the target's
+        verdicts already (calibration, acceptance per depth: learned.py), so what is
+        corrected here is the seconds: observed against the profiled laws for this batch
+        size and cap. Comparing emitted tokens with the estimates that chose the cap
+        would be biased: a cap is chosen when estimates are high (winner's curse).
+        """
+        if (decision is None or feedback.had_prefill or feedback.step_seconds <= 0
+                or len(decision.max_k) != len(feedback.num_accepted)):
+            return False
+        batch, k = len(decision.max_k), max(decision.max_k)
+        predicted = float(self.cost.reference().predict_step(batch, k, decision.context))
+        goodput = self.learned.goodput
+        before = goodput.factor(batch, k)
+        goodput.observe(batch, k, 1.0 / predicted, 1.0 / feedback.step_seconds)
+        return abs(goodput.factor(batch, k) / before - 1.0) > 0.02

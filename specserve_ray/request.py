@@ -1,0 +1,84 @@
+"""One request's state in the step loop, and what the loop hands back for it.
+
+    waiting ──admit──> prefilling (chunk by chunk) ──first token──> running ──> finished
+
+`Request` is mutable state owned by the scheduler; `RequestOutput` is the frozen delta a
+step produced for one request (what streams carry); `GenerationResult` is a finished
+request as the in-process engine returns it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from specserve_ray.config import SamplingParams
+from specserve_ray.drafting.ngram import TokenHistory
+from specserve_ray.output import TextStream
+from specserve_ray.policy.slo import NO_SLO, SloClass
+from specserve_ray.stats import SpecStats
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    num_speculative_tokens: int | None = None    # per-request override of the static k
+    slo: SloClass = NO_SLO                        # latency class (TTFT / TPOT budgets)
+    output_ids: list[int] = field(default_factory=list)
+    text: TextStream | None = None                # incremental detokenizer + stop strings
+    sent_token_len: int = 0                       # output tokens already handed out
+    unsynced_draft: list[int] = field(default_factory=list)  # emitted, not yet told to draft
+    # Prompt tokens already sent to the workers (chunked prefill); the first token comes
+    # when the last chunk is scored.
+    num_prefilled: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    spec: SpecStats = field(default_factory=SpecStats)
+    # Running mean acceptance estimate (adaptive policies); None until the policy has one:
+    # it then starts from the acceptance measured for its drafter (policy/learned.py).
+    confidence_ema: float | None = None
+    history: TokenHistory | None = None   # prompt + output as int64 (n-gram drafting)
+
+    def token_history(self) -> TokenHistory:
+        """Prompt + output so far, kept incrementally (built on first use)."""
+        if self.history is None:
+            self.history = TokenHistory(self.prompt_ids)
+        seen = len(self.history) - len(self.prompt_ids)
+        if seen < len(self.output_ids):
+            self.history.extend(self.output_ids[seen:])
+        return self.history
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_prefilled >= len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    spec: SpecStats
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    spec: SpecStats

@@ -1,0 +1,354 @@
+"""The sweep's pure parts: workloads from a small synthetic trace, arrivals, the SLO rule,
+paired CIs, the max-rate-at-90% interpolation and its CI, deciding rates, the JSON shape
+of the conclusions, the load benchmark's summary, and the bench extra's dependencies."""
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from specserve_ray.bench import aggregate as agg
+from specserve_ray.bench import stats as st
+from specserve_ray.bench import trace as tr
+from specserve_ray.bench import workloads as wl
+from specserve_ray.bench.loadgen import RequestRecord
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def trace_dir(tmp_path):
+    """A synthetic 'code' trace (long contexts, short outputs) and 'conv' trace."""
+    rng = np.random.default_rng(0)
+    for name, ctx, gen in (("code", 1500, 13), ("conv", 1000, 130)):
+        lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+        t = 0.0
+        for _ in range(400):
+            t += float(rng.exponential(0.5))
+            lines.append(f"{t:.4f},{int(rng.lognormal(np.log(ctx), 0.6))},"
+                         f"{max(1, int(rng.lognormal(np.log(gen), 0.8)))}")
+        (tmp_path / wl.TRACE_FILES[name]).write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def _rows(trace_dir, name):
+    return tr.load_trace(wl.find_trace(name, str(trace_dir)))
+
+
+# -- workloads ------------------------------------------------------------------------------
+def test_parse_workload():
+    assert wl.parse_workload("code") == (wl.WORKLOADS["code"], "poisson")
+    assert wl.parse_workload("conv-decode:gamma") == (wl.WORKLOADS["conv-decode"], "gamma")
+    assert wl.parse_workload("code-replay")[1] == "replay"
+    for bad in ("nope", "code:uniform", "code-replay:poisson"):
+        with pytest.raises(ValueError):
+            wl.parse_workload(bad)
+
+
+def test_find_trace_order(trace_dir, tmp_path_factory):
+    other = tmp_path_factory.mktemp("empty")
+    env = {"SPECSERVE_SHARED": str(trace_dir.parent)}
+    (trace_dir.parent / "traces").mkdir(exist_ok=True)
+    with pytest.raises(tr.TraceError, match="not found"):
+        wl.find_trace("code", str(other), env={})
+    assert wl.find_trace("code", str(trace_dir), env=env).startswith(str(trace_dir))
+    # An explicit folder is the only place looked at; else $SPECSERVE_SHARED/traces.
+    with pytest.raises(tr.TraceError, match="not found"):
+        wl.find_trace("code", str(other), env={"SPECSERVE_SHARED": str(trace_dir.parent)})
+    (trace_dir.parent / "traces" / wl.TRACE_FILES["code"]).write_text(
+        (trace_dir / wl.TRACE_FILES["code"]).read_text())
+    assert wl.find_trace("code", None, env=env, cwd=str(other)).startswith(
+        str(trace_dir.parent / "traces"))
+
+
+@pytest.mark.parametrize("name", ["code", "conv-decode", "code-long"])
+def test_lengths_fit_the_context_and_the_workload(trace_dir, name):
+    spec, arrival = wl.parse_workload(name)
+    rows = _rows(trace_dir, spec.trace)
+    reqs = wl.make_requests(spec, arrival, rows, rate=2.0, count=300, seed=1, max_model_len=1024)
+    ins = np.array([r.input_tokens for r in reqs])
+    outs = np.array([r.output_tokens for r in reqs])
+    assert len(reqs) == 300 and np.all(ins + outs <= 1024) and np.all(ins >= 1)
+    assert outs.min() >= spec.min_output and outs.max() <= spec.max_output
+    if name == "conv-decode":      # decode-heavy: every output 128-256 tokens
+        assert outs.min() >= 128 and outs.max() <= 256
+    if name == "code-long":        # the load bench's ~640-token median prompt
+        assert 560 <= np.median(ins) <= 720
+    if name == "code":             # the trace's p99 context maps onto 1024 - 128
+        assert np.percentile(ins, 99) <= 896 and ins.max() <= 896 and np.median(ins) > 200
+    # Deterministic per seed (identical request sets for every policy), different per seed.
+    again = wl.make_requests(spec, arrival, rows, 2.0, 300, 1, 1024)
+    assert again == reqs
+    assert wl.make_requests(spec, arrival, rows, 2.0, 300, 2, 1024) != reqs
+
+
+def test_arrivals_poisson_and_gamma_rates(trace_dir):
+    spec = wl.WORKLOADS["code"]
+    rows = _rows(trace_dir, "code")
+    for arrival, cv in (("poisson", 1.0), ("gamma", 1 / np.sqrt(0.5))):
+        reqs = wl.make_requests(spec, arrival, rows, 4.0, 4000, 3, 1024, burstiness=0.5)
+        gaps = np.diff([r.arrival_s for r in reqs])
+        assert reqs[0].arrival_s == 0.0 and np.all(gaps >= 0)
+        assert 1 / gaps.mean() == pytest.approx(4.0, rel=0.06)
+        assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.1)
+
+
+def test_replay_keeps_the_trace_pattern_at_the_rate(trace_dir):
+    rows = _rows(trace_dir, "code")
+    reqs = wl.make_requests(wl.WORKLOADS["code-replay"], "replay", rows, 3.0, 100, 0, 1024)
+    assert tr.mean_rate(reqs) == pytest.approx(3.0)
+    assert wl.request_count(0.5, 60, 60, 400) == 60 and wl.request_count(3, 60, 60, 400) == 180
+    assert wl.request_count(30, 60, 60, 400) == 400
+
+
+# -- SLO rule and statistics ----------------------------------------------------------------
+def test_slo_rule_scales_and_direct_budgets():
+    rules = st.slo_rules(0.25, 0.030, [2, 4])
+    assert [(r.scale, r.ttft_ms, r.tpot_ms) for r in rules] == [(2, 500, 60), (4, 1000, 120)]
+    assert st.slo_rules(0.25, 0.03, [2, 4], ttft_ms=300, tpot_ms=50) == [
+        st.SloRule(300, 50, None)]
+    assert st.slo_rules(0.25, 0.03, [2], tpot_ms=50) == [st.SloRule(500, 50, 2)]
+    with pytest.raises(ValueError):
+        st.slo_rules(0.25, 0.03, [0])
+    with pytest.raises(ValueError):
+        st.slo_rules(0.0, 0.03, [2])
+    rule = st.SloRule(500, 60, 2)
+    flags = st.met([(0.4, 0.05), (0.6, 0.05), (0.4, 0.07), (0.5, None), None], rule)
+    assert flags.tolist() == [True, False, False, True, False]
+    assert json.loads(json.dumps(rule.as_json())) == {"slo_scale": 2, "ttft_ms": 500,
+                                                      "tpot_ms": 60}
+
+
+def test_paired_difference_ci():
+    rng = np.random.default_rng(0)
+    base = rng.normal(100, 30, 400)            # per-request noise shared by both policies
+    a, b = base - 5 + rng.normal(0, 1, 400), base   # a is 5 ms faster on every request
+    d = st.paired_difference(a, b)
+    assert d["mean_diff"] == pytest.approx(-5, abs=0.3) and d["significant"]
+    lo, hi = d["ci95"]
+    assert lo < -5 < hi and hi - lo < 1.0      # pairing removes the shared noise
+    same = st.paired_difference(base + rng.normal(0, 1, 400), base)
+    assert same["ci95"][0] < 0 < same["ci95"][1] and not same["significant"]
+    nan = st.paired_difference(np.array([1.0, np.nan, 3.0]), np.array([0.0, 1.0, np.nan]))
+    assert nan["n_pairs"] == 1 and nan["mean_diff"] == 1.0
+    with pytest.raises(ValueError):
+        st.paired_difference(np.zeros(2), np.zeros(3))
+
+
+def test_crossing_rate_interpolation_and_bounds():
+    assert st.crossing_rate([1, 2, 3], [1.0, 0.95, 0.85]) == (pytest.approx(2.5), "interpolated")
+    assert st.crossing_rate([3, 1, 2], [0.85, 1.0, 0.95])[0] == pytest.approx(2.5)   # unsorted
+    assert st.crossing_rate([1, 2], [0.99, 0.92]) == (2, "at_or_above_highest")
+    assert st.crossing_rate([1, 2], [0.5, 0.2]) == (0.0, "below_lowest")
+    # The first drop below target ends the search, even if a later rate recovers (noise).
+    assert st.crossing_rate([1, 2, 3], [0.95, 0.85, 0.95])[0] == pytest.approx(1.5)
+
+
+def test_max_rate_ci_over_requests():
+    rng = np.random.default_rng(1)
+    per_rate = {r: [rng.random(200) < p] for r, p in ((1.0, 1.0), (2.0, 0.95), (3.0, 0.8))}
+    res = st.max_rate_at(per_rate, 0.9, n_boot=500)
+    assert res["bound"] == "interpolated" and 2.0 <= res["rate_req_s"] <= 3.0
+    lo, hi = res["ci95"]
+    assert lo <= res["rate_req_s"] <= hi and 1.9 <= lo and hi <= 3.0
+    more = {r: v * 4 for r, v in per_rate.items()}   # four repetitions: a narrower CI
+    lo4, hi4 = st.max_rate_at(more, 0.9, n_boot=500)["ci95"]
+    assert hi4 - lo4 < hi - lo
+
+
+# -- aggregation and the JSON contract -------------------------------------------------------
+def _fake_sweep():
+    """Two policies on identical request sets, 3 rates, 2 repetitions, 2 SLO scales."""
+    rng = np.random.default_rng(2)
+    runs, samples = [], {}
+    for ri, rate in enumerate((1.0, 2.0, 3.0)):
+        for rep in range(2):
+            for policy, slow in (("none", 1.0), ("specserve", 0.7)):
+                run_id = f"fp32/code/model/{ri}/{rep}/{policy}"
+                # TPOT grows with rate; specserve's is 30% lower on every request.
+                samples[run_id] = [[0.1, float(0.02 * rate * slow * (1 + 0.3 * rng.random()))]
+                                   for _ in range(60)]
+                for scale in (2.0, 4.0):
+                    runs.append({"regime": "fp32", "workload": "code:poisson",
+                                 "drafter": "model", "slo_scale": scale, "policy": policy,
+                                 "rate_req_s": rate, "repetition": rep, "run_id": run_id,
+                                 "slo_ttft_s": 0.5, "slo_tpot_s": 0.025 * scale,
+                                 "duration_s": 60.0, "output_tok_s": 10.0})
+    return runs, samples
+
+
+def test_aggregate_max_rate_paired_curves_shape():
+    runs, samples = _fake_sweep()
+    rows = agg.max_rates(runs, samples, n_boot=200)
+    assert len(rows) == 4      # 2 scales x 2 policies
+    for r in rows:
+        assert set(r) >= {"regime", "workload", "drafter", "slo_scale", "policy", "rate_req_s",
+                          "ci95"}
+        assert len(r["ci95"]) == 2 and r["ci95"][0] <= r["rate_req_s"] <= r["ci95"][1]
+    by = {(r["slo_scale"], r["policy"]): r["rate_req_s"] for r in rows}
+    assert by[(2.0, "specserve")] > by[(2.0, "none")]
+    assert by[(4.0, "none")] > by[(2.0, "none")]
+    pairs = agg.paired(runs, samples, "specserve", n_boot=200)
+    assert {p["policy"] for p in pairs} == {"none"} and len(pairs) == 6
+    at2 = next(p for p in pairs if p["slo_scale"] == 2.0 and p["rate_req_s"] == 2.0)
+    assert at2["repetitions"] == 2 and at2["attainment_diff"]["n_pairs"] == 120
+    assert at2["tpot_ms_diff"]["mean_diff"] < 0 and at2["tpot_ms_diff"]["significant"]
+    curves = agg.curves(runs, samples, n_boot=200)
+    assert len(curves) == 12 and all(c["attainment_ci95"][0] <= c["attainment"] <=
+                                     c["attainment_ci95"][1] for c in curves)
+    json.dumps({"max_rate_at_90": rows, "paired": pairs, "curves": curves})
+    table = agg.max_rate_table(rows)
+    assert table.count("\n") == 5 and "specserve" in table
+    assert "specserve" in agg.curve_table(curves)
+
+
+def test_deciding_rates():
+    att = {"none": {1.0: 0.95, 2.0: 0.5, 3.0: 0.1}, "a": {1.0: 0.99, 2.0: 0.95, 3.0: 0.4},
+           "b": {1.0: 0.97, 2.0: 0.6, 3.0: 0.2}}
+    assert agg.deciding_rates(att, 0.9, limit=2) == [1.0, 2.0]
+    assert agg.deciding_rates(att, 0.9, limit=1) == [2.0]
+    assert agg.deciding_rates({"x": {1.0: 1.0}}, 0.9) == []
+
+
+def test_seed_for_is_stable():
+    from specserve_ray.bench.sweep import seed_for
+
+    assert seed_for(0, "code:poisson", 1, 2) == seed_for(0, "code:poisson", 1, 2)
+    assert seed_for(0, "code:poisson", 1, 2) != seed_for(0, "code:poisson", 1, 3)
+
+
+# -- the load benchmark's summary ------------------------------------------------------------
+def test_load_summary_ratios_and_refusals():
+    from specserve_ray.bench.load import summarize, table
+
+    def rec(i, sent, chunks, error=None):
+        r = RequestRecord(i, 640, 10, sent, chunks[0] if chunks else None, chunks,
+                          chunks[-1] if chunks else None, len(chunks), error)
+        return r
+
+    single = [rec(i, 0.0, [0.2, 0.24, 0.28, 0.32]) for i in range(4)]     # gaps 40 ms
+    loaded = [rec(0, 0.0, [0.3, 0.34, 0.74, 0.78]), rec(1, 0.0, [0.6, 0.64, 0.68]),
+              rec(2, 0.0, [], error="http 503: queue full")]
+    s = summarize(single, loaded)
+    assert s["single"]["chunk_gap_p50_s"] == pytest.approx(0.04)
+    assert s["load"]["refusals"] == 1 and s["load"]["failed"] == 1
+    assert s["ratios"]["ttft_p50_vs_single"] == pytest.approx(0.45 / 0.2)
+    assert s["ratios"]["chunk_gap_p99_vs_single_median"] > 9
+    assert s["goals"]["met"] == {"chunk_gap_p99_vs_single_median": False,
+                                 "ttft_p50_vs_single": False, "ttft_p99_vs_single": True,
+                                 "refusals": False}
+    s.update({"rate_req_s": 0.7, "fraction": 0.7, "capacity_req_s": 1.0})
+    assert "refusals" in table(s)
+
+
+# -- the bench extra brings every bench command's dependencies -------------------------------
+def _pyproject():
+    try:
+        import tomllib
+    except ImportError:            # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _dist_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, 1)[0].lower().replace("_", "-")
+
+
+# Import names that differ from their distribution's name.
+IMPORT_TO_DIST = {"yaml": "pyyaml", "google": "protobuf", "ray": "ray", "PIL": "pillow",
+                  "sklearn": "scikit-learn"}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_bench_extra_covers_every_bench_command_and_no_deployments_import():
+    project = _pyproject()["project"]
+    allowed = {_dist_name(r) for r in project["dependencies"]}
+    allowed |= {_dist_name(r) for r in project["optional-dependencies"]["bench"]}
+    own = {"specserve_ray", "specserve_kernels"}
+    bench_dir = ROOT / "specserve_ray" / "bench"
+    missing = {}
+    for path in sorted(bench_dir.glob("*.py")):
+        imports = _imports(path)
+        assert "deployments" not in imports, f"{path.name} imports the deployments package"
+        for name in imports - own - set(sys.stdlib_module_names):
+            dist = IMPORT_TO_DIST.get(name, name).lower().replace("_", "-")
+            if dist not in allowed:
+                missing.setdefault(path.name, []).append(name)
+    assert not missing, f"bench modules import packages outside core + [bench]: {missing}"
+    # And the specserve_ray modules the bench commands import stay within them too.
+    from specserve_ray.bench.__main__ import COMMAND_MODULES
+    assert set(COMMAND_MODULES) == {"single", "trace", "load", "deploy"}
+    assert {"httpx", "matplotlib", "tqdm", "pyyaml"} <= allowed
+
+
+# -- smoke: the whole command against a real local Serve app ---------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sweep_smoke_against_a_real_app(trace_dir, tmp_path):
+    """A tiny sweep (2 policies, 1 rate) end to end: real Ray Serve app, real HTTP from the
+    niced client process; the JSON keeps its contract and the request sets are paired."""
+    import os
+    import subprocess
+
+    out = tmp_path / "sweep.json"
+    # A fixed calibration (the --calibration-from path) keeps the test short: no capacity
+    # run; the SLOs still follow the rule from these single-stream figures.
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"calibration": {"fp32": {"code:poisson": {
+        "policy": "none", "single_stream_ttft_s": 0.2, "single_stream_tpot_s": 0.03,
+        "capacity_req_s": 2.0}}}}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "specserve_ray.bench", "sweep", "--trace-dir", str(trace_dir),
+           "--regime", "fp32", "--workloads", "code", "--policies", "none", "static:1",
+           "--max-k", "2", "--loads", "1.0", "--duration", "3", "--min-requests", "4",
+           "--max-num-seqs", "4", "--input-budget", "96", "--warmup-requests", "0",
+           "--slo-scales", "2", "4", "--deciding-repetitions", "1", "--no-plots",
+           "--calibration-from", str(cal),
+           "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert not report["errors"], report["errors"]
+    runs = report["runs"]
+    assert len(runs) == 4      # 2 policies x 2 SLO scales
+    assert {(r["policy"], r["slo_scale"]) for r in runs} == {
+        ("none", 2.0), ("none", 4.0), ("static:1", 2.0), ("static:1", 4.0)}
+    for r in runs:
+        assert r["workload"] == "code:poisson" and r["drafter"] == "model"
+        assert r["repetition"] == 0 and r["failed"] == 0 and r["num_requests"] >= 4
+    a, b = (report["samples"][r["run_id"]] for r in runs if r["slo_scale"] == 2.0)
+    assert len(a) == len(b) >= 4 and all(x is not None for x in a + b)
+    rows = report["max_rate_at_90"]
+    assert len(rows) == 4 and all(len(r["ci95"]) == 2 for r in rows)
+    assert {s["slo_scale"] for s in report["slos"]} == {2.0, 4.0}
+    s2 = next(s for s in report["slos"] if s["slo_scale"] == 2.0)
+    assert s2["tpot_ms"] == pytest.approx(60.0) and s2["ttft_ms"] == pytest.approx(400.0)
+    assert runs[0]["rate_req_s"] == pytest.approx(2.0)    # 1.0 x the given capacity
+    assert report["client"]["nice"] == 19 and report["client"]["cpu_s"] > 0
+    assert all(r["client"]["nice"] == 19 for r in runs)
+
+
+def test_server_worker_niceness_from_the_environment():
+    from specserve_ray.bench.client import server_worker_nice
+
+    assert server_worker_nice({"RAY_worker_niceness": "0"}) == 0     # the Makefile's setting
+    assert server_worker_nice({"RAY_worker_niceness": "15"}) == 15   # Ray's own default
+    assert server_worker_nice({}) == 0                # what control.start_app sets if unset
+    assert server_worker_nice({"RAY_worker_niceness": "x"}) == 0

@@ -1,0 +1,106 @@
+"""Chunked prefill under a token budget is exact: greedy output is identical whatever the
+budget, whatever else shares the step, for prompts far longer than the budget; a request
+aborted mid-prompt frees its slots; decode rows are never starved nor do they starve
+arrivals."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import hf_greedy, tiny_model
+from specserve_ray.config import LimitsConfig, SamplingParams, SpeculationConfig
+from specserve_ray.core.ragged import group_by_length
+from specserve_ray.engine import SpecEngine
+from specserve_ray.models.runner import ModelRunner
+from specserve_ray.workers.draft import DraftWorker
+from specserve_ray.workers.host import run_draft, run_target
+from specserve_ray.workers.target import TargetWorker
+
+
+class IdTokenizer:
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_model("llama", seed=0)
+    draft = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.15 * p.std().clamp(min=1e-3))
+    return target, draft
+
+
+def _engine(models, budget, k=3, max_seqs=6):
+    target, draft = models
+    limits = LimitsConfig(max_model_len=256, max_num_seqs=max_seqs, max_tokens=200,
+                          max_num_batched_tokens=budget)
+    return SpecEngine(TargetWorker(ModelRunner(target, max_seqs, 256, "target")),
+                      DraftWorker(ModelRunner(draft, max_seqs, 256, "draft")),
+                      IdTokenizer(), limits, SpeculationConfig(num_speculative_tokens=k))
+
+
+def _prompts(seed, lengths):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("budget", [None, 7, 16, 40])
+def test_greedy_identical_whatever_the_budget(models, budget):
+    target, _ = models
+    prompts = _prompts(budget or 1, [150, 3, 61, 17, 90])       # far longer than the budget
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    engine = _engine(models, budget)
+    results = engine.generate(prompts, params)
+    for prompt, res in zip(prompts, results):
+        assert res.output_ids == hf_greedy(target, prompt, 12)
+    assert engine.target.runner.num_seqs() == 0 and engine.draft.runner.num_seqs() == 0
+
+
+def test_budget_bounds_every_step_and_decoding_goes_on(models):
+    """While a long prompt is prefilled chunk by chunk, the running request keeps decoding
+    every step, and no step schedules more than the budget (prefill gets >= a quarter)."""
+    engine = _engine(models, budget=16, k=3)
+    short, long = _prompts(5, [4, 200])
+    engine.add_request(short, SamplingParams(max_tokens=60, ignore_eos=True))
+    engine.step()                                            # short is prefilled
+    engine.add_request(long, SamplingParams(max_tokens=4, ignore_eos=True))
+    chunks = 0
+    while engine.running and not engine.running[-1].prefill_done or len(engine.running) < 2:
+        plan = engine.plan_step()
+        tokens = sum(k + 1 for k in plan.num_draft) + sum(len(p.prompt_ids) for p in plan.prefill)
+        assert tokens <= 16 + 4                 # decode rows + prefill's guaranteed quarter
+        assert plan.decode_ids, "the running request must decode in every step"
+        assert all(len(p.prompt_ids) <= 16 for p in plan.prefill)
+        chunks += len(plan.prefill)
+        engine.apply_step(plan, run_target(engine.target, run_draft(engine.draft, plan)), 0.0)
+    assert chunks >= 200 // 16
+
+
+def test_abort_mid_prompt_frees_slots(models):
+    engine = _engine(models, budget=8)
+    (prompt,) = _prompts(9, [100])
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=5))
+    engine.step()
+    engine.step()
+    assert engine.target.runner.num_seqs() == 1 and not engine.running[0].prefill_done
+    assert engine.abort(rid)
+    assert engine.target.runner.num_seqs() == 0 and engine.draft.runner.num_seqs() == 0
+    assert engine.generate([prompt], SamplingParams(max_tokens=5, ignore_eos=True))[0].output_ids \
+        == hf_greedy(models[0], prompt, 5)
+
+
+def test_group_by_length_bounds_padding():
+    lengths = [100, 3, 97, 50, 48, 1, 90]
+    groups = group_by_length(lengths, max_padding=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width = max(lengths[i] for i in g)
+        assert width * len(g) <= 1.25 * sum(lengths[i] for i in g)
+    assert len(group_by_length([10] * 5)) == 1
