@@ -1,7 +1,8 @@
 """Wiring of one router replica: worker actors, transport, engine, front door, telemetry.
 
-    start_workers(cfg)  ->  Workers(draft actor, target actor, transport, target_info)
-                            (the one place that creates the actors the replica owns)
+    start_workers(cfg)  ->  WorkerGroup(draft actor, target actor, transport, target_info)
+                            (the one place that owns the replica's actors: creation,
+                            health, recreation; deployments/worker_group.py)
     build_serving(cfg, workers)  ->  Serving(engine, loop, front door, telemetry)
 
 The router deployment (deployments/router.py) calls these once in its constructor and
@@ -16,7 +17,6 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specserve_ray.api.auth import load_keys
 from specserve_ray.api.front import FrontDoor
@@ -27,54 +27,19 @@ from specserve_ray.policy import CostModel
 
 from deployments.controller import controller_name
 from deployments.telemetry import RouterTelemetry
-from deployments.transport import ActorTransport, CompiledGraphTransport
-from deployments.workers import DraftActor, TargetActor
+from deployments.worker_group import WorkerGroup
 
 log = logging.getLogger("specserve_ray")
 
 
-# -- worker actors and transport (replaceable as one block) ---------------------------------
-@dataclass
-class Workers:
-    target: Any                    # TargetActor handle
-    draft: Any | None              # DraftActor handle (None = target-only serving)
-    transport: Any                 # ActorTransport | CompiledGraphTransport
-    target_info: dict              # TargetActor.describe()
-
-
-def _actor_options(resources: dict[str, float], bundle_index: int) -> dict:
-    res = dict(resources)
-    opts: dict[str, Any] = {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0)}
-    if res:
-        opts["resources"] = res
-    pg = ray.util.get_current_placement_group()
-    if pg is not None:
-        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=bundle_index,
-            placement_group_capture_child_tasks=False)
-    return opts
-
-
-def start_workers(cfg: AppConfig) -> Workers:
+# -- worker actors and transport ------------------------------------------------------------
+def start_workers(cfg: AppConfig) -> WorkerGroup:
     """Create the draft and target actors in the replica's placement group (bundles 1, 2),
-    check they share a vocabulary, and connect them with the configured transport."""
-    eng_cfg = cfg.engine
-    limits = eng_cfg.limits.model_dump()
-    target = TargetActor.options(**_actor_options(cfg.target_resources, 2)).remote(
-        eng_cfg.target.model_dump(), limits, eng_cfg.speculation.synthetic_acceptance_rate)
-    draft = None
-    if eng_cfg.draft is not None:
-        draft = DraftActor.options(**_actor_options(cfg.draft_resources, 1)).remote(
-            eng_cfg.draft.model_dump(), limits)
-    target_info = ray.get(target.describe.remote())
-    if draft is not None:
-        draft_info = ray.get(draft.describe.remote())
-        if (draft_info["vocab_size"] != target_info["vocab_size"]
-                or draft_info["vocab"] != target_info["vocab"]):
-            raise ValueError("draft and target tokenizers differ; speculative decoding "
-                             "needs one shared vocabulary")
-    transport_cls = CompiledGraphTransport if cfg.transport == "compiled_graph" else ActorTransport
-    return Workers(target, draft, transport_cls(draft, target), target_info)
+    check they share a vocabulary; the group recreates them when lost and builds the
+    configured transport over them (deployments/worker_group.py)."""
+    workers = WorkerGroup(cfg)
+    workers.target_info = workers.describe()
+    return workers
 
 
 # -- cost model (adaptive policies) ---------------------------------------------------------
@@ -98,15 +63,16 @@ def _fit_cost_model_task(target, draft, spec: dict, limits: dict, key: str) -> d
     return model.to_dict()
 
 
-def fit_cost_model(cfg: AppConfig, workers: Workers, spec: SpeculationConfig):
+def fit_cost_model(cfg: AppConfig, workers: WorkerGroup, spec: SpeculationConfig):
     """An ObjectRef to the fitted CostModel's dict (cached on disk by the task)."""
     from specserve_ray.policy.profile import cost_model_key
 
     eng = cfg.engine
     key = cost_model_key(eng.target.path, eng.draft.path if eng.draft else None,
                          eng.target.dtype, eng.target.device)
-    return _fit_cost_model_task.remote(workers.target, workers.draft, spec.model_dump(),
-                                       eng.limits.model_dump(), key)
+    return _fit_cost_model_task.remote(workers.target,
+                                       workers.draft if workers.draft_up else None,
+                                       spec.model_dump(), eng.limits.model_dump(), key)
 
 
 def persist_learned(cfg: AppConfig, engine: SpecEngine) -> None:
@@ -138,7 +104,7 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def build_serving(cfg: AppConfig, workers: Workers) -> Serving:
+def build_serving(cfg: AppConfig, workers: WorkerGroup) -> Serving:
     eng_cfg = cfg.engine
     tokenizer = _load_tokenizer(eng_cfg.target.path)
     cost_model = None
@@ -150,8 +116,9 @@ def build_serving(cfg: AppConfig, workers: Workers) -> Serving:
                                cost_model=cost_model, slo=eng_cfg.slo)
     if cost_model is not None:
         persist_learned(cfg, engine)
-    loop = AsyncSpecEngine(engine, workers.transport.execute,
-                           max_queued=cfg.max_queued_requests, pipeline=cfg.pipeline)
+    loop = AsyncSpecEngine(engine, workers.execute, max_queued=cfg.max_queued_requests,
+                           pipeline=cfg.pipeline, faults=cfg.faults)
+    workers.attach(loop)      # the group drives draft fallback/resync and target recovery
     # The front door tokenizes on its own thread, so it gets its own tokenizer instance.
     front = FrontDoor(loop, _load_tokenizer(eng_cfg.target.path), cfg.front,
                       cfg.max_queued_requests, load_keys(key_file=cfg.front.api_key_file))

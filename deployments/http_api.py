@@ -133,8 +133,15 @@ def _event(payload: dict) -> str:
 
 
 @api.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health():
+    """Readiness (load balancers): 503 while the target worker is recovering, while
+    draining, or when the replica cannot recover (liveness is Serve's check_health)."""
+    serving = getattr(_router, "serving", None)
+    ready, why = serving.readiness() if serving is not None else (True, "ok")
+    if ready:
+        return {"status": "ok"}
+    return JSONResponse({"status": "unavailable", "reason": why}, status_code=503,
+                        headers={"Retry-After": "5"})
 
 
 @api.get("/v1/models")

@@ -51,6 +51,9 @@ class RayMetricsExporter:
                                   "Tokens those same steps actually emitted.")
         self.slo_requests = c("slo_requests", "Finished requests with an SLO.", ("slo_class",))
         self.slo_attained = c("slo_attained", "Of those, requests within TTFT and TPOT.", ("slo_class",))
+        self.faults = c("fault_events", "Fault and recovery events by `event` (draft_fallback_steps, "
+                        "draft_restarts, target_restarts, resumed_requests, failed_requests, "
+                        "refused_<reason>, *_recovery_seconds summed ...).", ("event",))
         self.step_seconds = Histogram(P + "step_seconds", "Wall time of decode steps.",
                                       boundaries=_LATENCY_BUCKETS)
         self.ttft = Histogram(P + "time_to_first_token_seconds", "TTFT of finished requests.",
@@ -97,6 +100,8 @@ class RayMetricsExporter:
         for name, record in d.slo.items():
             inc(self.slo_requests, record.requests, {"slo_class": name})
             inc(self.slo_attained, record.attained, {"slo_class": name})
+        for event, n in d.faults.items():
+            inc(self.faults, n, {"event": event})
         for s in delta.step_seconds:
             self.step_seconds.observe(s)
         for name, s in delta.ttft:

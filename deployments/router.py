@@ -12,7 +12,6 @@ running request. Scaling the router deployment scales whole router+draft+target 
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Any
@@ -35,8 +34,9 @@ from deployments.http_api import api
 class SpecRouter(SpecServeGrpc):
     def __init__(self, args: dict):
         self.cfg = AppConfig.model_validate(args)
+        # The actors this replica owns, created in its placement group and recreated
+        # when lost (deployments/worker_group.py).
         self.workers = start_workers(self.cfg)
-        self.target, self.draft = self.workers.target, self.workers.draft
         s = build_serving(self.cfg, self.workers)
         self.engine, self.serving, self.front = s.engine, s.loop, s.front
         self.telemetry, self.tokenizer, self.cost_model = s.telemetry, s.tokenizer, s.cost_model
@@ -86,15 +86,22 @@ class SpecRouter(SpecServeGrpc):
             self.engine.slo = knobs.slo
 
     async def check_health(self) -> None:
+        """Liveness: green while a worker is being recovered (bounded); red only when
+        recovery failed or the step loop is gone, so Serve replaces the replica."""
         self.telemetry.start()     # no-op once running (started here if __init__ had no loop)
-        await asyncio.wait_for(self.target.ready.remote(), timeout=30)
-        if self.draft is not None:
-            await asyncio.wait_for(self.draft.ready.remote(), timeout=30)
+        self.serving.start()       # so a dead worker is recovered even while idle
+        await self.workers.check()
 
-    def __del__(self):
+    async def __del__(self):
+        """Graceful drain (Serve calls this on shutdown, redeploy or downscale, after its
+        own drain of ongoing calls): stop admitting (503 + Retry-After), let running
+        requests finish within faults.drain_timeout_s, then release the workers."""
+        serving = getattr(self, "serving", None)
+        if serving is not None:
+            await serving.drain(self.cfg.faults.drain_timeout_s)
         workers = getattr(self, "workers", None)
         if workers is not None:
-            workers.transport.teardown()
+            workers.shutdown()
         front = getattr(self, "front", None)
         if front is not None:
             front.close()
@@ -102,14 +109,16 @@ class SpecRouter(SpecServeGrpc):
     # -- Python handle API ------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], stream: bool = False,
                        request_id: str | None = None, num_speculative_tokens: int | None = None,
-                       slo_class: str | None = None, **sampling: Any):
+                       slo_class: str | None = None, timeout_s: float | None = None,
+                       **sampling: Any):
         """Generate a completion for `prompt` (text or token ids).
 
         Sampling keywords are those of `SamplingParams` (max_tokens, temperature, top_p,
         top_k, seed, stop, ignore_eos); `slo_class` names a configured latency class
         (None = the default one); `request_id` is a label echoed back (the server uses its
         own ids). Returns a dict with request_id, text, token_ids, finish_reason,
-        prompt_tokens, completion_tokens and speculation. With `stream=True` (call through
+        prompt_tokens, completion_tokens and speculation. `timeout_s` bounds the request
+        (at most faults.request_timeout_s). With `stream=True` (call through
         `handle.options(stream=True)`) it yields one dict per step with the new text and
         token ids instead.
         """
@@ -117,13 +126,13 @@ class SpecRouter(SpecServeGrpc):
             prompt, num_speculative_tokens, slo_class, sampling)
         if stream:
             return self._stream_dicts(prompt, params, request_id, num_speculative_tokens,
-                                      slo_class)
+                                      slo_class, timeout_s)
         return await self.front.generate(prompt, params, request_id, num_speculative_tokens,
-                                         slo_class)
+                                         slo_class, timeout_s=timeout_s)
 
-    async def _stream_dicts(self, prompt, params, request_id, k, slo_class):
+    async def _stream_dicts(self, prompt, params, request_id, k, slo_class, timeout_s=None):
         async with contextlib.aclosing(self.front.stream(prompt, params, request_id, k,
-                                                         slo_class)) as outputs:
+                                                         slo_class, timeout_s=timeout_s)) as outputs:
             async for out in outputs:
                 yield {"request_id": out.request_id, "text": out.new_text,
                        "token_ids": out.new_token_ids, "finished": out.finished,
@@ -147,7 +156,26 @@ class SpecRouter(SpecServeGrpc):
 
     async def worker_stats(self) -> dict:
         """Per-actor forward counts and live sequences (ordinary calls beside the graph)."""
-        out = {"target": await self.target.forward_stats.remote()}
-        out["draft"] = (await self.draft.forward_stats.remote() if self.draft is not None
-                        else {"forward_calls": 0, "forward_seconds": 0.0, "num_seqs": 0})
-        return out
+        return await self.workers.worker_stats()
+
+    async def worker_pids(self) -> dict:
+        """The worker actors' and this replica's process ids (fault drills kill and
+        measure them for real)."""
+        import os
+
+        return {**await self.workers.pids(), "router": os.getpid()}
+
+    async def inject_fault(self, role: str, action: str, at_step: int | None = None,
+                           request: str | None = None, stall_s: float = 5.0,
+                           token: int | None = None) -> int:
+        """TESTS ONLY: make a live worker raise, stall or die on its `at_step`-th next
+        step, or on steps carrying a sequence whose prompt held `token`. Refused unless
+        faults.allow_fault_injection."""
+        from specserve_ray.config import FaultSpecConfig
+        from specserve_ray.errors import RequestError
+
+        if not self.cfg.faults.allow_fault_injection:
+            raise RequestError("fault injection is off (faults.allow_fault_injection)")
+        return await self.workers.arm_fault(FaultSpecConfig(
+            role=role, action=action, at_step=at_step, request=request, stall_s=stall_s,
+            token=token))

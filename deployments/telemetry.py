@@ -32,6 +32,7 @@ class RouterTelemetry:
         self.router_id = router_id
         self.recorder = StepRecorder(engine=self.engine)
         serving.on_step = self.recorder
+        serving.faults.on_event = self.recorder.aggregator.observe_fault   # exported too
         self.exporter = exporter
         self.client = None
         if cfg.controller:

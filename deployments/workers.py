@@ -5,9 +5,13 @@ requests routed to it; a request stays on the same pair of actors for its life.
 """
 from __future__ import annotations
 
+import os
+import time
+
 import ray
 
 from specserve_ray.config import LimitsConfig, ModelConfig
+from specserve_ray.faults import FaultInjector
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.contracts import DraftOutput, StepPlan, StepResult
@@ -15,11 +19,44 @@ from specserve_ray.workers.host import run_draft, run_target
 from specserve_ray.workers.target import TargetWorker
 
 
+def _seq_ids(plan: StepPlan) -> list[str]:
+    return [*plan.decode_ids, *(p.seq_id for p in plan.prefill)]
+
+
 class _Base:
-    def __init__(self, model: dict, limits: dict, role: str):
+    def __init__(self, model: dict, limits: dict, role: str, faults: list[dict] | None = None):
         model_cfg, lim = ModelConfig(**model), LimitsConfig(**limits)
+        self.role = role
         self.runner, self.tokenizer = ModelRunner.from_config(
             model_cfg, lim.max_num_seqs, lim.max_model_len, name=role)
+        self.faults = FaultInjector(faults)   # tests only; empty = a counter, nothing else
+        self._step_started: float | None = None
+
+    def _enter_step(self, plan: StepPlan) -> None:
+        self._step_started = time.monotonic()
+        self.faults.on_step(self.role, _seq_ids(plan), plan.prefill)
+
+    def arm_faults(self, faults: list[dict]) -> int:
+        """Tests only (the router refuses unless faults.allow_fault_injection)."""
+        self.faults.arm(faults)
+        return self.faults.steps
+
+    def in_step(self) -> float | None:
+        """Seconds the current step has run, None between steps (the router's watchdog
+        asks, to tell a stuck worker from a waiting one)."""
+        return None if self._step_started is None else time.monotonic() - self._step_started
+
+    def pid(self) -> int:
+        """This worker's process id (tests kill it for real)."""
+        return os.getpid()
+
+    def reconcile(self, live: list[str]) -> int:
+        """Release every sequence the router no longer runs (after a failed step);
+        returns how many were freed."""
+        keep = set(live)
+        stale = [s for s in list(self.runner._seqs) if s not in keep]   # runner owns the slots
+        self.worker.release(stale)
+        return len(stale)
 
     def describe(self) -> dict:
         return {"vocab_size": self.runner.vocab_size, "vocab": self.tokenizer.get_vocab(),
@@ -37,28 +74,49 @@ class _Base:
     def forward_stats(self) -> dict:
         return {"forward_calls": self.runner.forward_calls,
                 "forward_seconds": self.runner.forward_seconds,
-                "num_seqs": self.runner.num_seqs()}
+                "num_seqs": self.runner.num_seqs(), "steps": self.faults.steps}
 
 
-@ray.remote
+@ray.remote(max_restarts=0)    # the router's WorkerGroup recreates a lost worker itself
 class DraftActor(_Base):
-    def __init__(self, model: dict, limits: dict):
-        super().__init__(model, limits, "draft")
+    def __init__(self, model: dict, limits: dict, faults: list[dict] | None = None):
+        super().__init__(model, limits, "draft", faults)
         self.worker = DraftWorker(self.runner)
 
     def step(self, plan: StepPlan) -> DraftOutput:
-        return run_draft(self.worker, plan)
+        try:
+            self._enter_step(plan)
+            return run_draft(self.worker, plan)
+        finally:
+            self._step_started = None
+
+    def resync(self, items: list) -> int:
+        """Prefill running requests into a fresh draft (prompt + committed output, bar
+        the last token, which the next step's `new_tokens` carries)."""
+        self.worker.release([i.seq_id for i in items])
+        self.worker.prefill(items)
+        return self.runner.num_seqs()
 
 
-@ray.remote
+@ray.remote(max_restarts=0)
 class TargetActor(_Base):
-    def __init__(self, model: dict, limits: dict, synthetic_acceptance_rate: float | None = None):
-        super().__init__(model, limits, "target")
+    def __init__(self, model: dict, limits: dict, synthetic_acceptance_rate: float | None = None,
+                 faults: list[dict] | None = None):
+        super().__init__(model, limits, "target", faults)
         self.worker = TargetWorker(self.runner, synthetic_acceptance_rate)
 
     def step(self, draft_out: DraftOutput) -> StepResult:
-        return run_target(self.worker, draft_out)
+        try:
+            self._enter_step(draft_out.plan)
+            return run_target(self.worker, draft_out)
+        finally:
+            self._step_started = None
 
     def step_without_draft(self, plan: StepPlan) -> StepResult:
-        # run_draft with no worker packs the plan's fixed (n-gram) drafts, if any.
-        return run_target(self.worker, run_draft(None, plan))
+        """Plain decoding (k = 0 for every row): exact, and the fallback while the draft
+        worker is down. run_draft with no worker packs the plan's fixed (n-gram) drafts."""
+        try:
+            self._enter_step(plan)
+            return run_target(self.worker, run_draft(None, plan))
+        finally:
+            self._step_started = None

@@ -7,19 +7,33 @@ workers with the next plan, so one message per step carries everything.
 
 Backpressure: at most `max_queued` requests wait for a batch slot; past that a request
 fails at once with OverloadedError (HTTP 503), never hangs.
+
+Faults (README "Faults and recovery"): every step has a deadline; a step that raises
+sends its requests back with their committed tokens and retries each alone, so only a
+request that fails on its own is failed; a lost target (`TargetLost`) re-admits every
+running request as prompt + committed output after `recover_target`; the draft side
+degrades to target-only steps (`speculation_down` / `resync_draft`, driven by the
+worker group). A crash of the loop itself is restarted by a supervisor.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
+from collections import deque
+from dataclasses import replace
 from typing import AsyncIterator, Awaitable, Callable
 
-from specserve_ray.config import SamplingParams
-from specserve_ray.engine import RequestOutput, SpecEngine
-from specserve_ray.errors import OverloadedError
+from specserve_ray.config import FaultsConfig, SamplingParams
 from specserve_ray.contracts import StepPlan, StepResult
+from specserve_ray.engine import Request, RequestOutput, SpecEngine
+from specserve_ray.errors import OverloadedError, RequestError, UnavailableError
+from specserve_ray.metrics import FaultCounts
+from specserve_ray.supervision import (_CRASH_WINDOW_S, _MAX_LOOP_CRASHES,  # noqa: F401
+                                       RequestTimeout, StepAbandoned, StepFailed,
+                                       Supervision, TargetLost)
 
 log = logging.getLogger("specserve_ray")
 
@@ -30,14 +44,31 @@ Execute = Callable[[StepPlan], Awaitable[StepResult]]
 OnStep = Callable[[StepPlan, StepResult, float, list, list], None]
 
 
-class StepFailed(RuntimeError):
-    """The workers failed while executing a step; the requests in it are failed."""
-
-
-class AsyncSpecEngine:
+class AsyncSpecEngine(Supervision):
     def __init__(self, engine: SpecEngine, execute: Execute, max_queued: int = 64,
-                 pipeline: bool = False, on_step: OnStep | None = None):
+                 pipeline: bool = False, on_step: OnStep | None = None,
+                 faults: FaultsConfig | None = None,
+                 recover_target: Callable[[], Awaitable[None]] | None = None):
         self.engine = engine
+        self.fault_cfg = faults or FaultsConfig()
+        self.faults = FaultCounts()
+        # Recreates the target worker (the worker group); None = a lost target is fatal.
+        self.recover_target = recover_target
+        try:
+            self._timed_execute = "timeout" in inspect.signature(execute).parameters
+        except (TypeError, ValueError):
+            self._timed_execute = False
+        self._suspects: deque[Request] = deque()    # retried alone after a failed step
+        self._probe: Request | None = None          # the one being retried now
+        self._probe_steps = 0
+        self._probe_plan: StepPlan | None = None
+        self._strikes: dict[str, int] = {}          # isolated failures per request
+        self._target_lost_at: float | None = None
+        self._draft_down_at: float | None = None
+        self.draft_up = engine.has_draft
+        self.fatal: str | None = None       # unrecoverable: check_health turns red
+        self.draining = False
+        self._crashes: deque[float] = deque()
         self.on_step = on_step
         self._on_step_failed = False
         engine.release_eagerly = False
@@ -64,7 +95,7 @@ class AsyncSpecEngine:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def stop(self) -> None:
         """Stop the loop after the steps in flight finish (their results are applied):
@@ -83,16 +114,25 @@ class AsyncSpecEngine:
     async def generate_stream(self, prompt, params: SamplingParams | None = None,
                               request_id: str | None = None,
                               num_speculative_tokens: int | None = None,
-                              slo_class: str | None = None) -> AsyncIterator[RequestOutput]:
+                              slo_class: str | None = None,
+                              timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield one delta per step until the request finishes.
 
         Leaving the iteration early (client disconnect, cancellation) aborts the request
-        and frees its caches on both workers.
+        and frees its caches on both workers. Past its deadline (`timeout_s`, at most the
+        configured default) it ends with RequestTimeout.
         """
         self.start()
-        if len(self.engine.waiting) >= self.max_queued:
-            raise OverloadedError(f"server overloaded: {len(self.engine.waiting)} requests "
-                                  "already queued; retry later")
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError(f"request_id must be a string, got {type(request_id).__name__}")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or
+                                      not isinstance(timeout_s, (int, float)) or not timeout_s > 0):
+            raise RequestError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        self._refuse_if_unavailable()
+        limit = self.fault_cfg.request_timeout_s
+        if timeout_s is not None:
+            limit = timeout_s if limit is None else min(limit, timeout_s)
+        deadline = None if limit is None else time.monotonic() + limit
         rid = self.engine.add_request(prompt, params, request_id, num_speculative_tokens,
                                       slo_class)
         queue: asyncio.Queue = asyncio.Queue()
@@ -101,7 +141,14 @@ class AsyncSpecEngine:
         finished = False
         try:
             while True:
-                item = await queue.get()
+                try:
+                    if deadline is None:
+                        item = await queue.get()
+                    else:
+                        item = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
+                except asyncio.TimeoutError:
+                    self.faults.add("request_timeouts")
+                    raise RequestTimeout(f"request {rid} passed its {limit:g} s deadline") from None
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -110,20 +157,42 @@ class AsyncSpecEngine:
                     return
         finally:
             self._queues.pop(rid, None)
+            self._strikes.pop(rid, None)
             if not finished:
-                self.engine.abort(rid)
+                self._drop(rid)
                 self._wake.set()   # the release travels with the next plan
+
+    def _refuse_if_unavailable(self) -> None:
+        if self.fatal is not None:
+            self.faults.add("refused_unavailable")
+            raise UnavailableError(f"replica unavailable: {self.fatal}", 5.0)
+        if self.draining:
+            self.faults.add("refused_draining")
+            raise UnavailableError("replica is shutting down; retry on another replica", 1.0)
+        if len(self.engine.waiting) >= self.max_queued:
+            self.faults.add("refused_queue_full")
+            raise OverloadedError(f"server overloaded: {len(self.engine.waiting)} requests "
+                                  "already queued; retry later")
+
+    def _drop(self, rid: str) -> None:
+        """Abort a request wherever it is (queue, batch, or waiting for its isolated retry)."""
+        self.engine.abort(rid)
+        for r in list(self._suspects):
+            if r.request_id == rid:
+                self._suspects.remove(r)
+        if self._probe is not None and self._probe.request_id == rid:
+            self._probe = None
 
     async def generate(self, prompt, params: SamplingParams | None = None,
                        request_id: str | None = None,
                        num_speculative_tokens: int | None = None,
-                       slo_class: str | None = None) -> dict:
+                       slo_class: str | None = None, timeout_s: float | None = None) -> dict:
         """Run one request to completion; returns its text, token ids and statistics."""
         token_ids: list[int] = []
         text = []
         last = None
         async for out in self.generate_stream(prompt, params, request_id, num_speculative_tokens,
-                                              slo_class):
+                                              slo_class, timeout_s):
             token_ids.extend(out.new_token_ids)
             text.append(out.new_text)
             last = out
@@ -144,11 +213,43 @@ class AsyncSpecEngine:
             self._pause_waiters -= 1
             self._wake.set()
 
+    async def _supervise(self) -> None:
+        """Run the loop; restart it after a crash (its requests retried in isolation),
+        give up (check_health red) after repeated crashes."""
+        while True:
+            try:
+                await self._loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not freeze every request
+                log.exception("step loop crashed; restarting it")
+                self.faults.add("loop_restarts")
+                now = time.monotonic()
+                self._crashes.append(now)
+                while self._crashes and now - self._crashes[0] > _CRASH_WINDOW_S:
+                    self._crashes.popleft()
+                for plan in list(self._in_flight.values()):
+                    self.engine.forget_plan(plan)
+                    self.engine._to_release.extend(plan.release)
+                self._in_flight.clear()
+                self._busy.clear()
+                if len(self._crashes) > _MAX_LOOP_CRASHES:
+                    self._give_up(f"step loop keeps crashing: {exc}")
+                    return
+                if self._probe is not None:       # it crashed the loop on its own
+                    self._fail_request(self._probe, StepFailed(f"request failed: {exc}"))
+                    self._probe = None
+                self._isolate(list(self.engine.running))
+
     async def _loop(self) -> None:
         try:
             while True:
                 async with self.step_lock:
                     while not self._pause_waiters:
+                        if self._target_lost_at is not None and not self._in_flight:
+                            await self._recover_target()
+                            continue
                         self._wake.clear()
                         self._submit_steps()
                         # Wake on a finished step or on news (arrival, abort, pause).
@@ -165,13 +266,29 @@ class AsyncSpecEngine:
                                                      return_when=asyncio.FIRST_COMPLETED)
                         for task in done:
                             self._finish(task)
+                    if self._target_lost_at is not None:
+                        await self._recover_target()
                 await asyncio.sleep(0)        # paused() is queued on the lock: it goes first
         finally:
             for task in self._in_flight:
                 task.cancel()
 
+    def step_deadline(self) -> float:
+        """The watchdog: generous, and scaled by the measured mean step time."""
+        cfg = self.fault_cfg
+        mean = self.step_seconds / self.num_steps if self.num_steps else 0.0
+        return max(cfg.step_timeout_s, cfg.step_timeout_factor * mean)
+
     def _submit_steps(self) -> None:
         """Plan and launch steps until the pipeline is full or nothing is left to plan."""
+        if self._target_lost_at is not None or self.fatal is not None:
+            return
+        if self._probe is None and self._suspects:
+            self._probe, self._probe_steps = self._suspects.popleft(), 0
+        if self._probe is not None:
+            if not self._in_flight:
+                self._submit_probe()
+            return
         depth = 2 if self.pipeline else 1
         while len(self._in_flight) < depth and not self._pause_waiters:
             max_rows = None
@@ -186,29 +303,50 @@ class AsyncSpecEngine:
                 return
             if self._in_flight:
                 self.num_overlapped_steps += 1
-            self._busy.update(plan.decode_ids)
-            self._busy.update(p.seq_id for p in plan.prefill)
-            task = asyncio.get_running_loop().create_task(self._execute(plan))
-            self._in_flight[task] = plan
+            self._launch(plan)
+
+    def _launch(self, plan: StepPlan) -> None:
+        self._busy.update(plan.decode_ids)
+        self._busy.update(p.seq_id for p in plan.prefill)
+        task = asyncio.get_running_loop().create_task(self._execute(plan))
+        self._in_flight[task] = plan
 
     async def _execute(self, plan: StepPlan):
         start = time.perf_counter()   # a step's time includes planning (router work)
-        result = await self.execute(plan)
+        deadline = self.step_deadline()
+        if self._timed_execute:
+            result = await self.execute(plan, timeout=deadline)
+        else:
+            result = await asyncio.wait_for(self.execute(plan), deadline)
         return result, time.perf_counter() - start
 
     def _finish(self, task: asyncio.Task) -> None:
         plan = self._in_flight.pop(task)
         self._busy.difference_update(plan.decode_ids)
         self._busy.difference_update(p.seq_id for p in plan.prefill)
+        probe = plan is self._probe_plan
+        if probe:
+            self._probe_plan = None
         try:
             result, seconds = task.result()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a worker failed: fail this step's requests, live on
-            log.exception("step failed")
-            self.engine.forget_plan(plan)
-            self._fail(plan, StepFailed(f"worker step failed: {exc}"))
+        except TargetLost as exc:
+            log.error("target worker lost: %s", exc)
+            self._on_target_lost(plan)
             return
+        except StepAbandoned as exc:
+            log.warning("step abandoned (%s); its requests are re-admitted", exc)
+            self._readmit_plan(plan, probe)
+            return
+        except Exception as exc:  # a worker raised: retry its requests alone, live on
+            log.exception("step failed")
+            self._on_step_error(plan, exc, probe)
+            return
+        if result.draft_error is not None and any(plan.num_draft):
+            # The target alone finished this step (the draft failed): it is a k = 0 step.
+            self.engine.forget_plan(plan)
+            plan = replace(plan, num_draft=[0] * len(plan.decode_ids), draft_control=None)
         self.num_steps += 1
         self.num_target_calls += 1
         if plan.decode_ids:
@@ -225,6 +363,11 @@ class AsyncSpecEngine:
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
+        if probe and self._probe is not None:
+            self._probe_steps += 1
+            if self._probe.finished or self._probe_steps >= 2:
+                self._strikes.pop(self._probe.request_id, None)
+                self._probe = None            # passed alone: back in the normal batch
         if batch is not None:
             self._notify(plan, result, seconds, outputs, batch)
 
@@ -235,14 +378,6 @@ class AsyncSpecEngine:
             if not self._on_step_failed:
                 self._on_step_failed = True
                 log.exception("on_step hook failed (logged once; serving goes on)")
-
-    def _fail(self, plan: StepPlan, error: Exception) -> None:
-        ids = [p.seq_id for p in plan.prefill] + list(plan.decode_ids)
-        for rid in ids:
-            self.engine.abort(rid)
-            queue = self._queues.get(rid)
-            if queue is not None:
-                queue.put_nowait(error)
 
     def stats(self) -> dict:
         eng = self.engine
@@ -263,4 +398,10 @@ class AsyncSpecEngine:
             "synthetic_acceptance_rate": eng.speculation.synthetic_acceptance_rate,
             # Per SLO class: budgets, finished requests, attained fraction, TTFT/TPOT.
             "slo": eng.slo_summary(),
+            # Fault and recovery counters (README "Faults and recovery") and state now.
+            "faults": {**self.faults.summary(), "draft_up": self.draft_up,
+                       "target_up": self.target_up, "healthy": self.fatal is None,
+                       "fatal": self.fatal, "draining": self.draining,
+                       "isolating": len(self._suspects) + (self._probe is not None),
+                       "step_deadline_s": round(self.step_deadline(), 3)},
         }

@@ -54,6 +54,7 @@ class Counts:
     # class -> its finished requests' attainment (classes with an SLO budget only): the
     # same records the scheduler's SloTracker sums (policy/slo.py).
     slo: dict[str, ClassAttainment] = field(default_factory=dict)
+    faults: dict[str, float] = field(default_factory=dict)       # FAULT_EVENTS name -> count
 
     def add(self, other: "Counts") -> None:
         for name in ("steps", "decode_steps", "decode_rows", "admitted", "num_drafts",
@@ -67,6 +68,8 @@ class Counts:
             self.chosen_k_rows[k] = self.chosen_k_rows.get(k, 0) + n
         for name, record in other.slo.items():
             self.slo[name] = self.slo.get(name, ClassAttainment()) + record
+        for name, n in other.faults.items():
+            self.faults[name] = self.faults.get(name, 0) + n
 
     @property
     def acceptance_rate(self) -> float:
@@ -101,7 +104,46 @@ class Counts:
                 "predicted_observed_seconds": round(self.predicted_observed_seconds, 6),
                 "finished": self.finished,
                 "slo": {name: {"requests": c.requests, "attained": c.attained}
-                        for name, c in sorted(self.slo.items())}}
+                        for name, c in sorted(self.slo.items())},
+                "faults": dict(sorted(self.faults.items()))}
+
+
+# Fault and recovery events, counted by the router's step loop (AsyncSpecEngine.faults).
+FAULT_EVENTS = (
+    "draft_failures",          # draft steps that raised, died or missed the deadline
+    "draft_fallback_steps",    # such steps finished by the target alone (run again on it,
+                               # or their requests re-admitted when it may have run them)
+    "draft_restarts",          # draft workers recreated and resynced (speculation resumed)
+    "draft_recovery_seconds",  # draft failure -> speculation resumed, summed
+    "target_failures",         # target steps that died or missed the deadline
+    "target_restarts",         # target workers recreated
+    "target_recovery_seconds", # target failure -> serving again, summed
+    "step_errors",             # steps that raised (requests retried in isolation)
+    "isolation_retries",       # requests retried alone after such a step
+    "resumed_requests",        # requests re-admitted with their committed tokens
+    "failed_requests",         # requests ended by a fault (clean error)
+    "request_timeouts",        # requests past their deadline
+    "loop_restarts",           # step-loop crashes restarted by the supervisor
+    "refused_queue_full",      # refusals by reason
+    "refused_draining",
+    "refused_unavailable",
+)
+
+
+class FaultCounts:
+    """Totals of FAULT_EVENTS since start (pure), with a hook for the exporter."""
+
+    def __init__(self, on_event=None):
+        self.counts = {name: 0 for name in FAULT_EVENTS}
+        self.on_event = on_event          # (event, amount) -> None; e.g. the aggregator
+
+    def add(self, event: str, amount: float = 1) -> None:
+        self.counts[event] = self.counts.get(event, 0) + amount
+        if self.on_event is not None:
+            self.on_event(event, amount)
+
+    def summary(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.counts.items()}
 
 
 def _add_list(into: list[int], other: Sequence[int]) -> None:
@@ -187,6 +229,11 @@ class MetricsAggregator:
             self._tpot.append((slo_class, tpot_s))
         if record is not None:
             d.slo[slo_class] = d.slo.get(slo_class, ClassAttainment()) + record
+
+    def observe_fault(self, event: str, amount: float = 1) -> None:
+        """One fault/recovery event (FAULT_EVENTS), or seconds for the *_seconds ones."""
+        d = self._delta.faults
+        d[event] = d.get(event, 0) + amount
 
     def current(self) -> Counts:
         """Totals including what the next drain will hand out (a copy; drains unaffected)."""

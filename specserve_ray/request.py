@@ -32,6 +32,9 @@ class Request:
     # Prompt tokens already sent to the workers (chunked prefill); the first token comes
     # when the last chunk is scored.
     num_prefilled: int = 0
+    # Output tokens prefilled again after a worker fault (re-admission): the workers get
+    # prompt + this much committed output as the prompt; the stream is unaffected.
+    resumed_len: int = 0
     finished: bool = False
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
@@ -56,8 +59,15 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def prefill_ids(self) -> list[int]:
+        """What the workers prefill: the prompt, plus committed output when re-admitted."""
+        if not self.resumed_len:
+            return self.prompt_ids
+        return self.prompt_ids + self.output_ids[:self.resumed_len]
+
+    @property
     def prefill_done(self) -> bool:
-        return self.num_prefilled >= len(self.prompt_ids)
+        return self.num_prefilled >= len(self.prompt_ids) + self.resumed_len
 
 
 @dataclass(frozen=True)

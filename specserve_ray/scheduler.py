@@ -287,11 +287,12 @@ class Scheduler:
         for req in itertools.chain(started, self._admit(free, left, started)):
             if left < 1:
                 break
+            ids = req.prefill_ids     # the prompt (+ committed output when re-admitted)
             start = req.num_prefilled
-            end = int(min(len(req.prompt_ids), start + left))
-            items.append(PrefillItem(req.request_id, req.prompt_ids[start:end],
+            end = int(min(len(ids), start + left))
+            items.append(PrefillItem(req.request_id, ids[start:end],
                                      req.params.seq_sampling(self.vocab_size),
-                                     first=start == 0, last=end == len(req.prompt_ids)))
+                                     first=start == 0, last=end == len(ids)))
             req.num_prefilled = end
             left -= end - start
             if start == 0:
@@ -301,7 +302,7 @@ class Scheduler:
     def _admit(self, free: int, left: float, started: list[Request]) -> list[Request]:
         """Take waiting requests that get a slot and some of the budget: FIFO, or least
         TTFT slack first when the classes have TTFT budgets and not everyone fits."""
-        left -= sum(len(r.prompt_ids) - r.num_prefilled for r in started)
+        left -= sum(len(r.prefill_ids) - r.num_prefilled for r in started)
         if free <= 0 or left < 1 or not self.waiting:
             return []
         if not self._slo_orders_admission or free >= len(self.waiting):
@@ -314,7 +315,7 @@ class Scheduler:
             if len(chosen) >= free or left < 1:
                 break
             chosen.append(i)
-            left -= len(self.waiting[i].prompt_ids)
+            left -= len(self.waiting[i].prefill_ids)
         taken = set(chosen)
         admitted = [self.waiting[i] for i in chosen]
         # The rest keep their arrival order, so FIFO holds among equal classes.
@@ -402,7 +403,8 @@ class Scheduler:
             req = by_id.get(item.seq_id)
             if req is None or not item.last:
                 continue
-            req.first_token_time = now
+            if req.first_token_time is None:     # not again on re-admission
+                req.first_token_time = now
             self._commit(req, [token])
             outputs.append(self._delta(req))
         if result.verify is not None:

@@ -175,7 +175,7 @@ class _StubLoop:
         self.max_queued = None
         self.seen_ids = []
 
-    async def generate_stream(self, prompt_ids, params, request_id, k, slo_class):
+    async def generate_stream(self, prompt_ids, params, request_id, k, slo_class, timeout_s=None):
         from specserve_ray.engine import RequestOutput
         from specserve_ray.stats import SpecStats
 

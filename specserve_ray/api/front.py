@@ -155,7 +155,7 @@ class FrontDoor:
     # -- requests ----------------------------------------------------------------------------
     async def stream(self, prompt, params: SamplingParams, request_id=None,
                      num_speculative_tokens: int | None = None,
-                     slo_class: str | None = None) -> AsyncIterator:
+                     slo_class: str | None = None, timeout_s: float | None = None) -> AsyncIterator:
         """Yield the engine's RequestOutput deltas, `request_id` set to the client's label
         (or the internal id when the client gave none). Closing early aborts the request."""
         label = self.client_label(request_id)
@@ -164,7 +164,7 @@ class FrontDoor:
         self._admit(prompt_ids, params)
         internal = self._id_prefix + uuid.uuid4().hex
         outputs = self.serving.generate_stream(prompt_ids, params, internal,
-                                               num_speculative_tokens, slo_class)
+                                               num_speculative_tokens, slo_class, timeout_s)
         admitted = False
         try:
             async for out in outputs:
@@ -177,13 +177,14 @@ class FrontDoor:
 
     async def generate(self, prompt, params: SamplingParams, request_id=None,
                        num_speculative_tokens: int | None = None,
-                       slo_class: str | None = None) -> dict:
+                       slo_class: str | None = None, timeout_s: float | None = None) -> dict:
         token_ids: list[int] = []
         text: list[str] = []
         last = None
         # aclosing: a cancelled caller (client gone) aborts the request at once.
         async with contextlib.aclosing(self.stream(prompt, params, request_id,
-                                                   num_speculative_tokens, slo_class)) as s:
+                                                   num_speculative_tokens, slo_class,
+                                                   timeout_s)) as s:
             async for out in s:
                 token_ids.extend(out.new_token_ids)
                 text.append(out.new_text)
