@@ -143,7 +143,8 @@ def test_profile_runner_budget_and_fit(pair):
     assert model.heldout_error(held_out) < 0.6
     # A tiny budget stops early but still returns what it measured.
     start = time.perf_counter()
-    few = profile_runner(runner, "verify", grid, repeats=3, time_budget_s=0.05)
+    # (0.005 s: after issue 9 the whole fitting grid of this tiny model runs in ~0.04 s.)
+    few = profile_runner(runner, "verify", grid, repeats=3, time_budget_s=0.005)
     assert time.perf_counter() - start < 1.0 and len(few) < len(samples)
     assert runner.num_seqs() == 1
 

@@ -38,6 +38,14 @@ def pack_ragged(token_lists: list[list[int]], pad_id: int) -> RaggedBatch:
         # A row with nothing to score has no last position to read a next token from.
         raise ValueError(f"pack_ragged: row {row_lengths.index(0)} is empty")
 
+    width = max(row_lengths)
+    if min(row_lengths) == width:
+        # Every row the same length (batch 1, a draft step, uniform verify): no padding,
+        # so skip the scatter below; this runs once per forward, a few ops matter.
+        input_ids = torch.tensor(token_lists, dtype=torch.long)
+        num_tokens = torch.full((len(token_lists),), width, dtype=torch.long)
+        cu_seqlens = torch.arange(0, len(token_lists) + 1, dtype=torch.long) * width
+        return RaggedBatch(input_ids, num_tokens, cu_seqlens, input_ids.reshape(-1))
     flat_token_ids = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long)
     num_tokens = torch.tensor(row_lengths, dtype=torch.long)
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(num_tokens, dim=0)])
@@ -59,6 +67,9 @@ def positions_and_mask(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Position ids [B, T], additive mask [B, 1, T, KV] in ``dtype``, and KV.
 
+    With ``dtype=torch.bool`` the mask is boolean instead (True = may attend), which
+    SDPA takes as is: the same attention without building and adding a float mask.
+
     KV = max(cache_lens) + T. Query q of row b sits at absolute position
     cache_lens[b] + q and sees key columns c <= that position (and, with a window
     w, c > position - w). Padding queries (q >= num_tokens[b]) get the same rule, so
@@ -79,6 +90,8 @@ def positions_and_mask(
     if sliding_window is not None:
         visible &= key_columns > query_positions - sliding_window
 
+    if dtype == torch.bool:
+        return position_ids, visible.unsqueeze(1), kv_len
     attention_mask = torch.zeros(visible.shape, dtype=dtype, device=device)
     attention_mask.masked_fill_(~visible, torch.finfo(dtype).min)
     return position_ids, attention_mask.unsqueeze(1), kv_len

@@ -7,9 +7,42 @@ per-request parameters; the rejection sampler is lossless with respect to the
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
-__all__ = ["logits_to_probs", "logits_to_probs_reference", "sample_from_probs"]
+__all__ = ["logits_to_probs", "logits_to_probs_reference", "sample_from_probs", "stream_seed",
+           "greedy_with_confidence"]
+
+_SEED_RANGE = 2**63   # torch.Generator.manual_seed takes [-2^63, 2^64); stay well inside
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A generator seed in [0, 2^63) for one stream (draft, target...) of a request seed.
+
+    Any Python int works (negative, >= 2^64). Seeds whose historical mix
+    `seed * 1_000_003 + stream` lies in [0, 2^63) keep it, so seeded outputs stay what
+    they were; any other seed is hashed into the range instead of overflowing the
+    generator (different pairs collide with probability ~2^-63).
+    """
+    mixed = int(seed) * 1_000_003 + int(stream)
+    if 0 <= mixed < _SEED_RANGE:
+        return mixed
+    digest = hashlib.blake2b(f"{int(seed)}:{int(stream)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % _SEED_RANGE
+
+
+def greedy_with_confidence(
+    logits: torch.Tensor,  # [N, V] any float dtype, any device
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([N] int64, [N] float32), on logits' device
+    """Argmax and its softmax probability (temperature 1): what an unfiltered greedy row
+    needs, computed on the logits' device with nothing copied to the host but [N] values.
+    (softmax + gather measured 13 us on a [1, 4096] row here; exp(max - logsumexp) was
+    22 us on one thread and far slower on two when the other core was busy.)"""
+    scaled = logits.float()
+    token_ids = scaled.argmax(dim=-1)
+    conf = torch.softmax(scaled, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    return token_ids, conf
 
 
 def _scale_by_temperature(

@@ -30,23 +30,31 @@ class SlotKVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         # Set by `plan` before each forward:
         self._rows: slice | torch.Tensor = slice(0, 0)
+        self._write_block: tuple[slice, slice] | None = None   # (rows, columns) when rectangular
         self._write_rows: torch.Tensor | None = None   # [B, T] slot per written token
         self._write_cols: torch.Tensor | None = None   # [B, T] column per written token
         self._kv_len = 0
 
     # -- planning (called by the runner, once per forward) -------------------------------
-    def plan(self, slots: torch.Tensor, cache_lens: torch.Tensor, num_new: int, kv_len: int):
+    def plan(self, slots: list[int], cache_lens: list[int], num_new: int, kv_len: int):
         """Prepare a forward of `num_new` (padded) tokens per row for rows `slots` [B]."""
-        needed = int(cache_lens.max()) + num_new
+        needed = max(cache_lens) + num_new
         if needed > self.capacity:
             self._grow(needed)
-        b = slots.numel()
-        first = int(slots[0])
-        contiguous = bool((slots == torch.arange(first, first + b)).all())
-        self._rows = slice(first, first + b) if contiguous else slots
-        self._write_rows = slots.unsqueeze(1).expand(b, num_new)
-        self._write_cols = cache_lens.unsqueeze(1) + torch.arange(num_new).unsqueeze(0)
+        b = len(slots)
+        first = slots[0]
+        contiguous = slots == list(range(first, first + b))
+        self._rows = slice(first, first + b) if contiguous else torch.tensor(slots)
         self._kv_len = kv_len
+        if contiguous and min(cache_lens) == max(cache_lens):
+            # One rectangle of the cache (batch 1 always): a strided copy, no scatter.
+            self._write_block = (self._rows, slice(cache_lens[0], cache_lens[0] + num_new))
+            return
+        self._write_block = None
+        slots_t = torch.tensor(slots, dtype=torch.long)
+        self._write_rows = slots_t.unsqueeze(1).expand(b, num_new)
+        self._write_cols = (torch.tensor(cache_lens, dtype=torch.long).unsqueeze(1)
+                            + torch.arange(num_new).unsqueeze(0))
 
     def _grow(self, needed: int) -> None:
         new_cap = self.capacity
@@ -73,11 +81,16 @@ class SlotKVCache:
                 (self.num_slots, value_states.shape[1], self.capacity, value_states.shape[3]))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         dev = keys.device
-        rows = self._write_rows.to(dev, non_blocking=True)
-        cols = self._write_cols.to(dev, non_blocking=True)
-        # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
-        keys[rows, :, cols] = key_states.transpose(1, 2).to(keys.dtype)
-        values[rows, :, cols] = value_states.transpose(1, 2).to(values.dtype)
+        if self._write_block is not None:
+            rows, cols = self._write_block
+            keys[rows, :, cols].copy_(key_states)
+            values[rows, :, cols].copy_(value_states)
+        else:
+            rows = self._write_rows.to(dev, non_blocking=True)
+            cols = self._write_cols.to(dev, non_blocking=True)
+            # Advanced indices around a slice put the indexed dims first: [B, T, H, D].
+            keys[rows, :, cols] = key_states.transpose(1, 2).to(keys.dtype)
+            values[rows, :, cols] = value_states.transpose(1, 2).to(values.dtype)
         sel = self._rows if isinstance(self._rows, slice) else self._rows.to(dev)
         return keys[sel, :, : self._kv_len], values[sel, :, : self._kv_len]
 

@@ -10,6 +10,7 @@ a 4D additive mask and explicit position ids (Llama, Qwen2, Mistral, GPT-2, ...)
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from specserve_ray.core.ragged import gather_last, pack_ragged, positions_and_mask
 from specserve_ray.config import ModelConfig
 from specserve_ray.models.kv_cache import SlotKVCache
+from specserve_kernels.lean_llama import lean_llama_or_none
+from specserve_kernels.packed_linear import can_prepack, prepack_linears
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,8 +64,14 @@ class _Seq:
 class ModelRunner:
     """Batched, ragged forwards over per-sequence KV caches (one model)."""
 
-    def __init__(self, model, max_seqs: int, max_model_len: int, name: str = "model"):
+    def __init__(self, model, max_seqs: int, max_model_len: int, name: str = "model",
+                 prepack: bool | None = None):
+        if prepack is None:   # SPECSERVE_PREPACK=0 keeps the stock layers (A/B benchmarks)
+            prepack = os.environ.get("SPECSERVE_PREPACK", "1") != "0"
         self.model = model
+        # oneDNN-prepacked weights: a forward of 1..9 tokens reads them once (see
+        # kernels/specserve_kernels/packed_linear.py for the profile behind this).
+        self.prepacked = bool(prepack and can_prepack(model) and prepack_linears(model))
         self.name = name
         self.config = model.config
         self.max_seqs = max_seqs
@@ -79,8 +88,16 @@ class ModelRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
+        self._lean = None                                # see use_lean_forward
         self.forward_seconds = 0.0                       # cumulative, for the cost model
         self.forward_calls = 0
+
+    def use_lean_forward(self) -> bool:
+        """Run forwards through specserve_kernels.lean_llama when the model is a plain
+        Llama (for drafts: their numerics never change what is emitted). Returns whether
+        it is on."""
+        self._lean = lean_llama_or_none(self.model)
+        return self._lean is not None
 
     def synchronize(self) -> None:
         """Wait for queued device work (GPU kernels run asynchronously): timing needs it."""
@@ -166,23 +183,31 @@ class ModelRunner:
         # Rows in slot order so that all live rows read the cache as a view.
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
         batch = pack_ragged([new_tokens[i] for i in order], pad_id=0)
-        slots = torch.tensor([seqs[i].slot for i in order], dtype=torch.long)
-        cache_lens = torch.tensor([seqs[i].cache_len for i in order], dtype=torch.long)
+        slots = [seqs[i].slot for i in order]
+        cache_lens = [seqs[i].cache_len for i in order]
         t_max = batch.input_ids.shape[1]
+        # A boolean mask: SDPA applies it as is (no float mask to build and add).
         position_ids, mask, kv_len = positions_and_mask(
-            cache_lens, batch.num_tokens, t_max, self.dtype, self.sliding_window)
+            torch.tensor(cache_lens), batch.num_tokens, t_max, torch.bool, self.sliding_window)
         self.cache.plan(slots, cache_lens, t_max, kv_len)
         kwargs = {self._cache_kw: self.cache, "use_cache": True}
-        if not all_logits and self._has_logits_to_keep and bool((batch.num_tokens == t_max).all()):
+        uniform = batch.flat_token_ids.numel() == t_max * len(order)   # no padded positions
+        if not all_logits and self._has_logits_to_keep and uniform:
             kwargs["logits_to_keep"] = 1
         start = time.perf_counter()
-        out = self.model(
-            input_ids=batch.input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            **kwargs,
-        )
-        logits = out.logits.float()
+        if self._lean is not None:
+            logits = self._lean(batch.input_ids.to(self.device), position_ids.to(self.device),
+                                mask.to(self.device), self.cache,
+                                last_only="logits_to_keep" in kwargs)
+        else:
+            logits = self.model(
+                input_ids=batch.input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                **kwargs,
+            ).logits
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         self.forward_seconds += time.perf_counter() - start
         self.forward_calls += 1
         for i in order:

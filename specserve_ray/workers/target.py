@@ -11,8 +11,9 @@ import time
 import torch
 
 from specserve_ray.core.rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
+from specserve_kernels.greedy import greedy_verify
 from specserve_ray.core.ragged import group_by_length
-from specserve_ray.core.sampling import logits_to_probs, sample_from_probs
+from specserve_ray.core.sampling import logits_to_probs, sample_from_probs, stream_seed
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.workers.synthetic import synthetic_accept
 from specserve_ray.contracts import PrefillItem, SeqSampling, VerifyResult
@@ -29,7 +30,7 @@ class _TargetSeq:
         self.sampling = sampling
         self.generator = torch.Generator()
         if sampling.seed is not None:
-            self.generator.manual_seed(sampling.seed * 1_000_003 + _TARGET_STREAM)
+            self.generator.manual_seed(stream_seed(sampling.seed, _TARGET_STREAM))
         else:
             self.generator.seed()
 
@@ -111,16 +112,26 @@ class TargetWorker:
             base_lens.append(cached + len(pending))
             n = int(num_draft_tokens[i])
             fed.append(pending + draft_token_ids[i, :n].tolist())
-        logits = self.runner.forward(seq_ids, fed, all_logits=True).cpu()  # [B, T, V]
+        logits = self.runner.forward(seq_ids, fed, all_logits=True)  # [B, T, V] on device
         # Position j of the verification window is the logit after pending + j drafts.
-        pending_lens = torch.tensor([len(f) - int(num_draft_tokens[i]) for i, f in enumerate(fed)])
-        window = pending_lens.unsqueeze(1) - 1 + torch.arange(max_k + 1).unsqueeze(0)
-        window = window.clamp(max=logits.shape[1] - 1)
-        window_logits = logits.gather(1, window.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        target_argmax = window_logits.argmax(-1)                             # [B, K+1]
-
-        is_greedy = torch.tensor([s.sampling.greedy for s in seqs])
+        pending = [len(f) - int(num_draft_tokens[i]) for i, f in enumerate(fed)]
+        if logits.shape[1] == max_k + 1 and all(n == 1 for n in pending):
+            window_logits = logits          # the usual step: the window is every position
+        else:
+            window = (torch.tensor(pending).unsqueeze(1) - 1
+                      + torch.arange(max_k + 1).unsqueeze(0)).clamp(max=logits.shape[1] - 1)
+            window = window.to(logits.device)
+            window_logits = logits.gather(1, window.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         vocab = logits.shape[-1]
+        all_greedy = all(s.sampling.greedy for s in seqs)
+        if all_greedy and self.synthetic_acceptance_rate is None:
+            # Only [B, K+1] argmax ids leave the device; no probabilities are built.
+            output_ids, num_emitted = greedy_verify(draft_token_ids, num_draft_tokens,
+                                                    window_logits)
+            return self._commit(seq_ids, seqs, base_lens, output_ids, num_emitted, start)
+        window_logits = window_logits.cpu()
+        target_argmax = window_logits.argmax(-1)                             # [B, K+1]
+        is_greedy = torch.tensor([s.sampling.greedy for s in seqs])
         target_probs = None
         uniform = torch.zeros(batch, max_k)
         noise = torch.ones(batch, vocab)
@@ -147,6 +158,10 @@ class TargetWorker:
             output_ids, num_emitted = synthetic_accept(
                 draft_token_ids, num_draft_tokens, target_argmax,
                 self.synthetic_acceptance_rate, vocab, self._synthetic_gen)
+        return self._commit(seq_ids, seqs, base_lens, output_ids, num_emitted, start)
+
+    def _commit(self, seq_ids, seqs, base_lens, output_ids, num_emitted, start) -> VerifyResult:
+        """Keep accepted tokens in the cache and the committed text; roll back the rest."""
         emitted, accepted = [], []
         for i, seq_id in enumerate(seq_ids):
             n_out = int(num_emitted[i])
