@@ -80,6 +80,7 @@ class AsyncSpecEngine(Supervision):
         self._in_flight: dict[asyncio.Task, StepPlan] = {}
         self._busy: set[str] = set()
         self._queues: dict[str, asyncio.Queue] = {}
+        self._untaken_since: dict[str, float] = {}   # rid -> when its stream fell behind
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.num_steps = 0            # executed plans
@@ -111,6 +112,23 @@ class AsyncSpecEngine(Supervision):
             self._task = None
 
     # -- requests --------------------------------------------------------------------------------
+    def _deliver(self, rid: str, queue: asyncio.Queue, out, now: float) -> None:
+        """Hand a delta to its stream; a consumer that has left a chunk untaken for
+        `stalled_client_s` stopped reading (a stuck client): abort it, free its slots."""
+        stall = self.fault_cfg.stalled_client_s
+        if queue.qsize():                 # the consumer has not taken what was there
+            since = self._untaken_since.get(rid, now)
+            if stall is not None and now - since > stall and not out.finished:
+                self.engine.abort(rid)
+                self._wake.set()
+                self.faults.add("stalled_clients")
+                queue.put_nowait(RequestError(f"request {rid} aborted: the client took no "
+                                              f"output for {stall:g} s"))
+                return
+        else:
+            self._untaken_since[rid] = now
+        queue.put_nowait(out)
+
     async def generate_stream(self, prompt, params: SamplingParams | None = None,
                               request_id: str | None = None,
                               num_speculative_tokens: int | None = None,
@@ -149,6 +167,11 @@ class AsyncSpecEngine(Supervision):
                 except asyncio.TimeoutError:
                     self.faults.add("request_timeouts")
                     raise RequestTimeout(f"request {rid} passed its {limit:g} s deadline") from None
+                # The consumer keeps up: what is left was handed over just now at worst.
+                if queue.qsize():
+                    self._untaken_since[rid] = time.monotonic()
+                else:
+                    self._untaken_since.pop(rid, None)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -157,6 +180,7 @@ class AsyncSpecEngine(Supervision):
                     return
         finally:
             self._queues.pop(rid, None)
+            self._untaken_since.pop(rid, None)
             self._strikes.pop(rid, None)
             if not finished:
                 self._drop(rid)
@@ -359,10 +383,11 @@ class AsyncSpecEngine(Supervision):
             rows = {*plan.decode_ids, *(p.seq_id for p in plan.prefill)}
             batch = [r for r in self.engine.running if r.request_id in rows]
         outputs = self.engine.apply_step(plan, result, seconds)
+        now = time.monotonic()
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
-                queue.put_nowait(out)
+                self._deliver(out.request_id, queue, out, now)
         if probe and self._probe is not None:
             self._probe_steps += 1
             if self._probe.finished or self._probe_steps >= 2:

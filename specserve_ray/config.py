@@ -463,6 +463,10 @@ class FaultsConfig(_Strict):
     request_timeout_s: float | None = Field(600.0, gt=0, description="Default per-request "
                                             "deadline (None = none); a request may set a "
                                             "shorter `timeout_s`.")
+    stalled_client_s: float | None = Field(5.0, gt=0, description="A streaming client that "
+                                           "has not taken an available chunk for this long "
+                                           "(stopped reading) is aborted and its slots freed "
+                                           "(None = never).")
     recovery_timeout_s: float = Field(120.0, gt=0, description="Bound on recreating a "
                                       "worker (model load included); past it the replica "
                                       "reports unhealthy and its requests get a clean error.")

@@ -124,6 +124,7 @@ FAULT_EVENTS = (
     "failed_requests",         # requests ended by a fault (clean error)
     "request_timeouts",        # requests past their deadline
     "loop_restarts",           # step-loop crashes restarted by the supervisor
+    "stalled_clients",         # streams aborted: the client stopped taking output
     "refused_queue_full",      # refusals by reason
     "refused_draining",
     "refused_unavailable",

@@ -18,7 +18,7 @@ from specserve_ray.errors import RequestError
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.target import TargetWorker
-from test_engine_lossless import IdTokenizer, perturbed, random_prompts
+from helpers import IdTokenizer, perturbed, random_prompts
 from test_engine_sampling import empirical, exact_marginals, tv, tv_bound
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import tiny_model
 from specserve_ray.config import SamplingParams
-from test_engine_lossless import make_engine, perturbed, random_prompts
+from helpers import make_engine, perturbed, random_prompts
 
 HUGE = [99999999999999, 2**63 - 1, 2**63, 2**64 - 1, -2**63, -1]
 

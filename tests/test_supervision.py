@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from helpers import hf_greedy, tiny_model
-from test_engine_lossless import make_engine, perturbed, random_prompts
+from helpers import make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine, StepFailed
 from specserve_ray.config import FaultsConfig, SamplingParams, parse_fault_env
 from specserve_ray.errors import RequestError, UnavailableError
@@ -191,3 +191,33 @@ def test_shipped_configs_cannot_inject(monkeypatch):
     monkeypatch.setenv("SPECSERVE_FAULTS", "draft:die@3")
     with pytest.raises(ValueError, match="refused"):
         AppConfig.model_validate({})
+
+
+def test_stalled_stream_is_aborted_and_frees_slots():
+    """A consumer that stops taking output (a client that stopped reading) is aborted
+    once a chunk has waited `stalled_client_s`; its neighbour streams on untouched."""
+    target, engine = _setup()
+    prompts = random_prompts(2, seed=31)
+    engine.limits = engine.limits.model_copy(update={"max_tokens": 200})
+
+    async def execute(plan):
+        await asyncio.sleep(0.01)       # steps take real time, like remote workers
+        return run_target(engine.target, run_draft(engine.draft, plan))
+
+    async def main():
+        serving = AsyncSpecEngine(engine, execute)
+        serving.fault_cfg = serving.fault_cfg.model_copy(update={"stalled_client_s": 0.3})
+        params = SamplingParams(max_tokens=150, ignore_eos=True)
+        stalled = serving.generate_stream(prompts[0], params, request_id="stalled")
+        await stalled.__anext__()                   # reads once, then stops reading
+        good = await serving.generate(prompts[1], params, request_id="good")
+        with pytest.raises(RequestError, match="took no output"):
+            async for _ in stalled:
+                pass
+        await _settle(serving, engine)
+        return good, serving.faults.counts["stalled_clients"]
+
+    good, stalled_count = asyncio.run(main())
+    assert good["token_ids"] == hf_greedy(target, prompts[1], 150)
+    assert stalled_count == 1
+    assert _slots(engine) == (0, 0)
