@@ -44,6 +44,21 @@ Execute = Callable[[StepPlan], Awaitable[StepResult]]
 OnStep = Callable[[StepPlan, StepResult, float, list, list], None]
 
 
+async def collect_result(stream: AsyncIterator[RequestOutput]) -> dict:
+    """A whole request from its stream of deltas: text, token ids, finish reason, usage
+    and its speculation summary (what the handle, HTTP and gRPC return when not streaming)."""
+    token_ids: list[int] = []
+    text: list[str] = []
+    last = None
+    async for out in stream:
+        token_ids.extend(out.new_token_ids)
+        text.append(out.new_text)
+        last = out
+    return {"request_id": last.request_id, "text": "".join(text), "token_ids": token_ids,
+            "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
+            "completion_tokens": last.num_output_tokens, "speculation": last.spec.summary()}
+
+
 class AsyncSpecEngine(Supervision):
     def __init__(self, engine: SpecEngine, execute: Execute, max_queued: int = 64,
                  pipeline: bool = False, on_step: OnStep | None = None,
@@ -212,17 +227,10 @@ class AsyncSpecEngine(Supervision):
                        num_speculative_tokens: int | None = None,
                        slo_class: str | None = None, timeout_s: float | None = None) -> dict:
         """Run one request to completion; returns its text, token ids and statistics."""
-        token_ids: list[int] = []
-        text = []
-        last = None
-        async for out in self.generate_stream(prompt, params, request_id, num_speculative_tokens,
-                                              slo_class, timeout_s):
-            token_ids.extend(out.new_token_ids)
-            text.append(out.new_text)
-            last = out
-        return {"request_id": last.request_id, "text": "".join(text), "token_ids": token_ids,
-                "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
-                "completion_tokens": last.num_output_tokens, "speculation": last.spec.summary()}
+        async with contextlib.aclosing(self.generate_stream(
+                prompt, params, request_id, num_speculative_tokens, slo_class,
+                timeout_s)) as stream:
+            return await collect_result(stream)
 
     # -- the loop --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -26,6 +26,7 @@ from typing import AsyncIterator
 from specserve_ray.admission import DrainMeter, QueueBounds, retry_after_s
 from specserve_ray.api.auth import ApiKeyCheck
 from specserve_ray.api.error_map import ErrorReply, classify
+from specserve_ray.async_engine import collect_result
 from specserve_ray.config import SamplingParams
 from specserve_ray.errors import OverloadedError, RequestError, UnavailableError
 from specserve_ray.front_config import FrontDoorConfig
@@ -178,20 +179,11 @@ class FrontDoor:
     async def generate(self, prompt, params: SamplingParams, request_id=None,
                        num_speculative_tokens: int | None = None,
                        slo_class: str | None = None, timeout_s: float | None = None) -> dict:
-        token_ids: list[int] = []
-        text: list[str] = []
-        last = None
         # aclosing: a cancelled caller (client gone) aborts the request at once.
         async with contextlib.aclosing(self.stream(prompt, params, request_id,
                                                    num_speculative_tokens, slo_class,
-                                                   timeout_s)) as s:
-            async for out in s:
-                token_ids.extend(out.new_token_ids)
-                text.append(out.new_text)
-                last = out
-        return {"request_id": last.request_id, "text": "".join(text), "token_ids": token_ids,
-                "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
-                "completion_tokens": last.num_output_tokens, "speculation": last.spec.summary()}
+                                                   timeout_s)) as stream:
+            return await collect_result(stream)
 
     # -- failures ----------------------------------------------------------------------------
     def reply_for(self, exc: BaseException, door: str) -> ErrorReply:
