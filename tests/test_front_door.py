@@ -291,3 +291,54 @@ def test_client_request_ids_cannot_touch_other_requests(app):
                              metadata=GRPC_META, timeout=120)
         assert resp.request_id == "client-7"
     assert len(handle.generate.remote("x", max_tokens=2).result()["token_ids"]) >= 1
+
+
+def test_stop_strings_exact_on_the_served_path(app):
+    """Stops cut at random places of a greedy output (so they span speculative steps):
+    streamed and non-streamed text both end right before the stop, and the reported
+    token count is that of the kept text."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer
+
+    from specserve_ray.config import EMBEDDED_TARGET
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_TARGET, local_files_only=True)
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 48, "temperature": 0,
+            "ignore_eos": True}
+    ref = app["handle"].generate.remote(PROMPTS[0], max_tokens=48, temperature=0,
+                                        ignore_eos=True).result()
+    full, ids = ref["text"], ref["token_ids"]
+
+    def tokens_reaching(n_chars):       # the fewest output tokens whose text covers n_chars
+        return next(m for m in range(len(ids) + 1)
+                    if len(tok.decode(ids[:m]).rstrip("\ufffd")) >= n_chars)
+
+    with httpx.Client(timeout=120, headers=AUTH) as client:
+        rng = random.Random(7)
+        for _ in range(6):
+            start = rng.randrange(1, len(full) - 6)
+            stop = full[start:start + rng.randint(2, 5)]
+            expected = full[:full.find(stop)]
+            r = client.post(app["http"] + "/v1/completions", json=body | {"stop": [stop]}).json()
+            assert r["choices"][0]["text"] == expected and r["choices"][0]["finish_reason"] == "stop"
+            assert r["usage"]["completion_tokens"] == tokens_reaching(len(expected))
+            streamed = []
+            with client.stream("POST", app["http"] + "/v1/completions",
+                               json=body | {"stop": [stop], "stream": True}) as s:
+                for line in s.iter_lines():
+                    if line.startswith("data: {"):
+                        streamed.append(json.loads(line[6:])["choices"][0]["text"])
+            assert "".join(streamed) == expected, (stop, streamed)
+
+
+def test_api_key_never_in_a_log_line(app):
+    """Runs after the auth tests (file order): no log file of the app holds the key."""
+    hits = []
+    for path in glob.glob(os.path.join(app["logs"], "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if KEY.encode() in f.read():
+                    hits.append(path)
+    assert not hits, hits
