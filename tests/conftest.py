@@ -29,3 +29,22 @@ def pair():
 
     target = tiny_model("llama", seed=0)
     return target, perturbed(target, noise=0.15)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_behind():
+    """A module whose app fixture failed half-way (e.g. Serve could not bind) must not
+    leave its Ray instance to the next module: shut down whatever is still up."""
+    yield
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - best effort; ray.shutdown below is what counts
+            pass
+        ray.shutdown()

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
+from helpers import free_port  # noqa: E402
 
 APP = "specserve-faults"
 PROMPTS = ["def parse_header(line):\n    ", "import os\nimport sys\n\n\nclass ",
@@ -17,10 +17,6 @@ PROMPTS = ["def parse_header(line):\n    ", "import os\nimport sys\n\n\nclass ",
            "class Config:\n    ", "with open(path) as f:\n    "]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(transport: str = "actor", pipeline: bool = False, max_num_seqs: int = 8,

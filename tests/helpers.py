@@ -90,3 +90,29 @@ def random_prompts(n: int, seed: int, vocab: int = 96):
 
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A free loopback port for a test server, from 20000-31999: above Ray's worker-port
+    range (10002-19999) and below the kernel's ephemeral range (32768+), where Ray's own
+    services bind port 0. A port picked from the ephemeral range could be taken by Ray
+    between this check and Serve's bind (seen: "Failed to bind to address")."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-31999")

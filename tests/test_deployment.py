@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
 import pytest
+from helpers import free_port as _free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,6 @@ APP = "specserve"
 MODEL = "specserve-tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,17 @@ the controller actor created by the router, and serving on after the controller 
 from __future__ import annotations
 
 import os
-import socket
 import time
 import urllib.request
 
 import pytest
+from helpers import free_port as _free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 APP = "specserve-signals"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from hostile_cases import ACCEPTED, CASES, Case, comp
+from helpers import free_port as _free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +30,6 @@ GOOD = [("def parse_header(line):\n    ", 160), ("import os\nimport sys\n\n\ncla
         ("    for key, value in items:\n        if ", 140)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

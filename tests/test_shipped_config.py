@@ -8,13 +8,13 @@ graceful drain) and that the app answers over HTTP and gRPC.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 import yaml
+from helpers import free_port as _free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,6 @@ ROUTER_FIELDS = ("max_ongoing_requests", "max_queued_requests", "backpressure_co
                  "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

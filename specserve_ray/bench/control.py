@@ -111,9 +111,19 @@ def start_sweep_app(regime_dtype: str, max_k: int, synthetic_acceptance_rate: fl
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port in 20000-31999: outside Ray's worker ports (10002-19999) and
+    the ephemeral range its services bind from, so Ray cannot take it before Serve binds."""
+    import random
+
+    for _ in range(1000):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 async def wait_for_policy(url: str, policy: str, timeout_s: float) -> dict:
