@@ -16,6 +16,7 @@ from collections import defaultdict
 import numpy as np
 
 from specserve_ray.bench import stats as st
+from specserve_ray.bench.report import _fmt
 
 CELL_KEYS = ("regime", "workload", "drafter", "slo_scale")
 
@@ -123,14 +124,6 @@ def deciding_rates(attainment: dict[str, dict[float, float]], target: float = 0.
             prev = r
     ranked = sorted(votes, key=lambda r: (-votes[r], r))
     return sorted(ranked[:limit])
-
-
-def _fmt(v, digits=3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
 
 
 def max_rate_table(rows: list[dict]) -> str:
