@@ -6,16 +6,13 @@ proxy, and a DeploymentHandle.
 """
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
 import pytest
-from helpers import free_port as _free_port  # noqa: E402
+from serve_app import serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +24,6 @@ MODEL = "specserve-tiny"
 
 @pytest.fixture(scope="module")
 def app():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-
-    http_port, grpc_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "deployments.proto.specserve_pb2_grpc.add_SpecServeServicer_to_server"]})
     args = {"model_name": MODEL,
             "engine": {"target": {"num_threads": 2} | _embedded("target"),
                        "draft": {"num_threads": 1} | _embedded("draft"),
@@ -50,11 +35,7 @@ def app():
                                             "tpot_s": 5.0},
                                            {"name": "batch"}]}},
             "max_queued_requests": 16}
-    handle = serve.run(build_app(args), name=APP, route_prefix="/")
-    yield {"handle": handle, "http": f"http://127.0.0.1:{http_port}",
-           "grpc": f"127.0.0.1:{grpc_port}"}
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_app(args, APP)
 
 
 def _embedded(role: str) -> dict:

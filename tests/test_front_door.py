@@ -16,7 +16,8 @@ import grpc
 import httpx
 import pytest
 
-from test_deployment import PROMPTS, _embedded, _free_port
+from test_deployment import PROMPTS, _embedded
+from serve_app import serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,20 +34,8 @@ BROKEN_TEMPLATE = "{{ messages | length / 0 }}"
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-
     key_file = tmp_path_factory.mktemp("keys") / "api_keys"
     key_file.write_text(f"# test keys\n{KEY}\n")
-    http_port, grpc_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "deployments.proto.specserve_pb2_grpc.add_SpecServeServicer_to_server"]})
     args = {"model_name": MODEL,
             "engine": {"target": {"num_threads": 1} | _embedded("target"),
                        "draft": {"num_threads": 1} | _embedded("draft"),
@@ -55,12 +44,7 @@ def app(tmp_path_factory):
             "chat_template": BROKEN_TEMPLATE,
             "signals": {"export_metrics": False},
             "front": {"api_key_file": str(key_file), "max_body_bytes": BODY_LIMIT}}
-    handle = serve.run(build_app(args), name=APP, route_prefix="/")
-    yield {"handle": handle, "http": f"http://127.0.0.1:{http_port}",
-           "grpc": f"127.0.0.1:{grpc_port}",
-           "logs": ray._private.worker.global_worker.node.get_logs_dir_path()}
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_app(args, APP)
 
 
 def _stub(app):

@@ -10,7 +10,6 @@ check the same cases at the validation layer alone).
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from hostile_cases import ACCEPTED, CASES, Case, comp
-from helpers import free_port as _free_port  # noqa: E402
+from serve_app import serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,26 +33,10 @@ GOOD = [("def parse_header(line):\n    ", 160), ("import os\nimport sys\n\n\ncla
 
 @pytest.fixture(scope="module")
 def app():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-
-    http_port, grpc_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "deployments.proto.specserve_pb2_grpc.add_SpecServeServicer_to_server"]})
     args = {"engine": {"target": {"num_threads": 1}, "draft": {"num_threads": 1},
                        "limits": {"max_model_len": 256, "max_num_seqs": 8, "max_tokens": 200}},
             "signals": {"export_metrics": False}, "max_queued_requests": 64}
-    handle = serve.run(build_app(args), name=APP, route_prefix="/")
-    yield {"handle": handle, "http": f"http://127.0.0.1:{http_port}",
-           "grpc": f"127.0.0.1:{grpc_port}"}
-    serve.shutdown()
-    ray.shutdown()
+    yield from serve_app(args, APP)
 
 
 def _http_stream(base: str, prompt: str, n: int, started: threading.Event) -> dict:

@@ -12,7 +12,8 @@ import os
 import httpx
 import pytest
 
-from test_deployment import MODEL, _embedded, _free_port
+from helpers import free_port as _free_port
+from test_deployment import MODEL, _embedded
 
 pytestmark = pytest.mark.slow
 
