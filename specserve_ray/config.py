@@ -141,6 +141,11 @@ class LimitsConfig(_Strict):
         "(k + 1 tokens each), then prompt chunks of waiting requests fill what is left (at "
         "least a quarter of it), so an arriving long prompt is prefilled over several steps "
         "instead of stalling the running batch. None = whole prompts at once.")
+    max_prefill_tokens_idle: int | None = Field(
+        256, ge=1, description="Token budget of a step with no request decoding (prompt "
+        "chunks only): nobody waits on that step between two tokens, so it may prefill in "
+        "larger, cheaper-per-token chunks. Used only when larger than "
+        "max_num_batched_tokens; None = max_num_batched_tokens.")
 
 
 class SloClassConfig(_Strict):

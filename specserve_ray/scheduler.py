@@ -2,7 +2,8 @@
 
     waiting ──admit──> prefilling ──last chunk scored──> decoding ──EOS/stop/length──> done
 
-A step's plan, under a token budget (`limits.max_num_batched_tokens`, vLLM's name):
+A step's plan, under a token budget (`limits.max_num_batched_tokens`, vLLM's name; a step
+with no decode row may prefill up to `limits.max_prefill_tokens_idle`):
   1. decode rows first: every decoding request verifies its pending token + k_i drafts
      (k_i from the speculation policy, clamped in one place: `_final_ks`);
   2. then prefill chunks: partially prefilled prompts continue, then waiting requests are
@@ -255,9 +256,9 @@ class Scheduler:
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
         count_values(self.chosen_k_counts, ks)
-        budget = self.limits.max_num_batched_tokens
+        budget = self.step_budget(decoding=bool(batch))
         left = math.inf if budget is None else budget - sum(k + 1 for k in ks)
-        prefill = self._plan_prefill(left, busy)
+        prefill = self._plan_prefill(left, busy, budget)
         if not (release or prefill or batch):
             return None
         new_tokens = []
@@ -274,9 +275,18 @@ class Scheduler:
             self._in_flight[id(plan)] = (self._decided_by, self._decision)
         return plan
 
-    def _plan_prefill(self, left: float, busy) -> list[PrefillItem]:
+    def step_budget(self, decoding: bool) -> int | None:
+        """The step's token budget: `max_num_batched_tokens` while requests decode (it
+        bounds the gap between their tokens); a step that decodes nothing keeps no one
+        waiting and may prefill up to `max_prefill_tokens_idle` (if larger), the chunk
+        size where prefill is efficient."""
+        budget, idle = self.limits.max_num_batched_tokens, self.limits.max_prefill_tokens_idle
+        if decoding or budget is None or idle is None:
+            return budget
+        return max(budget, idle)
+
+    def _plan_prefill(self, left: float, busy, budget: int | None) -> list[PrefillItem]:
         """Chunks of prompts within `left` tokens: unfinished prompts first, then arrivals."""
-        budget = self.limits.max_num_batched_tokens
         if budget is not None:
             # Decode rows come first, but arrivals are never starved: prefill always gets
             # at least a quarter of the budget.

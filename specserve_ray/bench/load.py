@@ -2,8 +2,9 @@
 
 On one request mix (default `code-long`: the code trace's lengths, prompts scaled to a ~640
 token median, outputs 16-64) it measures, against one app:
-1. single stream: the mix one request at a time (closed loop, concurrency 1): the median gap
-   between streamed chunks and TTFT p50/p99;
+1. single stream: requests of the mix at evenly spaced prompt-length quantiles, one at a
+   time (closed loop, concurrency 1): the median gap between streamed chunks and TTFT
+   p50/p99 (same app, same budget);
 2. capacity: the same mix with `max_num_seqs` closed-loop clients (req/s);
 3. load: Poisson arrivals at `--fraction` (0.7) of that capacity, open loop;
 and reports the p99 gap between streamed chunks of running requests (every request's chunk
@@ -30,6 +31,16 @@ def _pct(values, q):
 
 def is_refusal(error: str | None) -> bool:
     return bool(error) and (error.startswith("http 503") or error.startswith("http 429"))
+
+
+def length_spread(requests: list, n: int) -> list:
+    """`n` requests at evenly spaced quantiles of the prompt length (12.5/37.5/62.5/87.5%
+    for n = 4), so the single-stream TTFT is measured on prompts like the load's: the
+    first n of the mix (what this bench took before) had a median prompt of 293 tokens
+    against 548 in the load, which made every TTFT ratio look ~2x worse than it is."""
+    ranked = sorted(requests, key=lambda r: r.input_tokens)
+    picks = sorted({min(len(ranked) - 1, int((i + 0.5) * len(ranked) / n)) for i in range(n)})
+    return [ranked[i] for i in picks]
 
 
 def summarize(single: list, loaded: list) -> dict:
@@ -104,8 +115,10 @@ def run(args) -> dict:
             url, switcher = args.url.rstrip("/"), None
         else:
             dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.regime]
-            extra = ({"limits": {"max_num_batched_tokens": args.max_num_batched_tokens}}
-                     if args.max_num_batched_tokens else None)
+            limits = {key: value for key, value in (
+                ("max_num_batched_tokens", args.max_num_batched_tokens),
+                ("max_prefill_tokens_idle", args.max_prefill_tokens_idle)) if value}
+            extra = {"limits": limits} if limits else None
             url, handle, stop = start_sweep_app(dtype, args.max_k, None, args.max_num_seqs,
                                                 extra)
             switcher = HandleSwitcher(handle)
@@ -127,7 +140,8 @@ def run(args) -> dict:
             mix = wl.make_requests(spec, arrival, rows, 1.0, 4 * args.max_num_seqs,
                                    args.seed + 1, max_len)
             closed(mix[:2], 1, 50_000)                                       # warm-up
-            single = closed(mix[:args.single_requests], 1, 60_000)["records"]
+            single_mix = length_spread(mix, args.single_requests)
+            single = closed(single_mix, 1, 60_000)["records"]
             cap = closed(mix[:3 * args.max_num_seqs], args.max_num_seqs, 70_000)
             capacity = sum(r.ok for r in cap["records"]) / cap["duration"]
             if capacity <= 0:
@@ -152,8 +166,9 @@ def run(args) -> dict:
                    "offered_req_s": tr.mean_rate(reqs), "mix": wl.length_summary(reqs),
                    "capacity_concurrency": args.max_num_seqs, "client": client_use,
                    "duration_s": res["duration"],
+                   "max_prefill_tokens_idle": args.max_prefill_tokens_idle or "config default",
                    "single_stream_median_mix_input": statistics.median(
-                       r.input_tokens for r in mix[:args.single_requests])})
+                       r.input_tokens for r in single_mix)})
     report["table_markdown"] = table(report)
     print("\n" + report["table_markdown"] + "\n")
     print(f"client: own process at nice {client_use['nice']}, "
@@ -181,6 +196,8 @@ def add_parser(sub):
     p.add_argument("--max-k", type=int, default=4)
     p.add_argument("--max-num-batched-tokens", type=int, help="the started app's step token "
                    "budget (engine.limits.max_num_batched_tokens; default: the config's)")
+    p.add_argument("--max-prefill-tokens-idle", type=int, help="the started app's budget "
+                   "for steps with no decode row (engine.limits.max_prefill_tokens_idle)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--request-timeout", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)

@@ -94,6 +94,26 @@ class SlotKVCache:
         sel = self._rows if isinstance(self._rows, slice) else self._rows.to(dev)
         return keys[sel, :, : self._kv_len], values[sel, :, : self._kv_len]
 
+    # -- the flat (unpadded) forward: one row at a time (models/flat_forward.py) ---------
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` columns in every slot."""
+        if needed > self.capacity:
+            self._grow(needed)
+
+    def write_and_read(self, layer_idx: int, slot: int, start: int, key_states: torch.Tensor,
+                       value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one row's new keys/values ([1, H, n, D]) at columns start..start+n-1 of
+        `slot`; return the slot's keys/values up to there ([1, H, start+n, D], views)."""
+        if self.keys[layer_idx] is None:
+            shape = (self.num_slots, key_states.shape[1], self.capacity, key_states.shape[3])
+            self.keys[layer_idx] = key_states.new_zeros(shape)
+            self.values[layer_idx] = value_states.new_zeros(shape[:3] + (value_states.shape[3],))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        end = start + key_states.shape[2]
+        keys[slot, :, start:end].copy_(key_states[0])
+        values[slot, :, start:end].copy_(value_states[0])
+        return keys[slot:slot + 1, :, :end], values[slot:slot + 1, :, :end]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
 

@@ -19,6 +19,7 @@ import torch
 
 from specserve_ray.core.ragged import gather_last, pack_ragged, positions_and_mask
 from specserve_ray.config import ModelConfig
+from specserve_ray.models.flat_forward import flat_forward, supports_flat
 from specserve_ray.models.kv_cache import SlotKVCache
 from specserve_kernels.lean_llama import lean_llama_or_none
 from specserve_kernels.packed_linear import can_prepack, prepack_linears
@@ -89,6 +90,10 @@ class ModelRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         self._lean = None                                # see use_lean_forward
+        # One unpadded forward for prompt chunks + verification rows (flat_forward.py);
+        # SPECSERVE_FLAT=0 turns it off (A/B benchmarks).
+        self.flat = (os.environ.get("SPECSERVE_FLAT", "1") != "0"
+                     and supports_flat(model, self.sliding_window))
         self.forward_seconds = 0.0                       # cumulative, for the cost model
         self.forward_calls = 0
 
@@ -223,3 +228,31 @@ class ModelRunner:
             inverse[torch.tensor(order)] = torch.arange(len(order))
             logits = logits[inverse.to(logits.device)]
         return logits
+
+    @torch.inference_mode()
+    def forward_flat(self, seq_ids: list, new_tokens: list[list[int]],
+                     keep: list[bool]) -> list[torch.Tensor]:
+        """Like `forward`, with no padding (only when `self.flat`): row b's logits at
+        all its new positions `[n_b, V]` when `keep[b]`, else at its last `[1, V]`.
+        float32, in the caller's row order."""
+        if not seq_ids:
+            raise ValueError("forward needs at least one sequence")
+        seqs = [self._seqs[s] for s in seq_ids]
+        for seq, toks in zip(seqs, new_tokens):
+            if not toks:
+                raise ValueError(f"{self.name}: a row with no new tokens")
+            if seq.cache_len + len(toks) > self.max_model_len:
+                raise ValueError(f"{self.name}: sequence would exceed max_model_len "
+                                 f"{self.max_model_len}")
+        start = time.perf_counter()
+        logits = flat_forward(self.model, self.cache, [s.slot for s in seqs],
+                              [s.cache_len for s in seqs], new_tokens, keep)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        self.forward_seconds += time.perf_counter() - start
+        self.forward_calls += 1
+        for seq, toks in zip(seqs, new_tokens):
+            seq.cache_len += len(toks)
+            seq.tokens.extend(toks)
+        sizes = [len(t) if k else 1 for t, k in zip(new_tokens, keep)]
+        return list(torch.split(logits, sizes))

@@ -40,26 +40,33 @@ def run_draft(worker: DraftWorker | None, plan: StepPlan) -> DraftOutput:
     return DraftOutput(plan, proposal, prefill_seconds=prefill_s)
 
 
+def _verify_args(worker: TargetWorker, plan: StepPlan, proposal):
+    """(draft ids [B, K], counts [B], draft probs or None) for the plan's decode rows."""
+    if proposal is None or proposal.draft_token_ids.shape[1] == 0:
+        batch = len(plan.decode_ids)
+        return torch.empty(batch, 0, dtype=torch.long), torch.zeros(batch, dtype=torch.long), None
+    probs = proposal.draft_probs
+    if proposal.fixed_rows is not None:
+        probs = with_point_mass(proposal, worker.sampled(plan.decode_ids), worker.vocab_size)
+    return proposal.draft_token_ids, proposal.num_draft_tokens, probs
+
+
 def run_target(worker: TargetWorker, draft_out: DraftOutput) -> StepResult:
     plan = draft_out.plan
     worker.release(plan.release)
-    start = time.perf_counter()
-    first = worker.prefill(plan.prefill) if plan.prefill else []
-    prefill_s = draft_out.prefill_seconds + time.perf_counter() - start
-    verify = None
-    if plan.decode_ids:
-        proposal = draft_out.proposal
-        if proposal is None or proposal.draft_token_ids.shape[1] == 0:
-            batch = len(plan.decode_ids)
-            verify = worker.verify(plan.decode_ids, torch.empty(batch, 0, dtype=torch.long),
-                                   torch.zeros(batch, dtype=torch.long), None)
-        else:
-            probs = proposal.draft_probs
-            if proposal.fixed_rows is not None:
-                probs = with_point_mass(proposal, worker.sampled(plan.decode_ids),
-                                        worker.vocab_size)
-            verify = worker.verify(plan.decode_ids, proposal.draft_token_ids,
-                                   proposal.num_draft_tokens, probs)
+    verify, first, target_prefill_s = None, [], 0.0
+    if plan.prefill and plan.decode_ids and getattr(worker.runner, "flat", False):
+        # Prompt chunks ride in the verification's forward: one weight pass per step.
+        first, verify, target_prefill_s = worker.prefill_and_verify(
+            plan.prefill, plan.decode_ids, *_verify_args(worker, plan, draft_out.proposal))
+    else:
+        start = time.perf_counter()
+        first = worker.prefill(plan.prefill) if plan.prefill else []
+        target_prefill_s = time.perf_counter() - start
+        if plan.decode_ids:
+            verify = worker.verify(plan.decode_ids,
+                                   *_verify_args(worker, plan, draft_out.proposal))
+    prefill_s = draft_out.prefill_seconds + target_prefill_s
     proposal = draft_out.proposal
     if proposal is not None and proposal.draft_probs is not None:
         proposal = replace(proposal, draft_probs=None)  # the router needs only confidences

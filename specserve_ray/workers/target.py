@@ -7,6 +7,7 @@ runs here, next to the target's logits, so full target distributions never trave
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -62,29 +63,72 @@ class TargetWorker:
         return [not self._seqs[s].sampling.greedy for s in seq_ids]
 
     def prefill(self, items: list[PrefillItem]) -> list[int | None]:
-        """Cache prompt chunks (rows of similar length share a forward) and sample the
-        first output token of each sequence whose prompt ends here (None for the others)."""
-        for item in items:
-            if item.first:
-                self.runner.add(item.seq_id)
-                self._seqs[item.seq_id] = _TargetSeq([], item.sampling)
-            self._seqs[item.seq_id].committed.extend(item.prompt_ids)
-        first_tokens: list[int | None] = [None] * len(items)
+        """Cache prompt chunks (one unpadded forward, or rows of similar length sharing a
+        padded one) and sample the first output token of each sequence whose prompt ends
+        here (None for the others)."""
+        self._begin_prefill(items)
         try:
+            if self.runner.flat:
+                rows = self.runner.forward_flat([i.seq_id for i in items],
+                                                [i.prompt_ids for i in items],
+                                                [False] * len(items))
+                return self._first_tokens(items, [r[0] for r in rows])
+            last: list[torch.Tensor | None] = [None] * len(items)
             for group in group_by_length([len(item.prompt_ids) for item in items]):
                 rows = [items[g] for g in group]
                 logits = self.runner.forward([r.seq_id for r in rows],
                                              [r.prompt_ids for r in rows], all_logits=False)
                 for row, g in enumerate(group):
-                    if items[g].last:
-                        seq = self._seqs[items[g].seq_id]
-                        token = self._sample_one(logits[row].cpu(), seq)
-                        seq.committed.append(token)
-                        first_tokens[g] = token
+                    last[g] = logits[row]
+            return self._first_tokens(items, last)
         except Exception:
             self.release([item.seq_id for item in items])
             raise
+
+    def _begin_prefill(self, items: list[PrefillItem]) -> None:
+        for item in items:
+            if item.first:
+                self.runner.add(item.seq_id)
+                self._seqs[item.seq_id] = _TargetSeq([], item.sampling)
+            self._seqs[item.seq_id].committed.extend(item.prompt_ids)
+
+    def _first_tokens(self, items: list[PrefillItem], last_logits) -> list[int | None]:
+        """last_logits: per item, its last position's logits [V]."""
+        first_tokens: list[int | None] = [None] * len(items)
+        for g, item in enumerate(items):
+            if item.last:
+                seq = self._seqs[item.seq_id]
+                token = self._sample_one(last_logits[g].cpu(), seq)
+                seq.committed.append(token)
+                first_tokens[g] = token
         return first_tokens
+
+    def prefill_and_verify(self, items: list[PrefillItem], seq_ids: list[str],
+                           draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor,
+                           draft_probs: torch.Tensor | None
+                           ) -> tuple[list[int | None], VerifyResult, float]:
+        """Prompt chunks and verification rows in ONE unpadded forward (runner.flat):
+        one weight pass per step instead of two. Returns (first tokens, the verification,
+        prefill seconds); the forward's time is split between the two by token share.
+        Same arguments and results as `prefill` then `verify`."""
+        start = time.perf_counter()
+        seqs, fed, base_lens = self._verify_inputs(seq_ids, draft_token_ids, num_draft_tokens)
+        self._begin_prefill(items)
+        try:
+            rows = self.runner.forward_flat([*seq_ids, *(i.seq_id for i in items)],
+                                            [*fed, *(i.prompt_ids for i in items)],
+                                            [True] * len(fed) + [False] * len(items))
+            first = self._first_tokens(items, [r[0] for r in rows[len(fed):]])
+        except Exception:
+            self.release([item.seq_id for item in items])
+            raise
+        logits = torch.nn.utils.rnn.pad_sequence(rows[:len(fed)], batch_first=True)  # [B, T, V]
+        verify = self._accept(seq_ids, seqs, fed, base_lens, logits, draft_token_ids,
+                              num_draft_tokens, draft_probs, start)
+        verify_tokens = sum(len(f) for f in fed)
+        prefill_tokens = sum(len(i.prompt_ids) for i in items)
+        prefill_s = verify.seconds * prefill_tokens / (prefill_tokens + verify_tokens)
+        return first, replace(verify, seconds=verify.seconds - prefill_s), prefill_s
 
     def _sample_one(self, logits: torch.Tensor, seq: _TargetSeq) -> int:
         if seq.sampling.greedy:
@@ -101,9 +145,14 @@ class TargetWorker:
         draft_token_ids: [B, K]; num_draft_tokens: [B]; draft_probs: [B, K, V] or None.
         """
         start = time.perf_counter()
+        seqs, fed, base_lens = self._verify_inputs(seq_ids, draft_token_ids, num_draft_tokens)
+        logits = self.runner.forward(seq_ids, fed, all_logits=True)  # [B, T, V] on device
+        return self._accept(seq_ids, seqs, fed, base_lens, logits, draft_token_ids,
+                            num_draft_tokens, draft_probs, start)
+
+    def _verify_inputs(self, seq_ids, draft_token_ids, num_draft_tokens):
+        """Each row's tokens to score (pending + drafts) and its length before them."""
         seqs = [self._seqs[s] for s in seq_ids]
-        batch = len(seqs)
-        max_k = draft_token_ids.shape[1]
         fed: list[list[int]] = []
         base_lens = []
         for i, seq in enumerate(seqs):
@@ -112,7 +161,13 @@ class TargetWorker:
             base_lens.append(cached + len(pending))
             n = int(num_draft_tokens[i])
             fed.append(pending + draft_token_ids[i, :n].tolist())
-        logits = self.runner.forward(seq_ids, fed, all_logits=True)  # [B, T, V] on device
+        return seqs, fed, base_lens
+
+    def _accept(self, seq_ids, seqs, fed, base_lens, logits, draft_token_ids,
+                num_draft_tokens, draft_probs, start) -> VerifyResult:
+        """Rejection sampling over the verification logits [B, T, V] (rows right-padded)."""
+        batch = len(seqs)
+        max_k = draft_token_ids.shape[1]
         # Position j of the verification window is the logit after pending + j drafts.
         pending = [len(f) - int(num_draft_tokens[i]) for i, f in enumerate(fed)]
         if logits.shape[1] == max_k + 1 and all(n == 1 for n in pending):
