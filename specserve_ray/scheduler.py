@@ -256,7 +256,10 @@ class Scheduler:
         self.chosen_k_sum += sum(ks)
         self.chosen_k_rows += len(ks)
         count_values(self.chosen_k_counts, ks)
-        budget = self.step_budget(decoding=bool(batch))
+        # Decoding anywhere (this step's rows, or a pipelined step in flight) keeps the
+        # budget; only a loop with nobody decoding may take the idle one.
+        budget = self.step_budget(decoding=bool(batch) or any(
+            r.prefill_done and not r.finished for r in self.running))
         left = math.inf if budget is None else budget - sum(k + 1 for k in ks)
         prefill = self._plan_prefill(left, busy, budget)
         if not (release or prefill or batch):

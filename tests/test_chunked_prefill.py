@@ -128,13 +128,19 @@ def test_idle_budget_only_when_nothing_decodes(models):
     decodes, steps are back under max_num_batched_tokens."""
     engine = _engine(models, budget=16, idle=64, k=2)
     first, second = _prompts(13, [150, 150])
-    engine.add_request(first, SamplingParams(max_tokens=30, ignore_eos=True))
+    rid = engine.add_request(first, SamplingParams(max_tokens=30, ignore_eos=True))
     plan = engine.plan_step()
     assert not plan.decode_ids and sum(len(p.prompt_ids) for p in plan.prefill) == 64
     engine.apply_step(plan, run_target(engine.target, run_draft(engine.draft, plan)), 0.0)
     while not engine.running[0].prefill_done:
         engine.step()
     engine.add_request(second, SamplingParams(max_tokens=4, ignore_eos=True))
+    # With pipelining the decoding request may be in the other step in flight: this plan
+    # then has no decode row, yet someone decodes, so the decode budget still holds.
+    busy_plan = engine.plan_step(busy={rid})
+    assert not busy_plan.decode_ids and sum(len(p.prompt_ids) for p in busy_plan.prefill) <= 16
+    engine.apply_step(busy_plan, run_target(engine.target, run_draft(engine.draft, busy_plan)),
+                      0.0)
     plan = engine.plan_step()
     assert plan.decode_ids
     assert sum(k + 1 for k in plan.num_draft) + sum(len(p.prompt_ids) for p in plan.prefill) <= 16
