@@ -128,7 +128,10 @@ class StepFeedback:
         return cls(num_drafted=drafted, num_accepted=tuple(int(n) for n in verify.num_accepted),
                    step_seconds=seconds, num_verified=verified,
                    draft_seconds=proposal.seconds if proposal is not None else None,
-                   verify_seconds=verify.seconds, confidences=confidences,
+                   # A step with prompt chunks shares the target forward with them
+                   # (workers/target.py prefill_and_verify): no verify-alone time then.
+                   verify_seconds=None if plan.prefill else verify.seconds,
+                   confidences=confidences,
                    batch_size=len(plan.decode_ids), context=context,
                    had_prefill=bool(plan.prefill))
 
