@@ -24,6 +24,7 @@ ap.add_argument("--batches", default="1,8")
 ap.add_argument("--max-k", type=int, default=5)
 ap.add_argument("--tokens", type=int, default=96)
 ap.add_argument("--budget", type=float, default=10.0)
+ap.add_argument("--skip-profile-check", action="store_true")
 args = ap.parse_args()
 batches = [int(b) for b in args.batches.split(",")]
 
@@ -96,7 +97,7 @@ def run(policy, batch):
 
 
 print("\n== 1. profile vs measured (static k, decode steps only, no prefill) ==")
-for batch in batches:
+for batch in ([] if args.skip_profile_check else batches):
     for k in range(args.max_k + 1):
         run(f"static:{k}", batch)          # warm-up
         tps, st, _ = run(f"static:{k}", batch)

@@ -58,3 +58,4 @@ def test_explicit_switch_overrides_the_gate():
     forced.cost.scale["draft"] = 2.9
     assert forced.decide(state()).control is not None
     assert policy(in_loop=False).decide(state()).control is None
+
