@@ -52,10 +52,10 @@ PRESETS = {
                   eval_new=16, ckpt_every=2, warmup=2),
     "cpu": dict(target_tokens=6_000_000, target_seq=256, target_batch=16, gen_count=2048,
                 gen_prompt=64, gen_new=192, gen_batch=64, draft_tokens=3_000_000, draft_batch=32),
-    "gpu": dict(target_tokens=60_000_000, target_seq=256, target_batch=128, gen_count=16384,
+    "gpu": dict(target_tokens=48_000_000, target_seq=256, target_batch=128, gen_count=16384,
                 gen_prompt=64, gen_new=192, gen_batch=1024, draft_tokens=24_000_000, draft_batch=128),
 }
-DEFAULTS = dict(target_shape="512,8,8,1376", draft_shape="128,1,2,384", target_tokens=6_000_000,
+DEFAULTS = dict(target_shape="512,8,8,1376", draft_shape="192,1,3,512", target_tokens=6_000_000,
                 target_seq=256, target_batch=16, target_lr=2e-3, gen_count=2048, gen_prompt=64,
                 gen_new=192, gen_batch=64, gen_greedy=0.5, draft_tokens=3_000_000, draft_batch=32,
                 draft_lr=3e-3, kl_weight=0.8, gen_fraction=0.75, eval_windows=200, eval_prompts=32,
@@ -162,7 +162,7 @@ class Pair:
     @property
     def streams(self) -> dict[str, torch.Tensor]:
         if self._streams is None:
-            cache = self.args.corpus.with_name("streams.pt")  # beside the pack: shared by runs
+            cache = self.args.work / "streams.pt"  # not beside the pack: that folder is carried
             key = [str(self.args.corpus), self.args.corpus.stat().st_mtime_ns, str(self.args.tokenizer)]
             if cache.exists() and (cached := torch.load(cache))["key"] == key:
                 self._streams = cached["streams"]

@@ -148,3 +148,12 @@ def test_recipe_end_to_end_at_toy_size(tmp_path):
     assert target(input_ids=ids).logits.shape[-1] == draft(input_ids=ids).logits.shape[-1] == len(tok)
     gen = torch.load(out.parent / "pair-work" / "generated.pt")
     assert gen["seqs"].shape == (16, 32) and gen["greedy"].sum() == 8
+
+
+def test_server_never_imports_the_training_recipe():
+    """Training is offline tooling: no module outside specserve_ray/training imports it."""
+    offenders = [p for p in (ROOT / "specserve_ray").rglob("*.py")
+                 if "training" not in p.relative_to(ROOT / "specserve_ray").parts
+                 and "specserve_ray.training" in p.read_text()]
+    offenders += [p for p in (ROOT / "deployments").rglob("*.py") if "specserve_ray.training" in p.read_text()]
+    assert offenders == []
