@@ -171,6 +171,9 @@ class Pair:
                 self._streams = {s: token_stream(self.tokenizer, [t for _, t in recs]).to(torch.int32)
                                  for s, recs in splits.items()}
                 torch.save({"key": key, "streams": self._streams}, cache)
+            manifest = self.args.corpus.with_name("manifest.json")
+            if manifest.exists():
+                self.report["corpus"] = json.loads(manifest.read_text())
             self.report.setdefault("corpus", {})["tokens"] = {s: int(v.numel()) for s, v in self._streams.items()}
         return self._streams
 
@@ -185,6 +188,8 @@ def stage_corpus(p: Pair):
     a = p.args
     manifest = corpus_mod.build_pack(a.corpus, packages=not a.no_packages)
     p.report["corpus"] = {"pack": str(a.corpus), **manifest}
+    # Beside the pack, so a run elsewhere (the GPU) records which sources and licences it saw.
+    a.corpus.with_name("manifest.json").write_text(json.dumps(p.report["corpus"], indent=1))
     if a.new_tokenizer:
         from specserve_ray.training.tokenizer import train_tokenizer
         train_tokenizer(p.texts("train"), a.work / "tokenizer", vocab_size=4096)
