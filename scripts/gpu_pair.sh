@@ -15,19 +15,23 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_pair_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/kernels PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
-PAIR=/tmp/pair-next
+PAIR=${PAIR_DIR:-/tmp/pair-next}
+rm -rf "$PAIR" /tmp/pair-work
 CORPUS=runs/pair-corpus/corpus.jsonl.xz
 [ -f "$CORPUS" ] || { echo "missing $CORPUS: build it here and carry runs/pair-corpus" | tee "$OUT/train.log"; exit 2; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/train.log"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | tee "$OUT/train.log"
+${PYTHON:-python3} -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/train.log"
 
-python3 scripts/train_pair.py --preset gpu --device cuda --precision bf16 --out "$PAIR" --work /tmp/pair-work \
+# PAIR_DEVICE=cpu PAIR_PRESET=smoke PYTHON=... run the same plumbing here in seconds.
+DEVICE=${PAIR_DEVICE:-cuda}
+PY=${PYTHON:-python3}
+$PY scripts/train_pair.py --preset "${PAIR_PRESET:-gpu}" --device "$DEVICE" --precision bf16 --out "$PAIR" --work /tmp/pair-work \
   --corpus "$CORPUS" --target-fit-minutes "${PAIR_TARGET_MIN:-3.5}" --draft-fit-minutes "${PAIR_DRAFT_MIN:-1.5}" \
   2>&1 | tee -a "$OUT/train.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" -eq 0 ]; then
-  python3 scripts/measure_pair.py --pair "$PAIR" --device cuda --no-step-costs --corpus "$CORPUS" \
+  $PY scripts/measure_pair.py --pair "$PAIR" --device "$DEVICE" --no-step-costs --corpus "$CORPUS" \
     2>&1 | tee "$OUT/measure.log"
   # Files come back at most 16 MiB each, 8 in all: the pair travels as one split tar.
   tar -C "$PAIR" -cf - target draft TRAINING.json | split -b 15M - "$OUT/pair.tar.part-"
