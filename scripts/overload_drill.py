@@ -177,6 +177,21 @@ def _spread(xs) -> dict:
             "max": round(max(xs), 3), "runs": [round(x, 3) for x in xs]}
 
 
+def server_steps(handle) -> dict:
+    return handle.stats.remote().result(timeout_s=60)["step_time_s"]
+
+
+def steps_delta(before: dict, after: dict) -> dict:
+    """The server's own view of a phase: steps, rows per step, mean ms per step and per
+    part (draft, verify, prefill, router overhead), free of any client-side lag."""
+    n = max(after["steps"] - before["steps"], 1)
+    out = {"steps": after["steps"] - before["steps"],
+           "rows_per_step": round((after["rows"] - before["rows"]) / n, 2)}
+    for part in ("total", "draft", "verify", "prefill", "overhead"):
+        out[f"{part}_ms"] = round(1e3 * (after[part] - before[part]) / n, 2)
+    return out
+
+
 def _py_spy(pids: dict[int, str], seconds: float, out_dir: str) -> list:
     os.makedirs(out_dir, exist_ok=True)
     procs = []
@@ -220,9 +235,12 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     app = build_app(app_args)
     if args.serve_queue is not None:
-        app = app.options(max_queued_requests=args.serve_queue,
-                          backpressure_config={"status_code": 429, "retry_after_s": 5})
-    serve.run(app, name="specserve", route_prefix="/")
+        from ray.serve import Application
+
+        app = Application(app._bound_deployment.options(
+            max_queued_requests=args.serve_queue,
+            backpressure_config={"status_code": 429, "retry_after_s": 5}))
+    handle = serve.run(app, name="specserve", route_prefix="/")
     url = "http://127.0.0.1:8000"
     os.nice(19)
     rounds = []
@@ -230,9 +248,9 @@ def main() -> None:
         asyncio.run(_capacity(url, seqs, 8, args.max_tokens))        # warm-up
         rate = None
         for rep in range(args.reps):
-            c0 = cpu_snapshot()
+            s0, c0 = server_steps(handle), cpu_snapshot()
             cap, t0 = asyncio.run(_capacity(url, seqs, args.capacity_s, args.max_tokens))
-            c1 = cpu_snapshot()
+            c1, s1 = cpu_snapshot(), server_steps(handle)
             cap_wall = time.monotonic() - t0
             ok = [r for r in cap if r["status"] == 200]
             cap_tok_s = tokens_between(ok, t0, t0 + args.capacity_s) / args.capacity_s
@@ -240,10 +258,10 @@ def main() -> None:
                 rate = args.factor * sum(1 for r in ok if r["stamps"][-1] < t0 + args.capacity_s) / args.capacity_s
             spies = (_py_spy(ray_processes(), args.overload_s, args.profile)
                      if args.profile and rep == 0 else [])
-            c2 = cpu_snapshot()
+            s2, c2 = server_steps(handle), cpu_snapshot()
             over, t1 = asyncio.run(_overload(url, rate, args.overload_s, args.max_tokens,
                                              seed=rep))
-            c3 = cpu_snapshot()
+            c3, s3 = cpu_snapshot(), server_steps(handle)
             over_wall = time.monotonic() - t1
             for p in spies:
                 p.wait()
@@ -254,7 +272,8 @@ def main() -> None:
             rounds.append({
                 "capacity": {"completed": len(ok), "tok_s": round(cap_tok_s, 1),
                              "tpot_p50_ms": round(1e3 * cap_tpot, 2),
-                             "cores": cpu_delta(c0, c1, cap_wall)},
+                             "cores": cpu_delta(c0, c1, cap_wall),
+                             "server_steps": steps_delta(s0, s1)},
                 "overload": {"offered_req_s": round(rate, 2), "sent": len(over),
                              "completed": len(done), "refused": len(refused),
                              "refusal_statuses": sorted({str(r["status"]) for r in refused}),
@@ -262,7 +281,8 @@ def main() -> None:
                                                               if r.get("retry_after")),
                              "tok_s": round(over_tok_s, 1),
                              "tpot_p50_ms": round(1e3 * over_tpot, 2),
-                             "cores": cpu_delta(c2, c3, over_wall)},
+                             "cores": cpu_delta(c2, c3, over_wall),
+                             "server_steps": steps_delta(s2, s3)},
                 "throughput_ratio": round(over_tok_s / cap_tok_s, 3),
                 "tpot_ratio": round(over_tpot / cap_tpot, 3)})
             print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)

@@ -251,4 +251,9 @@ def test_limits_before_the_loop(door):
         asyncio.run(door.generate("x", SamplingParams()))
     assert 1 <= err.value.retry_after_s <= 60 and door.refusals == {"queued_requests": 1}
     assert loop.faults.counts["refused_queued_requests"] == 1      # exported with the faults
+    early = door.refuse_early()          # the HTTP guard's check, before the body is read
+    assert isinstance(early, OverloadedError) and early.retry_after_s >= 1
+    assert door.refusals == {"queued_requests": 2}
+    loop.engine.waiting = []
+    assert door.refuse_early() is None   # a request that could fit is never refused early
     assert loop.seen_ids == []                                   # nothing reached the loop
