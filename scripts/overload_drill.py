@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -279,6 +280,8 @@ def main() -> None:
                              "refusal_statuses": sorted({str(r["status"]) for r in refused}),
                              "refusals_with_retry_after": sum(1 for r in refused
                                                               if r.get("retry_after")),
+                             "retry_after_s": dict(collections.Counter(
+                                 r.get("retry_after") for r in refused).most_common(5)),
                              "tok_s": round(over_tok_s, 1),
                              "tpot_p50_ms": round(1e3 * over_tpot, 2),
                              "cores": cpu_delta(c2, c3, over_wall),
