@@ -202,6 +202,31 @@ def test_user_config_that_lets_serve_queue_is_refused(app):
     handle.reconfigure.remote({"max_queued_requests": 8}).result()
 
 
+@pytest.mark.slow   # ~10 s: Serve retries the failing replica before it gives up
+def test_deployment_settings_that_let_serve_queue_fail_the_replica(app):
+    """build_app cannot see a Serve config's `deployments:` override of
+    max_ongoing_requests; the replica checks its real setting and refuses to start."""
+    from ray import serve
+    from ray.serve import Application
+
+    from deployments.app import build_app
+
+    tiny = {"CPU": 0.01}         # beside the module's app on a 2-CPU Ray instance
+    good = build_app({"engine": {"limits": {"max_num_seqs": 4}}, "max_queued_requests": 8,
+                      "router_resources": tiny, "draft_resources": tiny,
+                      "target_resources": tiny})
+    bad = Application(good._bound_deployment.options(max_ongoing_requests=10))
+    try:
+        with pytest.raises(Exception, match="frontdoor-bad failed"):
+            serve.run(bad, name="frontdoor-bad", route_prefix="/bad")
+        status = serve.status().applications["frontdoor-bad"]
+        message = status.deployments["SpecRouter"].message
+        assert "invalid deployment settings" in message, message
+        assert "max_ongoing_requests (10)" in message and "(4 + 8 = 12)" in message, message
+    finally:
+        serve.delete("frontdoor-bad")
+
+
 def test_token_queue_bound(app):
     handle = app["handle"]
     handle.reconfigure.remote({"max_num_seqs": 1, "max_queued_tokens": 100}).result()
