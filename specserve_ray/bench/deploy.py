@@ -47,9 +47,15 @@ def step_split(before: dict, after: dict) -> dict:
            "mean_batch": round(split["rows"] / steps, 2) if steps and "rows" in split else None,
            # Per step as a request sees it; with pipelining two steps overlap in time.
            "mean_step_ms": round(1e3 * total / steps, 2) if steps else None}
-    parts = [k for k in ("plan", "apply", "router", "transport") if k in split]
-    if total and parts:
-        out["router_parts_share"] = {k: round(split[k] / total, 4) for k in parts}
+    cycle = split.get("cycle")
+    if cycle:
+        # Router + transport against the whole step cycle (planning and applying included).
+        parts = [k for k in ("plan", "apply", "loop_wait", "transport") if k in split]
+        out["router_parts_share"] = {k: round(split[k] / cycle, 4) for k in parts}
+        out["router_transport_share"] = round(sum(split[k] for k in parts) / cycle, 4)
+        out["mean_cycle_ms"] = round(1e3 * cycle / steps, 2) if steps else None
+        out["per_step_ms"] = {k: round(1e3 * v / steps, 3) for k, v in split.items()
+                              if k not in ("steps", "rows")} if steps else {}
     return out
 
 
