@@ -38,7 +38,7 @@ bench: install
 	$(BIN)/python -m specserve_ray.bench single --json bench_single.json
 
 train-pair: install
-	$(BIN)/python scripts/train_pair.py --out specserve_ray/assets/tiny-pair
+	$(BIN)/python scripts/train_pair.py --preset cpu --out specserve_ray/assets/tiny-pair
 
 # The gRPC stubs are committed; regenerate them after editing the .proto.
 proto: install

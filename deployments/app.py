@@ -13,26 +13,24 @@ router+draft+target groups.
 
 Queueing: Serve's `max_ongoing_requests` should be >= `engine.limits.max_num_seqs +
 max_queued_requests`, so that the router's own queue bound (429 with Retry-After)
-refuses before Serve starts queueing requests on its own; build_app warns otherwise.
+refuses before Serve starts queueing requests on its own; build_app refuses a config
+that breaks this (ValueError naming the keys and values), and so does a replica whose
+deployment settings or user_config break it (deployments/router.py).
 """
 from __future__ import annotations
-
-import logging
 
 from ray.serve import Application
 
 from specserve_ray.config import AppConfig
-from specserve_ray.front_config import serve_queue_problem
+from specserve_ray.front_config import check_serve_queue
 
 from deployments.router import SpecRouter
 
 
 def build_app(args: dict | None = None) -> Application:
     cfg = AppConfig.model_validate(args or {})
-    problem = serve_queue_problem(cfg.max_ongoing_requests, cfg.engine.limits.max_num_seqs,
-                                  cfg.max_queued_requests)
-    if problem:
-        logging.getLogger("specserve_ray").warning("%s", problem)
+    check_serve_queue(cfg.max_ongoing_requests, cfg.engine.limits.max_num_seqs,
+                      cfg.max_queued_requests, "app args")
     bundles = [cfg.router_resources, cfg.draft_resources, cfg.target_resources]
     router_cpus = cfg.router_resources.get("CPU", 0.0)
     return SpecRouter.options(

@@ -23,6 +23,7 @@ from specserve_ray.api.front import FrontDoor
 from specserve_ray.async_engine import AsyncSpecEngine
 from specserve_ray.config import AppConfig, SpeculationConfig
 from specserve_ray.engine import SpecEngine
+from specserve_ray.front_config import check_serve_queue
 from specserve_ray.policy import CostModel
 
 from deployments.controller import controller_name
@@ -85,6 +86,23 @@ def persist_learned(cfg: AppConfig, engine: SpecEngine) -> None:
         attach_persistence(engine, None, cost_model_key(
             eng.target.path, eng.draft.path if eng.draft else None, eng.target.dtype,
             eng.target.device))
+
+
+# -- Serve's queueing rule ------------------------------------------------------------------
+def deployed_max_ongoing(cfg: AppConfig) -> int:
+    """The replica's real max_ongoing_requests (a Serve config's deployment settings may
+    override what build_app set from the args); the args' value outside a replica."""
+    try:
+        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+    except Exception:  # noqa: BLE001 - outside a replica (direct construction in tests)
+        return cfg.max_ongoing_requests
+
+
+def check_queueing(cfg: AppConfig, max_num_seqs: int, max_queued_requests: int,
+                   where: str) -> None:
+    """ValueError unless Serve lets every request the front door may hold (running +
+    waiting) reach the replica, so that the project's bound refuses first."""
+    check_serve_queue(deployed_max_ongoing(cfg), max_num_seqs, max_queued_requests, where)
 
 
 # -- the router's library objects -----------------------------------------------------------

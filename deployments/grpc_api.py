@@ -47,6 +47,9 @@ class SpecServeGrpc:
         """Checks shared by both methods; returns the engine arguments."""
         if grpc_context is not None:
             self.front.auth.check_metadata(grpc_context.invocation_metadata())
+        overloaded = self.front.refuse_early()     # a full queue: refused before any check
+        if overloaded is not None:
+            raise overloaded
         check_text(request.prompt, "prompt")          # the proto fixes types, not text
         check_text(request.slo_class, "slo_class")
         k = request.num_speculative_tokens if request.HasField("num_speculative_tokens") else None

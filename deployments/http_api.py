@@ -2,6 +2,7 @@
 
     request ──> FrontDoorGuard (ASGI, before any body byte is read or parsed)
                   API key (all paths but /health)  -> 401
+                  queue already full (generate paths)  -> 429 + Retry-After
                   Content-Length, then bytes as they arrive > max_body_bytes -> 413
             ──> FastAPI: JSON -> openai.*Request models -> FrontDoor.stream / generate
 
@@ -30,6 +31,7 @@ from specserve_ray.errors import PayloadTooLargeError, RequestError
 
 api = FastAPI(title="SpecServe-Ray", docs_url=None, redoc_url=None)
 OPEN_PATHS = frozenset({"/health"})
+GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _router = None   # this process's SpecRouter replica, set by `install`
 
 
@@ -39,7 +41,8 @@ def install(router) -> None:
     _router = router
 
 
-def current_router():
+async def current_router():
+    # async: FastAPI runs a plain-function dependency on a thread, a hop per request.
     if _router is None:
         raise RuntimeError("no router installed in this process")
     return _router
@@ -74,6 +77,10 @@ class FrontDoorGuard:
                 front.auth.check_header(headers.get(b"authorization"))
             except AuthError as exc:
                 return await error_response(classify(exc))(scope, receive, send)
+        if path in GENERATE_PATHS and scope.get("method") == "POST":
+            overloaded = front.refuse_early()
+            if overloaded is not None:     # cheap: no body read, parsed or tokenized
+                return await error_response(classify(overloaded))(scope, receive, send)
         limit = front.cfg.max_body_bytes
         too_large = PayloadTooLargeError(f"request body exceeds {limit} bytes "
                                          "(front.max_body_bytes)")

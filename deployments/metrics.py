@@ -16,6 +16,7 @@ from specserve_ray.metrics import MetricsDelta
 P = "specserve_"
 _LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
                     1.0, 2.5, 5.0, 10.0, 20.0, 60.0]
+_RECOVERY_BUCKETS = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]
 
 
 class RayMetricsExporter:
@@ -54,6 +55,10 @@ class RayMetricsExporter:
         self.faults = c("fault_events", "Fault and recovery events by `event` (draft_fallback_steps, "
                         "draft_restarts, target_restarts, resumed_requests, failed_requests, "
                         "refused_<reason>, *_recovery_seconds summed ...).", ("event",))
+        self.recovery = Histogram(P + "recovery_seconds", "Worker failure -> serving again "
+                                  "(draft: speculation resumed; target: requests resumed), "
+                                  "one observation per recovery.",
+                                  boundaries=_RECOVERY_BUCKETS, tag_keys=("worker",))
         self.step_seconds = Histogram(P + "step_seconds", "Wall time of decode steps.",
                                       boundaries=_LATENCY_BUCKETS)
         self.ttft = Histogram(P + "time_to_first_token_seconds", "TTFT of finished requests.",
@@ -102,6 +107,8 @@ class RayMetricsExporter:
             inc(self.slo_attained, record.attained, {"slo_class": name})
         for event, n in d.faults.items():
             inc(self.faults, n, {"event": event})
+        for worker, s in delta.recovery:
+            self.recovery.observe(s, {"worker": worker})
         for s in delta.step_seconds:
             self.step_seconds.observe(s)
         for name, s in delta.ttft:

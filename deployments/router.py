@@ -24,7 +24,8 @@ from specserve_ray.policy import CostModel
 from specserve_ray.user_config import UserConfig
 
 from deployments import http_api, wire
-from deployments.builder import build_serving, fit_cost_model, persist_learned, start_workers
+from deployments.builder import (build_serving, check_queueing, fit_cost_model,
+                                 persist_learned, start_workers)
 from deployments.grpc_api import SpecServeGrpc
 from deployments.http_api import api
 
@@ -35,6 +36,8 @@ class SpecRouter(SpecServeGrpc):
     def __init__(self, args: dict):
         wire.install()      # tensors in step messages travel as numpy (deployments/wire.py)
         self.cfg = AppConfig.model_validate(args)
+        check_queueing(self.cfg, self.cfg.engine.limits.max_num_seqs,
+                       self.cfg.max_queued_requests, "deployment settings")
         # The actors this replica owns, created in its placement group and recreated
         # when lost (deployments/worker_group.py).
         self.workers = start_workers(self.cfg)
@@ -55,6 +58,9 @@ class SpecRouter(SpecServeGrpc):
         """
         knobs = UserConfig.parse(user_config)
         knobs.check_against(self.cfg.engine.limits.max_num_seqs)
+        check_queueing(self.cfg, knobs.max_num_seqs or self.engine.limits.max_num_seqs,
+                       (self.front.bounds.max_queued_requests if knobs.max_queued_requests
+                        is None else knobs.max_queued_requests), "user_config")
         updates = {k: v for k, v in (("num_speculative_tokens", knobs.num_speculative_tokens),
                                      ("policy", knobs.policy),
                                      ("profile_budget_s", knobs.profile_budget_s),

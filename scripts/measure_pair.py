@@ -7,12 +7,19 @@ Agreement is greedy per-token agreement under teacher forcing: over held-out sou
 where the draft's argmax equals the target's argmax. Step costs are medians of a batch-1
 decode step at a 128-token context through the engine's runner (what serving pays).
 Results are merged into <pair>/TRAINING.json under "measured".
+
+`--corpus runs/pair-corpus/corpus.jsonl.xz` reads the held-out files from the training
+recipe's pack instead of this Python's stdlib (the same bytes on a GPU machine whose Python
+differs) and adds agreement on the held-out packages' code and along the target's own greedy
+output with simulated tokens per step. `--device cuda --no-step-costs` measures quality on
+a GPU machine (step costs are this project's CPU figures and need the engine installed).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specserve_ray.models.runner import ModelRunner
 from specserve_ray.prompts import held_out_files
+from specserve_ray.training.evaluate import prompts_from_texts, token_stream, trajectory_agreement
 
 
 def held_out_stream(tokenizer) -> torch.Tensor:
@@ -34,13 +41,13 @@ def held_out_stream(tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def agreement_and_loss(target, draft, stream, seq=128, windows=200):
+def agreement_and_loss(target, draft, stream, seq=128, windows=200, device="cpu"):
     step = max(seq, (stream.numel() - seq - 1) // windows)
     agree = total = 0
     losses = {"target": [], "draft": []}
     for s in range(0, stream.numel() - seq - 1, step)[:windows]:
-        x = stream[s:s + seq].unsqueeze(0)
-        y = stream[s + 1:s + seq + 1]
+        x = stream[s:s + seq].unsqueeze(0).to(device)
+        y = stream[s + 1:s + seq + 1].to(device)
         lt = target(input_ids=x).logits[0].float()
         ld = draft(input_ids=x).logits[0].float()
         agree += int((lt.argmax(-1) == ld.argmax(-1)).sum())
@@ -51,6 +58,8 @@ def agreement_and_loss(target, draft, stream, seq=128, windows=200):
 
 
 def step_ms(model, context: int = 128, repeats: int = 50) -> float:
+    from specserve_ray.models.runner import ModelRunner  # the engine (pydantic etc.), CPU figures
+
     runner = ModelRunner(model, max_seqs=1, max_model_len=context + 8)
     runner.add("s")
     runner.forward(["s"], [list(range(5, 5 + context))], all_logits=False)
@@ -67,29 +76,54 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pair", type=Path, default=Path("specserve_ray/assets/tiny-pair"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--corpus", type=Path, default=None, help="held-out text from this training pack")
+    ap.add_argument("--no-step-costs", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dev = args.device
     tok = AutoTokenizer.from_pretrained(args.pair / "target")
-    target = AutoModelForCausalLM.from_pretrained(args.pair / "target", dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.pair / "draft", dtype=torch.float32).eval()
-    stream = held_out_stream(tok)
-    agree, losses = agreement_and_loss(target, draft, stream)
-    target_bf16 = AutoModelForCausalLM.from_pretrained(args.pair / "target", dtype=torch.bfloat16).eval()
-    costs = {"target_fp32_ms": step_ms(target), "target_bf16_ms": step_ms(target_bf16),
-             "draft_fp32_ms": step_ms(draft)}
+    target = AutoModelForCausalLM.from_pretrained(args.pair / "target", dtype=torch.float32).to(dev).eval()
+    draft = AutoModelForCausalLM.from_pretrained(args.pair / "draft", dtype=torch.float32).to(dev).eval()
+    extra = {}
+    if args.corpus is not None:
+        from specserve_ray.training.corpus import read_pack
+        splits = read_pack(args.corpus)
+        held_texts = [t for _, t in splits["held_stdlib"]]
+        stream = token_stream(tok, held_texts)
+        if splits.get("held_pkg"):
+            pkg_agree, pkg_losses = agreement_and_loss(
+                target, draft, token_stream(tok, [t for _, t in splits["held_pkg"]]), device=dev)
+            extra["held_out_package"] = {"greedy_agreement": round(pkg_agree, 4),
+                                         "loss": {k: round(v, 4) for k, v in pkg_losses.items()},
+                                         "packages": sorted({s for s, _ in splits["held_pkg"]})}
+        prompts = prompts_from_texts(tok, held_texts, 32, 48)
+        extra["along_target_greedy"] = trajectory_agreement(target, draft, prompts, new_tokens=64,
+                                                            device=dev, eos_id=tok.eos_token_id)
+    else:
+        stream = held_out_stream(tok)
+    agree, losses = agreement_and_loss(target, draft, stream, device=dev)
+    costs = {}
+    if not args.no_step_costs:
+        target, draft = target.cpu(), draft.cpu()
+        target_bf16 = AutoModelForCausalLM.from_pretrained(args.pair / "target", dtype=torch.bfloat16).eval()
+        costs = {"target_fp32_ms": step_ms(target), "target_bf16_ms": step_ms(target_bf16),
+                 "draft_fp32_ms": step_ms(draft)}
     sizes = {d: sum(f.stat().st_size for f in (args.pair / d).iterdir()) / 2**20
              for d in ("target", "draft")}
     measured = {
         "greedy_agreement_held_out": round(agree, 4),
         "held_out_loss_fp32": {k: round(v, 4) for k, v in losses.items()},
-        "step_ms_batch1_ctx128": {k: round(v, 3) for k, v in costs.items()},
-        "target_over_draft_step": round(costs["target_fp32_ms"] / costs["draft_fp32_ms"], 2),
+        **extra,
         "size_mib": {k: round(v, 2) for k, v in sizes.items()},
         "params": {"target": sum(p.numel() for p in target.parameters()),
                    "draft": sum(p.numel() for p in draft.parameters())},
         "threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-        "command": "python scripts/measure_pair.py",
+        "device": dev, "command": "python scripts/measure_pair.py " + " ".join(sys.argv[1:]),
     }
+    if costs:
+        measured["step_ms_batch1_ctx128"] = {k: round(v, 3) for k, v in costs.items()}
+        measured["target_over_draft_step"] = round(costs["target_fp32_ms"] / costs["draft_fp32_ms"], 2)
     path = args.pair / "TRAINING.json"
     report = json.loads(path.read_text()) if path.exists() else {}
     report["measured"] = measured

@@ -52,11 +52,21 @@ class FrontDoorConfig(BaseModel):
 
 def serve_queue_problem(max_ongoing_requests: int, max_num_seqs: int,
                         max_queued_requests: int) -> str | None:
-    """A message when Serve would queue requests before this project's bound refuses them
-    (None when the configuration is consistent)."""
+    """A message naming the keys and values when Serve would queue requests before this
+    project's bound refuses them (None when the configuration is consistent)."""
     need = max_num_seqs + max_queued_requests
     if max_ongoing_requests < need:
-        return (f"max_ongoing_requests ({max_ongoing_requests}) is below max_num_seqs + "
-                f"max_queued_requests ({max_num_seqs} + {max_queued_requests} = {need}): "
-                "Serve would queue requests itself, without bound or Retry-After")
+        return (f"max_ongoing_requests ({max_ongoing_requests}) is below "
+                f"engine.limits.max_num_seqs + max_queued_requests ({max_num_seqs} + "
+                f"{max_queued_requests} = {need}): Serve would queue requests itself, without "
+                f"bound or Retry-After; set max_ongoing_requests >= {need} (in the app args "
+                "and in the deployment's settings) or lower the other two")
     return None
+
+
+def check_serve_queue(max_ongoing_requests: int, max_num_seqs: int,
+                      max_queued_requests: int, where: str) -> None:
+    """Raise ValueError (`where` says which config) when the queueing rule is broken."""
+    problem = serve_queue_problem(max_ongoing_requests, max_num_seqs, max_queued_requests)
+    if problem:
+        raise ValueError(f"invalid {where}: {problem}")

@@ -125,10 +125,13 @@ FAULT_EVENTS = (
     "request_timeouts",        # requests past their deadline
     "loop_restarts",           # step-loop crashes restarted by the supervisor
     "stalled_clients",         # streams aborted: the client stopped taking output
-    "refused_queue_full",      # refusals by reason
-    "refused_draining",
-    "refused_unavailable",
+    "refused_queued_requests", # refusals by reason: the front door's request bound,
+    "refused_queued_tokens",   # its token bound,
+    "refused_queue_full",      # the step loop's own request bound (a handle call past it),
+    "refused_draining",        # shutting down,
+    "refused_unavailable",     # the target could not be recovered
 )
+RECOVERY_EVENTS = {"draft_recovery_seconds": "draft", "target_recovery_seconds": "target"}
 
 
 class FaultCounts:
@@ -167,6 +170,7 @@ class MetricsDelta:
     running: int = 0
     verify_budget: int | None = None
     max_k: int | None = None
+    recovery: list[tuple[str, float]] = field(default_factory=list)   # (worker, seconds)
 
 
 class MetricsAggregator:
@@ -178,6 +182,7 @@ class MetricsAggregator:
         self._step_seconds: deque[float] = deque(maxlen=_MAX_BUFFERED)
         self._ttft: deque[tuple[str, float]] = deque(maxlen=_MAX_BUFFERED)
         self._tpot: deque[tuple[str, float]] = deque(maxlen=_MAX_BUFFERED)
+        self._recovery: deque[tuple[str, float]] = deque(maxlen=_MAX_BUFFERED)
         self._last_drain = now
 
     def observe_step(self, seconds: float, admitted: int, chosen_k: Sequence[int],
@@ -235,6 +240,8 @@ class MetricsAggregator:
         """One fault/recovery event (FAULT_EVENTS), or seconds for the *_seconds ones."""
         d = self._delta.faults
         d[event] = d.get(event, 0) + amount
+        if event in RECOVERY_EVENTS:       # one recovery: its time, for the histogram
+            self._recovery.append((RECOVERY_EVENTS[event], amount))
 
     def current(self) -> Counts:
         """Totals including what the next drain will hand out (a copy; drains unaffected)."""
@@ -248,7 +255,9 @@ class MetricsAggregator:
         delta, self._delta = self._delta, Counts()
         self.totals.add(delta)
         out = MetricsDelta(delta, list(self._step_seconds), list(self._ttft), list(self._tpot),
-                           max(now - self._last_drain, 0.0), queue_depth, running)
+                           max(now - self._last_drain, 0.0), queue_depth, running,
+                           recovery=list(self._recovery))
+        self._recovery.clear()
         self._step_seconds.clear()
         self._ttft.clear()
         self._tpot.clear()

@@ -38,6 +38,7 @@ def start_app(transport: str = "actor", pipeline: bool = False, max_num_seqs: in
                        "limits": {"max_model_len": 512, "max_num_seqs": max_num_seqs,
                                   "max_tokens": 256}},
             "transport": transport, "pipeline": pipeline, "max_queued_requests": 128,
+            "max_ongoing_requests": max_num_seqs + 128,
             "signals": {"export_metrics": False},
             "faults": {"allow_fault_injection": True, "step_timeout_s": 4.0,
                        "draft_restart_backoff_s": 0.2, **(faults or {})}}

@@ -51,7 +51,8 @@ def app():
                        "speculation": {"num_speculative_tokens": 3},
                        "limits": {"max_model_len": 256, "max_num_seqs": 4, "max_tokens": 64}},
             "signals": {"report_interval_s": 0.5, "controller": True,
-                        "controller_retry_s": 600}}
+                        "controller_retry_s": 600},
+            "faults": {"allow_fault_injection": True, "draft_restart_backoff_s": 0.2}}
     handle = serve.run(build_app(args), name=APP, route_prefix="/")
     yield {"handle": handle, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "ray": ray}
     serve.shutdown()
@@ -106,6 +107,46 @@ def test_metrics_reach_the_prometheus_endpoint(app):
                  "ray_specserve_time_to_first_token_seconds_bucket", "ray_specserve_running_requests",
                  "ray_specserve_queue_depth", "ray_specserve_chosen_k_rows_total"):
         assert name in text, name
+
+
+def test_fault_and_refusal_counters_reach_the_prometheus_endpoint(app):
+    """Issue item 7 end to end: a refusal, a dead draft (fallback, restart, recovery time)
+    and a dead target (restart, resumed requests) counted in /v1/stats and exported."""
+    handle = app["handle"]
+    handle.reconfigure.remote({"max_queued_requests": 0}).result()   # every request refused
+    try:
+        with pytest.raises(Exception, match="overloaded"):
+            handle.generate.remote("def f():\n", max_tokens=4).result(timeout_s=60)
+    finally:
+        handle.reconfigure.remote({"max_queued_requests": 64}).result()
+    for role in ("draft", "target"):
+        handle.inject_fault.remote(role, "die", at_step=3).result(timeout_s=30)
+        assert [r["completion_tokens"] for r in _generate_some(handle)] == [12] * 4
+    stats = _wait(lambda: (lambda f: f if f["draft_restarts"] >= 1 and f["draft_up"]
+                           and f["target_restarts"] >= 1 else None)(
+        handle.stats.remote().result(timeout_s=30)["faults"]), 90, "both workers back")
+    assert stats["refused_queued_requests"] >= 1 and stats["draft_fallback_steps"] >= 1
+    assert stats["resumed_requests"] >= 1 and stats["target_recovery_seconds"] > 0
+    wanted = {f'event="{e}"' for e in ("refused_queued_requests", "draft_fallback_steps",
+                                       "draft_restarts", "draft_recovery_seconds",
+                                       "target_restarts", "resumed_requests")}
+
+    def scrape():
+        text = urllib.request.urlopen(app["metrics"], timeout=10).read().decode()
+        found = {e for line in text.splitlines()
+                 if line.startswith("ray_specserve_fault_events_total{")
+                 and f'application="{APP}"' in line and float(line.rsplit(" ", 1)[1]) > 0
+                 for e in wanted if e in line}
+        recovered = {w for line in text.splitlines()
+                     if line.startswith("ray_specserve_recovery_seconds_count{")
+                     and float(line.rsplit(" ", 1)[1]) > 0
+                     for w in ("draft", "target") if f'worker="{w}"' in line}
+        return (found == wanted and recovered == {"draft", "target"}) or (found, recovered)
+
+    deadline = time.monotonic() + 90
+    while (seen := scrape()) is not True and time.monotonic() < deadline:
+        time.sleep(1)
+    assert seen is True, f"exported so far: {seen}"
 
 
 def test_router_serves_on_when_the_controller_is_killed(app):

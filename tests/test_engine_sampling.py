@@ -80,6 +80,7 @@ def test_sampled_tokens_follow_target_distribution(temperature, top_k, top_p, po
         # plain steps run far faster than it says and mostly stop speculating, and this
         # test needs drafts (its subject is the in-loop rules' sampling).
         engine.policy.correct_goodput = False
+        engine.policy.in_loop = True      # likewise the rules, whatever it measures
     # max_tokens 4: after the first (prefill) token, k = 2 fits, so one verification
     # step produces tokens 2 and 3 (and a bonus 4th when both drafts are accepted).
     params = [SamplingParams(max_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -162,6 +162,11 @@ def test_overload_answers_429_with_retry_after(app):
                     stub.Generate(pb.GenerateRequest(prompt=PROMPTS[2], max_tokens=5),
                                   metadata=GRPC_META, timeout=60)
                 trailers = dict(err.value.trailing_metadata() or ())
+                # The queue is full: refused before the body is read (a body that is not
+                # even JSON gets the 429, not a 400).
+                early = httpx.post(app["http"] + "/v1/completions", content=b"{not json",
+                                   headers={**AUTH, "content-type": "application/json"},
+                                   timeout=60)
                 [b.result() for b in busy]
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses, statuses
@@ -171,11 +176,55 @@ def test_overload_answers_429_with_retry_after(app):
                 assert r.json()["error"]["type"] == "rate_limit_error"
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert 1 <= int(trailers["retry-after"]) <= 60 and "retry after" in err.value.details()
-        admission = handle.stats.remote().result()["admission"]
-        assert admission["refusals"]["queued_requests"] >= 2
+        assert early.status_code == 429, early.text
+        assert 1 <= int(early.headers["retry-after"]) <= 60
+        stats = handle.stats.remote().result()
+        admission = stats["admission"]
+        assert admission["refusals"]["queued_requests"] >= 3
         assert admission["drain_rate_per_s"] > 0
+        # Refusals by reason also travel with the fault events (Prometheus fault_events).
+        assert stats["faults"]["refused_queued_requests"] == admission["refusals"]["queued_requests"]
     finally:
         handle.reconfigure.remote({"max_num_seqs": 4, "max_queued_requests": 8}).result()
+
+
+def test_user_config_that_lets_serve_queue_is_refused(app):
+    """max_num_seqs + max_queued_requests above the deployment's max_ongoing_requests (64
+    here): a clear error naming keys and values, and nothing changes."""
+    handle = app["handle"]
+    with pytest.raises(Exception) as err:
+        handle.reconfigure.remote({"max_queued_requests": 61}).result()
+    message = str(err.value)
+    assert "invalid user_config" in message and "max_ongoing_requests (64)" in message, message
+    assert "(4 + 61 = 65)" in message, message
+    assert handle.stats.remote().result()["admission"]["max_queued_requests"] == 8
+    handle.reconfigure.remote({"max_queued_requests": 60}).result()     # 4 + 60 = 64: fine
+    handle.reconfigure.remote({"max_queued_requests": 8}).result()
+
+
+@pytest.mark.slow   # ~10 s: Serve retries the failing replica before it gives up
+def test_deployment_settings_that_let_serve_queue_fail_the_replica(app):
+    """build_app cannot see a Serve config's `deployments:` override of
+    max_ongoing_requests; the replica checks its real setting and refuses to start."""
+    from ray import serve
+    from ray.serve import Application
+
+    from deployments.app import build_app
+
+    tiny = {"CPU": 0.01}         # beside the module's app on a 2-CPU Ray instance
+    good = build_app({"engine": {"limits": {"max_num_seqs": 4}}, "max_queued_requests": 8,
+                      "router_resources": tiny, "draft_resources": tiny,
+                      "target_resources": tiny})
+    bad = Application(good._bound_deployment.options(max_ongoing_requests=10))
+    try:
+        with pytest.raises(Exception, match="frontdoor-bad failed"):
+            serve.run(bad, name="frontdoor-bad", route_prefix="/bad")
+        status = serve.status().applications["frontdoor-bad"]
+        message = status.deployments["SpecRouter"].message
+        assert "invalid deployment settings" in message, message
+        assert "max_ongoing_requests (10)" in message and "(4 + 8 = 12)" in message, message
+    finally:
+        serve.delete("frontdoor-bad")
 
 
 def test_token_queue_bound(app):
@@ -191,8 +240,10 @@ def test_token_queue_bound(app):
         with ThreadPoolExecutor(4) as pool:
             statuses = [r.status_code for r in pool.map(post, range(4))]
         assert 429 in statuses and 200 in statuses, statuses
-        refusals = handle.stats.remote().result()["admission"]["refusals"]
+        stats = handle.stats.remote().result()
+        refusals = stats["admission"]["refusals"]
         assert refusals.get("queued_tokens", 0) >= 1
+        assert stats["faults"]["refused_queued_tokens"] == refusals["queued_tokens"]
     finally:
         handle.reconfigure.remote({"max_num_seqs": 4, "max_queued_tokens": 1 << 30}).result()
 

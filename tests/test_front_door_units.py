@@ -136,8 +136,24 @@ def test_queue_bounds_requests_and_tokens():
 
 
 def test_serve_queue_rule():
-    assert serve_queue_problem(128, 16, 64) is None
-    assert "below max_num_seqs" in serve_queue_problem(64, 32, 128)
+    assert serve_queue_problem(128, 16, 64) is None and serve_queue_problem(80, 16, 64) is None
+    assert "below engine.limits.max_num_seqs" in serve_queue_problem(64, 32, 128)
+
+
+def test_build_app_refuses_a_config_serve_would_queue():
+    """A user config with max_ongoing_requests < max_num_seqs + max_queued_requests fails
+    at build time, naming the keys and values (the shipped configs pass: test_manifests)."""
+    from deployments.app import build_app
+
+    with pytest.raises(ValueError) as err:
+        build_app({"max_ongoing_requests": 40, "max_queued_requests": 32,
+                   "engine": {"limits": {"max_num_seqs": 16}}})
+    message = str(err.value)
+    for needle in ("invalid app args", "max_ongoing_requests (40)",
+                   "engine.limits.max_num_seqs + max_queued_requests (16 + 32 = 48)"):
+        assert needle in message, message
+    build_app({"max_ongoing_requests": 48, "max_queued_requests": 32,
+               "engine": {"limits": {"max_num_seqs": 16}}})          # exactly enough: fine
 
 
 # -- typed configs -----------------------------------------------------------------------------
@@ -175,9 +191,12 @@ class _StubLoop:
     """Records what reaches the step loop; finishes every request in one delta."""
 
     def __init__(self):
+        from specserve_ray.metrics import FaultCounts
+
         self.engine = SimpleNamespace(waiting=[], limits=SimpleNamespace(max_model_len=64))
         self.max_queued = None
         self.seen_ids = []
+        self.faults = FaultCounts()
 
     async def generate_stream(self, prompt_ids, params, request_id, k, slo_class, timeout_s=None):
         from specserve_ray.engine import RequestOutput
@@ -231,4 +250,10 @@ def test_limits_before_the_loop(door):
     with pytest.raises(OverloadedError) as err:
         asyncio.run(door.generate("x", SamplingParams()))
     assert 1 <= err.value.retry_after_s <= 60 and door.refusals == {"queued_requests": 1}
+    assert loop.faults.counts["refused_queued_requests"] == 1      # exported with the faults
+    early = door.refuse_early()          # the HTTP guard's check, before the body is read
+    assert isinstance(early, OverloadedError) and early.retry_after_s >= 1
+    assert door.refusals == {"queued_requests": 2}
+    loop.engine.waiting = []
+    assert door.refuse_early() is None   # a request that could fit is never refused early
     assert loop.seen_ids == []                                   # nothing reached the loop

@@ -76,6 +76,27 @@ def test_drain_hands_out_increments_and_totals_add_up():
     assert agg.drain(4.0).counts.steps == 0        # nothing new since
 
 
+def test_fault_events_and_recovery_times_are_drained_for_export():
+    from specserve_ray.metrics import FaultCounts
+
+    agg = MetricsAggregator(now=0.0)
+    faults = FaultCounts(on_event=agg.observe_fault)
+    for event in ("draft_fallback_steps", "draft_fallback_steps", "draft_restarts",
+                  "resumed_requests", "failed_requests", "refused_queued_tokens"):
+        faults.add(event)
+    faults.add("draft_recovery_seconds", 2.5)
+    faults.add("target_recovery_seconds", 7.0)
+    delta = agg.drain(1.0)
+    assert delta.counts.faults == {"draft_fallback_steps": 2, "draft_restarts": 1,
+                                   "resumed_requests": 1, "failed_requests": 1,
+                                   "refused_queued_tokens": 1, "draft_recovery_seconds": 2.5,
+                                   "target_recovery_seconds": 7.0}
+    assert delta.recovery == [("draft", 2.5), ("target", 7.0)]   # one histogram sample each
+    assert agg.drain(2.0).recovery == [] and faults.counts["draft_fallback_steps"] == 2
+    assert {"refused_queued_requests", "refused_queued_tokens", "draft_restarts",
+            "target_restarts", "resumed_requests", "failed_requests"} <= set(faults.summary())
+
+
 def test_buffers_are_bounded_without_a_drain():
     agg = MetricsAggregator()
     for _ in range(10_000):

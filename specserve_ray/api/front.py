@@ -2,6 +2,7 @@
 
 Everything a request passes before the step loop, in order:
 
+    (HTTP: queue already full -> 429 before the body is read; `refuse_early`)  ->
     client request id checked (a label only)  ->  stop-list bounds  ->
     prompt: characters bounded, then tokenized on a worker thread (never on the event
     loop)  ->  prompt-token bound  ->  queue bounds (requests and tokens; refusal = 429
@@ -144,14 +145,36 @@ class FrontDoor:
     async def _off_loop(self, fn):
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn)
 
+    def _queued_tokens(self, waiting) -> int:
+        if self.bounds.max_queued_tokens is None:
+            return 0                   # not bounded: not summed
+        return sum(len(r.prompt_ids) + r.params.max_tokens for r in waiting)
+
+    def refuse_early(self) -> OverloadedError | None:
+        """The refusal for a request not yet read, when even the smallest one (one prompt
+        token, one output token) would be refused: the HTTP guard answers 429 before the
+        body is read, parsed or tokenized, so overload costs the replica little. A request
+        that could fit is never refused here; `_admit` decides for it after tokenizing."""
+        waiting = self.serving.engine.waiting
+        refusal = self.bounds.check(len(waiting), self._queued_tokens(waiting), 2)
+        if refusal is None:
+            return None
+        self._refuse(refusal.reason)
+        return OverloadedError(refusal.message, self.retry_after())
+
     def _admit(self, prompt_ids: list[int], params: SamplingParams) -> None:
         waiting = self.serving.engine.waiting
-        queued_tokens = sum(len(r.prompt_ids) + r.params.max_tokens for r in waiting)
-        refusal = self.bounds.check(len(waiting), queued_tokens,
+        refusal = self.bounds.check(len(waiting), self._queued_tokens(waiting),
                                     len(prompt_ids) + params.max_tokens)
         if refusal is not None:
-            self.refusals[refusal.reason] = self.refusals.get(refusal.reason, 0) + 1
+            self._refuse(refusal.reason)
             raise OverloadedError(refusal.message, self.retry_after())
+
+    def _refuse(self, reason: str) -> None:
+        """Count a refusal by reason: here (/v1/stats `admission`) and with the step
+        loop's fault events (/v1/stats `faults`, Prometheus `fault_events{event=refused_*}`)."""
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        self.serving.faults.add("refused_" + reason)
 
     # -- requests ----------------------------------------------------------------------------
     async def stream(self, prompt, params: SamplingParams, request_id=None,

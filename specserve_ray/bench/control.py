@@ -75,6 +75,11 @@ def start_app(engine_overrides: dict | None = None, transport: str | None = None
     engine = args.setdefault("engine", {})
     for section, values in (engine_overrides or {}).items():
         engine[section] = {**(engine.get(section) or {}), **values}
+    # More slots than the config's Serve cap allows (build_app refuses that): raise the cap.
+    need = ((engine.get("limits") or {}).get("max_num_seqs", 16)
+            + args.get("max_queued_requests", 64))
+    if args.get("max_ongoing_requests", 128) < need:
+        args["max_ongoing_requests"] = need
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})

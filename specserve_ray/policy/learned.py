@@ -121,6 +121,14 @@ class GoodputCorrection:
         """Multiply predicted goodput at (batch, k) by this; 1 where nothing was seen."""
         return math.exp(self.log_ratio.get((batch_bucket(batch), int(k)), 0.0))
 
+    def spread(self, batch: int) -> float:
+        """max - min log correction over the k seen at this batch size (0 if fewer than
+        two): how far the profile's *shape* (its marginal cost of one more token) is off,
+        beyond a uniform factor that would change no comparison between caps."""
+        bucket = batch_bucket(batch)
+        values = [v for (b, _), v in self.log_ratio.items() if b == bucket]
+        return max(values) - min(values) if len(values) >= 2 else 0.0
+
     def factors(self, batch: int, max_k: int) -> np.ndarray:  # [max_k + 1]
         """Per k. A k not seen at this batch size is read off the line through the
         nearest seen ones (a model wrong about one shape tends to be wrong the same way,

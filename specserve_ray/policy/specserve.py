@@ -8,7 +8,10 @@ with m_i each request's acceptance estimate (seeded from the acceptance measured
 drafter, learned.py), N shaped by the acceptance measured at each draft depth, T the cost model of the padded shapes the workers run, and the
 correction the observed / predicted goodput of that (batch, k) so far. The cap is the
 best k among those that keep every request within its TPOT budget; in-loop, rows then
-stop early and the verifier trims with live confidences (control.DraftControl).
+stop early and the verifier trims with live confidences (control.DraftControl), but only
+while observation agrees with the profile's marginal costs, which those rules rely on and
+the per-cap correction never reaches (`_trusts_profile`); otherwise every row drafts to
+the cap and all of it is verified (the draft worker's fast path, no policy time in it).
 
 * The SLO cap, per request: a step of T seconds emits about N(m_i, k) tokens for
   request i, which may also spend the slack it has banked (seconds ahead of its
@@ -25,6 +28,8 @@ stop early and the verifier trims with live confidences (control.DraftControl).
   the alternatives next to what it chose (a hill climb on observed goodput).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -88,7 +93,9 @@ class SpecServe(SpeculationPolicy):
 
     def __init__(self, cost: CostModel, max_k: int = 8, *, enforce_slo: bool = True,
                  calibrate: bool = True, correct_goodput: bool = True, probe_every: int = 4,
-                 max_probe_every: int = 64, neighbour_samples: int = 3, learned=None):
+                 max_probe_every: int = 64, neighbour_samples: int = 3,
+                 in_loop: bool | None = None, trust_tolerance: float = math.log(1.25),
+                 learned=None):
         super().__init__(max_k, learned)
         self.cost = cost
         if self.learned.cost is None:
@@ -99,6 +106,8 @@ class SpecServe(SpeculationPolicy):
         self.probe_every = self.min_probe_every = max(probe_every, 1)
         self.max_probe_every = max(max_probe_every, self.probe_every)
         self.neighbour_samples = neighbour_samples
+        self.in_loop = in_loop                  # None: while the profile holds (see _trusts_profile)
+        self.trust_tolerance = trust_tolerance  # log ratio the profile's shape may be off by
         self._plain_streak = 0
         self._since_probe = 0
 
@@ -145,11 +154,28 @@ class SpecServe(SpeculationPolicy):
                 if 0 <= other <= int(caps.max()) and goodput.seen(batch, other) < self.neighbour_samples:
                     self._since_probe = 0
                     return np.minimum(caps, other), None, True
+        if not (self.in_loop if self.in_loop is not None else self._trusts_profile(state.batch_size)):
+            return np.minimum(caps, k), None, False   # draft to the cap, verify it all
         table = self.learned.calibration_of(state.drafter).table() if self.use_calibration else None
         control = DraftControl(stop="efficiency", trim="efficiency", cost=self.cost,
                                mean_confidence=confidence, context=state.max_context,
                                calibration=table, min_draft=1)
         return np.minimum(caps, k), control, False
+
+    def _trusts_profile(self, batch: int) -> bool:
+        """Whether the in-loop rules may run: they weigh one more draft or verified token
+        with the profiled *marginal* costs, which the observed-goodput correction (per cap
+        k, applied to the cap above) never reaches. Trusted while observation agrees with
+        the profile's shape: the corrections of different caps at this batch size within
+        `trust_tolerance` of each other, and the draft and verify laws off by about the
+        same factor. On an engine whose verify cost is flat in the token count, or whose
+        draft worker costs far more per call than the profiled forwards, the rules stop
+        drafts and trim verifies that cost nothing to keep (and cost policy time inside
+        the timed draft loop): measured, scripts/measure_policies.py, README."""
+        scale = self.cost.scale
+        skew = abs(math.log(max(scale["draft"], 1e-9) / max(scale["verify"], 1e-9)))
+        return skew <= self.trust_tolerance and \
+            self.learned.goodput.spread(batch) <= self.trust_tolerance
 
     def calibrate(self, draft_confidences, drafter="model"):
         if not self.use_calibration:
