@@ -23,7 +23,7 @@ from specserve_ray.config import AppConfig, SpeculationConfig
 from specserve_ray.policy import CostModel
 from specserve_ray.user_config import UserConfig
 
-from deployments import http_api
+from deployments import http_api, wire
 from deployments.builder import (build_serving, check_queueing, fit_cost_model,
                                  persist_learned, start_workers)
 from deployments.grpc_api import SpecServeGrpc
@@ -34,6 +34,7 @@ from deployments.http_api import api
 @serve.ingress(api)
 class SpecRouter(SpecServeGrpc):
     def __init__(self, args: dict):
+        wire.install()      # tensors in step messages travel as numpy (deployments/wire.py)
         self.cfg = AppConfig.model_validate(args)
         check_queueing(self.cfg, self.cfg.engine.limits.max_num_seqs,
                        self.cfg.max_queued_requests, "deployment settings")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import ray
 
@@ -18,6 +19,8 @@ from specserve_ray.contracts import DraftOutput, StepPlan, StepResult
 from specserve_ray.workers.host import run_draft, run_target
 from specserve_ray.workers.target import TargetWorker
 
+from deployments import wire
+
 
 def _seq_ids(plan: StepPlan) -> list[str]:
     return [*plan.decode_ids, *(p.seq_id for p in plan.prefill)]
@@ -25,6 +28,7 @@ def _seq_ids(plan: StepPlan) -> list[str]:
 
 class _Base:
     def __init__(self, model: dict, limits: dict, role: str, faults: list[dict] | None = None):
+        wire.install()      # tensors in step messages travel as numpy (deployments/wire.py)
         model_cfg, lim = ModelConfig(**model), LimitsConfig(**limits)
         self.role = role
         self.runner, self.tokenizer = ModelRunner.from_config(
@@ -32,9 +36,11 @@ class _Base:
         self.faults = FaultInjector(faults)   # tests only; empty = a counter, nothing else
         self._step_started: float | None = None
 
-    def _enter_step(self, plan: StepPlan) -> None:
+    def _enter_step(self, plan: StepPlan) -> float:
+        """Mark the step's start (the watchdog's `in_step`, the router's hop times)."""
         self._step_started = time.monotonic()
         self.faults.on_step(self.role, _seq_ids(plan), plan.prefill)
+        return self._step_started
 
     def arm_faults(self, faults: list[dict]) -> int:
         """Tests only (the router refuses unless faults.allow_fault_injection)."""
@@ -85,8 +91,9 @@ class DraftActor(_Base):
 
     def step(self, plan: StepPlan) -> DraftOutput:
         try:
-            self._enter_step(plan)
-            return run_draft(self.worker, plan)
+            entered = self._enter_step(plan)
+            out = run_draft(self.worker, plan)
+            return replace(out, marks=(entered, time.monotonic()))
         finally:
             self._step_started = None
 
@@ -107,8 +114,10 @@ class TargetActor(_Base):
 
     def step(self, draft_out: DraftOutput) -> StepResult:
         try:
-            self._enter_step(draft_out.plan)
-            return run_target(self.worker, draft_out)
+            entered = self._enter_step(draft_out.plan)
+            result = run_target(self.worker, draft_out)
+            return replace(result, marks=(*(draft_out.marks or (None, None)), entered,
+                                          time.monotonic()))
         finally:
             self._step_started = None
 
@@ -116,7 +125,8 @@ class TargetActor(_Base):
         """Plain decoding (k = 0 for every row): exact, and the fallback while the draft
         worker is down. run_draft with no worker packs the plan's fixed (n-gram) drafts."""
         try:
-            self._enter_step(plan)
-            return run_target(self.worker, run_draft(None, plan))
+            entered = self._enter_step(plan)
+            result = run_target(self.worker, run_draft(None, plan))
+            return replace(result, marks=(None, None, entered, time.monotonic()))
         finally:
             self._step_started = None

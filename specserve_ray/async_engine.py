@@ -31,6 +31,7 @@ from specserve_ray.contracts import StepPlan, StepResult
 from specserve_ray.engine import Request, RequestOutput, SpecEngine
 from specserve_ray.errors import OverloadedError, RequestError, UnavailableError
 from specserve_ray.metrics import FaultCounts
+from specserve_ray.step_timing import hop_times
 from specserve_ray.supervision import (_CRASH_WINDOW_S, _MAX_LOOP_CRASHES,  # noqa: F401
                                        RequestTimeout, StepAbandoned, StepFailed,
                                        Supervision, TargetLost)
@@ -330,27 +331,33 @@ class AsyncSpecEngine(Supervision):
                 free += min(len(self.engine.waiting),
                             self.engine.limits.max_num_seqs - len(self.engine.running))
                 max_rows = (free + 1) // 2
+            start = time.perf_counter()
             plan = self.engine.plan_step(self._busy, max_rows)
             if plan is None:
                 return
             if self._in_flight:
                 self.num_overlapped_steps += 1
-            self._launch(plan)
+            self._launch(plan, time.perf_counter() - start)
 
-    def _launch(self, plan: StepPlan) -> None:
+    def _launch(self, plan: StepPlan, plan_seconds: float = 0.0) -> None:
         self._busy.update(plan.decode_ids)
         self._busy.update(p.seq_id for p in plan.prefill)
-        task = asyncio.get_running_loop().create_task(self._execute(plan))
+        task = asyncio.get_running_loop().create_task(
+            self._execute(plan, plan_seconds, time.monotonic()))
         self._in_flight[task] = plan
 
-    async def _execute(self, plan: StepPlan):
-        start = time.perf_counter()   # a step's time includes planning (router work)
+    async def _execute(self, plan: StepPlan, plan_seconds: float, launched: float):
+        """-> (result, seconds from here to the result, router-side timing so far)."""
+        start, started = time.perf_counter(), time.monotonic()
         deadline = self.step_deadline()
         if self._timed_execute:
             result = await self.execute(plan, timeout=deadline)
         else:
             result = await asyncio.wait_for(self.execute(plan), deadline)
-        return result, time.perf_counter() - start
+        seconds, returned = time.perf_counter() - start, time.monotonic()
+        hops = hop_times(started, returned, result.marks)
+        timing = replace(hops, plan=plan_seconds, loop_wait=started - launched)
+        return result, seconds, timing, returned
 
     def _finish(self, task: asyncio.Task) -> None:
         plan = self._in_flight.pop(task)
@@ -360,7 +367,7 @@ class AsyncSpecEngine(Supervision):
         if probe:
             self._probe_plan = None
         try:
-            result, seconds = task.result()
+            result, seconds, timing, returned = task.result()
         except asyncio.CancelledError:
             raise
         except TargetLost as exc:
@@ -390,12 +397,17 @@ class AsyncSpecEngine(Supervision):
             # This plan's requests only: with pipelining another micro-batch is running too.
             rows = {*plan.decode_ids, *(p.seq_id for p in plan.prefill)}
             batch = [r for r in self.engine.running if r.request_id in rows]
-        outputs = self.engine.apply_step(plan, result, seconds)
         now = time.monotonic()
+        applying = time.perf_counter()
+        outputs = self.engine.apply_step(plan, result, seconds)
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 self._deliver(out.request_id, queue, out, now)
+        if result.verify is not None:      # the steps step_totals counts
+            self.engine.step_totals.add_router(replace(
+                timing, apply=time.perf_counter() - applying,
+                loop_wait=timing.loop_wait + now - returned))
         if probe and self._probe is not None:
             self._probe_steps += 1
             if self._probe.finished or self._probe_steps >= 2:

@@ -92,6 +92,9 @@ class DraftOutput:
     proposal: Proposal | None
     draft_error: str | None = None
     prefill_seconds: float = 0.0
+    # time.monotonic() when the draft actor entered and left its step (actor shells only;
+    # None in-process). The router turns them into the step's hop times.
+    marks: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class StepResult:
     proposal: Proposal | None
     draft_error: str | None = None
     prefill_seconds: float = 0.0            # draft + target prefill time in this step
+    # time.monotonic() stamps (draft in, draft out, target in, target out), set by the
+    # actor shells; draft ones are None when the target ran alone. None in-process.
+    marks: tuple[float | None, float | None, float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from specserve_ray.policy import CostModel
 from specserve_ray.policy.slo import SloRegistry
 from specserve_ray.request import GenerationResult, Request, RequestOutput
 from specserve_ray.scheduler import KChooser, Scheduler
+from specserve_ray.step_timing import StepTiming
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.host import run_draft, run_target
 from specserve_ray.workers.target import TargetWorker
@@ -113,12 +114,18 @@ class SpecEngine(Scheduler):
     # -- running in this process ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step in-process: the workers are called directly."""
+        planning = time.perf_counter()
         plan = self.plan_step()
         if plan is None:
             return []
         start = time.perf_counter()
         result = run_target(self.target, run_draft(self.draft, plan))
-        return self.apply_step(plan, result, time.perf_counter() - start)
+        applying = time.perf_counter()
+        outputs = self.apply_step(plan, result, applying - start)
+        if result.verify is not None:    # the steps step_totals counts (as the router does)
+            self.step_totals.add_router(StepTiming(plan=start - planning,
+                                                   apply=time.perf_counter() - applying))
+        return outputs
 
     def generate(self, prompts: Sequence[str | list[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,

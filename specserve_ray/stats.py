@@ -122,6 +122,28 @@ class StepTotals:
     total_seconds: float = 0.0
     overhead_seconds: float = 0.0
 
+    # Router side (specserve_ray/step_timing.py), summed over the same steps.
+    plan_seconds: float = 0.0
+    apply_seconds: float = 0.0
+    loop_wait_seconds: float = 0.0
+    transport_seconds: float = 0.0
+    hop_seconds: dict = field(default_factory=lambda: {
+        "to_draft": 0.0, "draft_to_target": 0.0, "to_router": 0.0})
+    worker_busy_seconds: float = 0.0
+
+    def add_router(self, timing) -> None:
+        """Add one decode step's router-side `StepTiming` (call beside `add`)."""
+        self.plan_seconds += timing.plan
+        self.apply_seconds += timing.apply
+        self.loop_wait_seconds += timing.loop_wait
+        if timing.transport is not None:
+            self.transport_seconds += timing.transport
+            self.worker_busy_seconds += timing.worker_busy
+            for key in self.hop_seconds:
+                value = getattr(timing, key)
+                if value is not None:
+                    self.hop_seconds[key] += value
+
     def add(self, step: StepStats) -> None:
         self.steps += 1
         self.rows += step.batch_size
@@ -135,4 +157,13 @@ class StepTotals:
         return {"steps": self.steps, "rows": self.rows,
                 "draft": round(self.draft_seconds, 6), "verify": round(self.verify_seconds, 6),
                 "prefill": round(self.prefill_seconds, 6), "total": round(self.total_seconds, 6),
-                "overhead": round(self.overhead_seconds, 6)}
+                "overhead": round(self.overhead_seconds, 6),
+                # Router side: planning, applying, asyncio waits, transport (Ray calls and
+                # serialization) and its hops; `cycle` = what one step costs end to end.
+                "plan": round(self.plan_seconds, 6), "apply": round(self.apply_seconds, 6),
+                "loop_wait": round(self.loop_wait_seconds, 6),
+                "transport": round(self.transport_seconds, 6),
+                **{k: round(v, 6) for k, v in self.hop_seconds.items()},
+                "worker_busy": round(self.worker_busy_seconds, 6),
+                "cycle": round(self.total_seconds + self.plan_seconds + self.apply_seconds
+                               + self.loop_wait_seconds, 6)}

@@ -47,9 +47,15 @@ def step_split(before: dict, after: dict) -> dict:
            "mean_batch": round(split["rows"] / steps, 2) if steps and "rows" in split else None,
            # Per step as a request sees it; with pipelining two steps overlap in time.
            "mean_step_ms": round(1e3 * total / steps, 2) if steps else None}
-    parts = [k for k in ("plan", "apply", "router", "transport") if k in split]
-    if total and parts:
-        out["router_parts_share"] = {k: round(split[k] / total, 4) for k in parts}
+    cycle = split.get("cycle")
+    if cycle:
+        # Router + transport against the whole step cycle (planning and applying included).
+        parts = [k for k in ("plan", "apply", "loop_wait", "transport") if k in split]
+        out["router_parts_share"] = {k: round(split[k] / cycle, 4) for k in parts}
+        out["router_transport_share"] = round(sum(split[k] for k in parts) / cycle, 4)
+        out["mean_cycle_ms"] = round(1e3 * cycle / steps, 2) if steps else None
+        out["per_step_ms"] = {k: round(1e3 * v / steps, 3) for k, v in split.items()
+                              if k not in ("steps", "rows")} if steps else {}
     return out
 
 
@@ -84,28 +90,51 @@ def _http_in_child(url, prompts, concurrency, max_tokens) -> dict:
     return out
 
 
-def _engine_in_child(k: int, threads: int, prompt_ids, streams, max_tokens) -> dict:
-    """Runs in a process at the engine's niceness: build the engine, time each concurrency."""
+_ENGINE = None     # the engine of this child process (built once, reused by every repeat)
+
+
+def _engine_in_child(k: int, threads: int, prompt_ids, c: int, max_tokens: int) -> dict:
+    """Runs in a process at the engine's niceness: one timed run at `c` streams (the
+    engine is built on the first call and kept, as the deployment is between repeats)."""
+    global _ENGINE
     import torch
 
     from specserve_ray.bench.client import _niceness
     from specserve_ray.config import EngineConfig, SamplingParams, SpeculationConfig
     from specserve_ray.engine import SpecEngine
 
-    torch.set_num_threads(threads)
-    engine = SpecEngine.from_config(EngineConfig())   # fp32 pair, like the app's target
-    engine.speculation = SpeculationConfig(num_speculative_tokens=k)
-    out = {"nice": _niceness(), "threads": threads}
-    for c in streams:
-        engine.limits = engine.limits.model_copy(update={"max_num_seqs": c})
-        engine.generate(prompt_ids[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-        start = time.perf_counter()
-        outs = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        seconds = time.perf_counter() - start
-        tokens = sum(len(o.output_ids) for o in outs)
-        out[c] = {"tok_s": round(tokens / seconds, 2), "tokens": tokens,
-                  "seconds": round(seconds, 2)}
-    return out
+    if _ENGINE is None:
+        torch.set_num_threads(threads)
+        _ENGINE = SpecEngine.from_config(EngineConfig())   # fp32 pair, like the app's target
+        _ENGINE.speculation = SpeculationConfig(num_speculative_tokens=k)
+    engine = _ENGINE
+    engine.limits = engine.limits.model_copy(update={"max_num_seqs": c})
+    engine.generate(prompt_ids[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    before = {"step_time_s": engine.step_totals.summary()}
+    start = time.perf_counter()
+    outs = engine.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.output_ids) for o in outs)
+    return {"tok_s": round(tokens / seconds, 2), "tokens": tokens, "seconds": round(seconds, 2),
+            "nice": _niceness(), "threads": torch.get_num_threads(),
+            **step_split(before, {"step_time_s": engine.step_totals.summary()})}
+
+
+def spread(values: list[float]) -> dict:
+    """Median and range of repeated measurements (pure)."""
+    v = sorted(values)
+    n = len(v)
+    median = v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+    return {"median": round(median, 4), "min": round(v[0], 4), "max": round(v[-1], 4),
+            "n": n, "values": [round(x, 4) for x in values]}
+
+
+def _worker_threads() -> dict:
+    """The worker actors' torch intra-op threads as the shipped config sets them."""
+    from specserve_ray.bench.control import app_from_config
+
+    engine = app_from_config()[1].get("engine", {})
+    return {role: (engine.get(role) or {}).get("num_threads") for role in ("draft", "target")}
 
 
 def _child(nice: int) -> ProcessPoolExecutor:
@@ -146,53 +175,108 @@ def run(args) -> dict:
                                   f"actors) at nice {server_worker_nice()} "
                                   "(RAY_worker_niceness; the project's default 0)"
                                   if not args.url else "external: as deployed",
+                                  "deployment_torch_threads": _worker_threads(),
                                   "http_client": "own process at nice 19",
                                   "in_process_engine": f"own process at nice "
                                   f"{args.engine_nice}, no client beside it, "
                                   f"{args.threads} torch threads"}},
                     "by_transport": {}}
-    with _child(19) as client:
-        for i, transport in enumerate(transports):
-            url, stop = (args.url, None) if args.url else start_app(
-                {"speculation": {"num_speculative_tokens": args.k}}, transport=transport)
-            runs = report["by_transport"][transport] = {}
-            try:
-                for pipeline in (args.pipeline if not args.url else ["as-deployed"]):
-                    if pipeline != "as-deployed":
-                        _set_pipeline(pipeline == "on")
-                    for c in args.streams:
-                        # Warm the deployment up once per concurrency level.
-                        client.submit(_http_in_child, url, prompts[:c], c, 8).result()
-                        d = client.submit(_http_in_child, url, prompts, c,
-                                          args.new_tokens).result()
-                        d["pipeline"] = pipeline
-                        runs[c if pipeline in ("off", "as-deployed") else f"{c}_pipelined"] = d
-                        if i == 0 and pipeline in ("off", "as-deployed"):
-                            # The headline keys describe the first (default) transport.
-                            report[f"deploy_{c}"] = d
-                            report[f"deploy_tok_s_{c}"] = d["tok_s"]
-                            report[f"overhead_share_{c}"] = d["overhead_share"]
-                        print(f"deployment ({transport}, pipeline {pipeline}) {c} streams: "
-                              f"{d['tok_s']:8.2f} tok/s  mean step {d['mean_step_ms']} ms  "
-                              f"mean batch {d['mean_batch']}  router/transport share "
-                              f"{d['overhead_share']}", flush=True)
-            finally:
-                if stop:
-                    stop()
-    for nice in args.engine_nice:
-        with _child(nice) as pool:
-            e = pool.submit(_engine_in_child, args.k, args.threads, prompt_ids, args.streams,
-                            args.new_tokens).result()
-        suffix = "" if nice == args.engine_nice[0] else f"_nice{nice}"
-        for c in args.streams:
-            report[f"engine_{c}{suffix}"] = {**e[c], "nice": e["nice"]}
-            report[f"engine_tok_s_{c}{suffix}"] = e[c]["tok_s"]
-            print(f"in-process (nice {e['nice']}) {c} streams: {e[c]['tok_s']:8.2f} tok/s",
-                  flush=True)
-            if f"deploy_tok_s_{c}" in report:
-                report[f"deploy_vs_engine_{c}{suffix}"] = round(
-                    report[f"deploy_tok_s_{c}"] / e[c]["tok_s"], 3)
+    repeats = max(1, args.repeats)
+    report["setup"]["repeats"] = repeats
+    report["setup"]["order"] = ("per repeat and concurrency: the deployment, then the "
+                                "in-process engine(s); every other repeat engine first")
+    engines = {nice: _child(nice) for nice in args.engine_nice}
+    samples: dict = {}          # (transport, pipeline, c) -> list of deployment runs
+    eng_samples: dict = {}      # (nice, c) -> list of engine runs
+    ratios: dict = {}           # (transport, pipeline, c, nice) -> paired ratios
+    try:
+        with _child(19) as client:
+            for i, transport in enumerate(transports):
+                url, stop = (args.url, None) if args.url else start_app(
+                    {"speculation": {"num_speculative_tokens": args.k}}, transport=transport)
+                pipelines = args.pipeline if not args.url else ["as-deployed"]
+                try:
+                    for rep in range(repeats):
+                        for c in args.streams:
+                            def engine_runs():
+                                return {nice: pool.submit(
+                                    _engine_in_child, args.k, args.threads, prompt_ids, c,
+                                    args.new_tokens).result() for nice, pool in engines.items()}
+
+                            eng = engine_runs() if rep % 2 else None
+                            runs = {}
+                            for pipeline in pipelines:
+                                if pipeline != "as-deployed":
+                                    _set_pipeline(pipeline == "on")
+                                # Warm the deployment up at this concurrency first.
+                                client.submit(_http_in_child, url, prompts[:c], c, 8).result()
+                                d = client.submit(_http_in_child, url, prompts, c,
+                                                  args.new_tokens).result()
+                                d["pipeline"] = pipeline
+                                runs[pipeline] = d
+                            if eng is None:
+                                eng = engine_runs()
+                            for pipeline, d in runs.items():
+                                samples.setdefault((transport, pipeline, c), []).append(d)
+                                for nice, e in eng.items():
+                                    ratios.setdefault((transport, pipeline, c, nice), []).append(
+                                        d["tok_s"] / e["tok_s"])
+                                print(f"[{rep + 1}/{repeats}] deployment ({transport}, "
+                                      f"pipeline {pipeline}) {c} streams: {d['tok_s']:8.2f} "
+                                      f"tok/s  cycle {d.get('mean_cycle_ms')} ms  router+"
+                                      f"transport {d.get('router_transport_share')}", flush=True)
+                            if i == 0:
+                                for nice, e in eng.items():
+                                    eng_samples.setdefault((nice, c), []).append(e)
+                                    print(f"[{rep + 1}/{repeats}] in-process (nice {e['nice']}) "
+                                          f"{c} streams: {e['tok_s']:8.2f} tok/s  cycle "
+                                          f"{e.get('mean_cycle_ms')} ms", flush=True)
+                finally:
+                    if stop:
+                        stop()
+    finally:
+        for pool in engines.values():
+            pool.shutdown()
+    _summarize(report, args, transports, samples, eng_samples, ratios)
     return report
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tok/s (its step split comes with it)."""
+    return sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
+
+
+def _summarize(report, args, transports, samples, eng_samples, ratios) -> None:
+    """Headline keys (medians; kept from the single-run report) and spreads."""
+    headline = args.engine_nice[0]
+    for (transport, pipeline, c), runs in samples.items():
+        key = c if pipeline in ("off", "as-deployed") else f"{c}_pipelined"
+        d = {**_median_run(runs), "tok_s_spread": spread([r["tok_s"] for r in runs])}
+        shares = [r["router_transport_share"] for r in runs if r.get("router_transport_share")]
+        if shares:
+            d["router_transport_share_spread"] = spread(shares)
+        report["by_transport"].setdefault(transport, {})[key] = d
+        if transport == transports[0] and pipeline in ("off", "as-deployed"):
+            report[f"deploy_{c}"] = d
+            report[f"deploy_tok_s_{c}"] = d["tok_s_spread"]["median"]
+            report[f"overhead_share_{c}"] = d["overhead_share"]
+            report[f"router_transport_share_{c}"] = d.get("router_transport_share")
+    for (nice, c), runs in eng_samples.items():
+        suffix = "" if nice == headline else f"_nice{nice}"
+        e = {**_median_run(runs), "tok_s_spread": spread([r["tok_s"] for r in runs])}
+        report[f"engine_{c}{suffix}"] = e
+        report[f"engine_tok_s_{c}{suffix}"] = e["tok_s_spread"]["median"]
+    for (transport, pipeline, c, nice), values in ratios.items():
+        suffix = "" if nice == headline else f"_nice{nice}"
+        name = f"{c}" if pipeline in ("off", "as-deployed") else f"{c}_pipelined"
+        sp = spread(values)
+        report["by_transport"][transport].setdefault("vs_engine", {})[f"{name}{suffix}"] = sp
+        if transport == transports[0] and pipeline in ("off", "as-deployed"):
+            report[f"deploy_vs_engine_{c}{suffix}"] = round(sp["median"], 3)
+            report[f"deploy_vs_engine_{c}{suffix}_spread"] = sp
+            print(f"deployment / in-process at {c} streams (nice {nice}): median "
+                  f"{sp['median']:.3f}x, range {sp['min']:.3f}-{sp['max']:.3f}x over "
+                  f"{sp['n']} paired repeats", flush=True)
 
 
 def add_parser(sub):
@@ -215,4 +299,7 @@ def add_parser(sub):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats (deployment and in-process engine side by side, "
+                   "alternating which goes first); medians and ranges are reported")
     p.set_defaults(func=run)

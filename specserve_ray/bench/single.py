@@ -295,6 +295,12 @@ def run(args) -> dict:
                   "cpu_native_bf16": native_bf16(), "prepacked": engine.target.runner.prepacked,
                   "cpu": platform.processor() or platform.machine()},
     }
+    if args.repeats > 1:
+        from specserve_ray.bench.single_repeats import repeat_ab
+
+        print(f"repeats on {main_set}: the key ratios {args.repeats} times, interleaved")
+        report["repeats"] = repeat_ab(engine, target_model, draft_model, prompts, n, best,
+                                      report["hf_assisted_best_setting"], args.repeats, lookup)
     r = costs["ratios"]
     kk = min(4, max(ks))
     print(f"step costs: target 1/5 tokens {costs['target_ms'][1]:.2f}/{costs['target_ms'].get(5, 0):.2f} ms "
@@ -330,4 +336,7 @@ def add_parser(sub):
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="re-time the key ratios' contenders N times, interleaved, and report "
+                   "each ratio's median and range under 'repeats' (1 = the single run only)")
     p.set_defaults(func=run)
