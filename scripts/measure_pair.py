@@ -20,15 +20,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specserve_ray.prompts import held_out_files
-from specserve_ray.training.evaluate import prompts_from_texts, token_stream, trajectory_agreement
+from specserve_ray.training.evaluate import (loss_and_agreement, prompts_from_texts, token_stream,
+                                             trajectory_agreement)
+from specserve_ray.training.throughput import decode_step_ms as step_ms
 
 
 def held_out_stream(tokenizer) -> torch.Tensor:
@@ -42,34 +42,8 @@ def held_out_stream(tokenizer) -> torch.Tensor:
 
 @torch.no_grad()
 def agreement_and_loss(target, draft, stream, seq=128, windows=200, device="cpu"):
-    step = max(seq, (stream.numel() - seq - 1) // windows)
-    agree = total = 0
-    losses = {"target": [], "draft": []}
-    for s in range(0, stream.numel() - seq - 1, step)[:windows]:
-        x = stream[s:s + seq].unsqueeze(0).to(device)
-        y = stream[s + 1:s + seq + 1].to(device)
-        lt = target(input_ids=x).logits[0].float()
-        ld = draft(input_ids=x).logits[0].float()
-        agree += int((lt.argmax(-1) == ld.argmax(-1)).sum())
-        total += seq
-        losses["target"].append(F.cross_entropy(lt, y).item())
-        losses["draft"].append(F.cross_entropy(ld, y).item())
-    return agree / total, {k: sum(v) / len(v) for k, v in losses.items()}
-
-
-def step_ms(model, context: int = 128, repeats: int = 50) -> float:
-    from specserve_ray.models.runner import ModelRunner  # the engine (pydantic etc.), CPU figures
-
-    runner = ModelRunner(model, max_seqs=1, max_model_len=context + 8)
-    runner.add("s")
-    runner.forward(["s"], [list(range(5, 5 + context))], all_logits=False)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.forward(["s"], [[7]], all_logits=False)
-        times.append(time.perf_counter() - t0)
-        runner.truncate("s", context)
-    return sorted(times)[len(times) // 2] * 1000
+    r = loss_and_agreement(target, draft, stream, seq=seq, windows=windows, device=device)
+    return r["agreement"], r["loss"]
 
 
 def main():
