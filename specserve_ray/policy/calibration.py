@@ -23,16 +23,30 @@ from specserve_ray.policy.efficiency import as_array
 __all__ = ["ConfidenceCalibration", "apply_table"]
 
 
-def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+# Steps with at most this many confidences are counted on plain floats: numpy's
+# per-call cost on a few values exceeds the work (the counts are the same either way).
+_SMALL = 64
+
+
+def _isotonic(values: list[float], weights: list[float]) -> list[float]:
     """Non-decreasing weighted least-squares fit (pool adjacent violators)."""
     blocks: list[list[float]] = []       # [mean, weight, count]
-    for v, w in zip(values.tolist(), weights.tolist()):
+    for v, w in zip(values, weights):
         blocks.append([v, w, 1])
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
             v2, w2, n2 = blocks.pop()
             v1, w1, n1 = blocks.pop()
             blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return np.concatenate([np.full(n, v) for v, _, n in blocks])
+    fitted: list[float] = []
+    for v, _, n in blocks:
+        fitted += [v] * n
+    return fitted
+
+
+def table_value(table: tuple[float, ...], confidence: float) -> float:
+    """`apply_table` for one float (NaN reads as 0, as there)."""
+    value = 0.0 if confidence != confidence else min(max(confidence, 0.0), 1.0)
+    return table[min(int(value * len(table)), len(table) - 1)]
 
 
 def apply_table(table, confidences) -> np.ndarray:
@@ -58,6 +72,12 @@ class ConfidenceCalibration:
         """One step: confidences [B, K] of the drafted tokens, how many of each row went
         to the target, and how many it accepted."""
         probs = as_array(draft_confidences)
+        if probs.size <= _SMALL and probs.ndim == 2:
+            verified = [int(v) for v in num_verified]
+            if probs.shape[1] == 0 or max(verified, default=0) <= 0:
+                return
+            self._observe_small(probs.tolist(), verified, [int(a) for a in num_accepted])
+            return
         verified = as_array(num_verified, np.int64)
         accepted = as_array(num_accepted, np.int64)
         if probs.ndim != 2 or probs.shape[1] == 0 or verified.max(initial=0) == 0:
@@ -73,13 +93,30 @@ class ConfidenceCalibration:
         self.accepted += np.bincount(index[tested & hit], minlength=self.bins)
         self._table = None
 
+    def _observe_small(self, probs: list[list[float]], verified: list[int],
+                       accepted: list[int]) -> None:
+        """`observe` on floats: the same bins, counted one token at a time."""
+        bins = self.bins
+        tested, hit = [0] * bins, [0] * bins
+        for row, n_verified, n_accepted in zip(probs, verified, accepted):
+            for j in range(min(n_verified, n_accepted + 1, len(row))):
+                b = min(int(min(max(row[j], 0.0), 1.0) * bins), bins - 1)
+                tested[b] += 1
+                if j < n_accepted:
+                    hit[b] += 1
+        self.tested *= self.decay
+        self.accepted *= self.decay
+        self.tested += tested
+        self.accepted += hit
+        self._table = None
+
     def table(self) -> tuple[float, ...]:
         """Acceptance probability per confidence bin (non-decreasing)."""
         if self._table is None:
             centre = (np.arange(self.bins) + 0.5) / self.bins
             weight = self.tested + self.prior_weight
             rate = (self.accepted + self.prior_weight * centre) / weight
-            self._table = tuple(float(v) for v in _isotonic(rate, weight))
+            self._table = tuple(_isotonic(rate.tolist(), weight.tolist()))
         return self._table
 
     def __call__(self, confidences) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from specserve_ray.policy.calibration import apply_table, table_value
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.efficiency import as_array, draft_mask
 from specserve_ray.policy.learned import DEFAULT_DRAFTER, LearnedState
@@ -118,14 +119,14 @@ class StepFeedback:
         """From a StepPlan and its StepResult (specserve_ray.contracts)."""
         verify, proposal = result.verify, result.proposal
         if proposal is not None:
-            drafted = tuple(int(k) for k in proposal.drafted)
-            verified = tuple(int(n) for n in proposal.num_draft_tokens)
+            drafted = _int_tuple(proposal.drafted)
+            verified = _int_tuple(proposal.num_draft_tokens)
             confidences = proposal.draft_confidence.numpy() \
                 if proposal.draft_confidence.shape[1] > 0 else None
         else:   # a plain step, or a failed draft that fell back to plain
             drafted = verified = (0,) * len(plan.decode_ids)
             confidences = None
-        return cls(num_drafted=drafted, num_accepted=tuple(int(n) for n in verify.num_accepted),
+        return cls(num_drafted=drafted, num_accepted=_int_tuple(verify.num_accepted),
                    step_seconds=seconds, num_verified=verified,
                    draft_seconds=proposal.seconds if proposal is not None else None,
                    # A step with prompt chunks shares the target forward with them
@@ -134,6 +135,11 @@ class StepFeedback:
                    confidences=confidences,
                    batch_size=len(plan.decode_ids), context=context,
                    had_prefill=bool(plan.prefill))
+
+
+def _int_tuple(values) -> tuple[int, ...]:
+    """A [B] tensor, array or sequence as Python ints (one `tolist`, not B tensor reads)."""
+    return tuple(int(v) for v in (values.tolist() if hasattr(values, "tolist") else values))
 
 
 def update_confidence_ema(ema, draft_confidences, num_drafted, *, prior: float,
@@ -158,6 +164,29 @@ def update_confidence_ema(ema, draft_confidences, num_drafted, *, prior: float,
     return ema
 
 
+def update_confidence_floats(ema: Sequence[float], draft_confidences: list[list[float]] | None,
+                             num_drafted: Sequence[int], table: tuple[float, ...] | None, *,
+                             prior: float, weight: float = 0.3, relax: float = 0.1
+                             ) -> list[float]:
+    """`update_confidence_ema` for a step with fewer than 8 confidences per row, on
+    floats, calibrating through `table` (None = the raw probabilities) on the way: the
+    same arithmetic in the same order (numpy sums fewer than 8 values left to right),
+    without numpy's per-call cost on a handful of values."""
+    rows = draft_confidences if draft_confidences is not None and \
+        max(num_drafted, default=0) > 0 else None
+    out = []
+    for i, (value, count) in enumerate(zip(ema, num_drafted)):
+        if count > 0:
+            total = 0.0
+            for p in (rows[i][:count] if rows is not None else ()):
+                total += p if table is None else table_value(table, p)
+            value = (1 - weight) * value + weight * (total / count)
+        elif count == 0:
+            value += relax * (prior - value)
+        out.append(float(value))
+    return out
+
+
 class SpeculationPolicy:
     """Base: the step protocol. Subclasses implement `_decide`; `observe` is optional."""
 
@@ -171,24 +200,32 @@ class SpeculationPolicy:
 
     def decide(self, state: BatchState) -> Decision:
         confidence = state.confidence(self.learned.prior(state.drafter))
-        if state.batch_size == 0 or state.caps.max(initial=0) <= 0:
-            return Decision((0,) * state.batch_size, confidence=tuple(confidence),
+        if max(state.k_cap, default=0) <= 0:      # no row may draft (or no rows)
+            return Decision((0,) * state.batch_size, confidence=tuple(confidence.tolist()),
                             context=state.max_context)
         ks, control, probe = self._decide(state, confidence)
-        ks = tuple(int(k) for k in ks)
+        ks = _int_tuple(ks)
         if not any(ks):
             control = None
         return Decision(ks, None if control is None or control.is_trivial else control, probe,
-                        tuple(float(c) for c in confidence), state.max_context)
+                        tuple(confidence.tolist()), state.max_context)
 
     def _decide(self, state: BatchState, confidence: np.ndarray
                 ) -> tuple[Sequence[int], DraftControl | None, bool]:
         """Per-request k (within state.caps), the in-loop rules, whether it is a probe."""
         raise NotImplementedError
 
+    def calibration_table(self, drafter: str = DEFAULT_DRAFTER) -> tuple[float, ...] | None:
+        """The learned curve from draft confidence to acceptance (None = take the
+        draft's probability at its word)."""
+        return self.learned.calibration_of(drafter).table()
+
     def calibrate(self, draft_confidences, drafter: str = DEFAULT_DRAFTER) -> np.ndarray:
         """Draft confidences as acceptance probabilities, through the learned curve."""
-        return self.learned.calibration_of(drafter)(draft_confidences)
+        table = self.calibration_table(drafter)
+        if table is None:
+            return as_array(draft_confidences)
+        return apply_table(table, draft_confidences)
 
     def observe_step(self, plan, result, seconds: float, decision: Decision | None,
                      confidence: Sequence[float | None]) -> list[float]:
@@ -198,11 +235,16 @@ class SpeculationPolicy:
         self.learned.observe(feedback)
         prior = self.learned.prior(feedback.drafter)
         current = [prior if c is None else c for c in confidence]
-        probs = (self.calibrate(feedback.confidences, feedback.drafter)
-                 if feedback.confidences is not None else np.zeros((len(current), 0)))
-        ema = update_confidence_ema(current, probs, feedback.num_drafted, prior=prior)
+        confidences = feedback.confidences
+        if confidences is None or (confidences.shape[1] < 8 and confidences.size <= 64):
+            ema = update_confidence_floats(
+                current, None if confidences is None else confidences.tolist(),
+                feedback.num_drafted, self.calibration_table(feedback.drafter), prior=prior)
+        else:
+            ema = update_confidence_ema(current, self.calibrate(confidences, feedback.drafter),
+                                        feedback.num_drafted, prior=prior).tolist()
         self.observe(feedback, decision)
-        return [float(v) for v in ema]
+        return ema
 
     def observe(self, feedback: StepFeedback, decision: Decision | None = None) -> bool:
         """Policy-specific learning; True if the policy's parameters moved."""

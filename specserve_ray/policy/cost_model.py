@@ -219,6 +219,30 @@ class CostModel:
         return draft + self.step_overhead + self.predict_verify(
             batch, np.asarray(batch) * (np.asarray(num_draft) + 1), context)
 
+    # -- the same laws on plain floats (the per-step hot path) ---------------------------
+    # A policy asks for a handful of shapes every step; numpy's per-call overhead on
+    # 1-9 element arrays costs more than the arithmetic. These twins evaluate the very
+    # expressions above in the same order, so they return the same floats.
+    def verify_seconds(self, batch: int, tokens: int, context: float) -> float:
+        v0, v1, v2, v3, v4 = self.verify_coef
+        raw = v0 + v1 * batch + v2 * tokens + v3 * batch * context + v4 * tokens * context
+        return max(raw * self.scale["verify"], _MIN_SECONDS)
+
+    def draft_seconds(self, batch, steps: int, context: float) -> float:
+        if steps <= 0 or self.draft_coef is None:
+            return 0.0
+        d0, d1, d2, d3 = self.draft_coef
+        scale = self.scale["draft"]
+        per_step = max((d1 + d2 * batch + d3 * batch * context) * scale, _MIN_SECONDS) \
+            if batch > 0 else 0.0
+        return max(d0, 0.0) * scale + float(steps) * per_step
+
+    def step_seconds(self, batch: int, widths: Sequence[int], context: float) -> list[float]:
+        """`predict_step(batch, w, context)` for each uniform draft width w, as floats."""
+        overhead, has_draft = self.step_overhead, self.draft_coef is not None
+        return [((self.draft_seconds(batch, w, context) if has_draft else 0.0) + overhead)
+                + self.verify_seconds(batch, batch * (w + 1), context) for w in widths]
+
     def observe_step_overhead(self, seconds: float, weight: float = 0.1) -> None:
         """Fold one step's time outside the forwards into the overhead estimate (EMA)."""
         if seconds >= 0 and math.isfinite(seconds):
@@ -226,8 +250,12 @@ class CostModel:
 
     def _predict(self, sample: Sample) -> float:
         if sample.kind == "verify":
-            return float(self.predict_verify(sample.batch, sample.tokens, sample.context))
-        return float(self.predict_draft(sample.batch, sample.tokens, sample.context))
+            if self.verify_coef is None:
+                raise RuntimeError("cost model has no verify law; fit() or from_dict() first")
+            return self.verify_seconds(sample.batch, sample.tokens, sample.context)
+        if self.draft_coef is None:
+            raise RuntimeError("cost model has no draft law; fit() with draft samples first")
+        return self.draft_seconds(sample.batch, sample.tokens, sample.context)
 
     # -- online correction -------------------------------------------------------------
     def observe(self, sample: Sample) -> bool:

@@ -51,15 +51,19 @@ class DepthAcceptance:
         self.accepted = np.zeros(_MAX_DEPTH)
 
     def observe(self, num_verified: Sequence[int], num_accepted: Sequence[int]) -> None:
-        verified = np.minimum(np.asarray(num_verified, np.int64), _MAX_DEPTH)
-        accepted = np.minimum(np.asarray(num_accepted, np.int64), verified)
-        if verified.size == 0 or verified.max(initial=0) == 0:
+        # Plain ints: a step has a handful of rows, and numpy's per-call cost on arrays
+        # that small is most of what this would spend. The counts are integers either
+        # way, so the sums below are the ones a vectorized count gives.
+        verified = [min(int(v), _MAX_DEPTH) for v in num_verified]
+        if max(verified, default=0) <= 0:
             return
-        depth = np.arange(_MAX_DEPTH)[None, :]
+        accepted = [min(int(a), v) for a, v in zip(num_accepted, verified)]
+        tested = _rows_beyond([min(v, a + 1) for v, a in zip(verified, accepted)])
+        hits = _rows_beyond(accepted)
         self.tested *= self.decay
         self.accepted *= self.decay
-        self.tested += (depth < np.minimum(verified, accepted + 1)[:, None]).sum(axis=0)
-        self.accepted += (depth < accepted[:, None]).sum(axis=0)
+        self.tested[:len(tested)] += tested
+        self.accepted[:len(hits)] += hits
 
     def rate(self, depth: int = 0) -> float:
         """Conditional acceptance at `depth` (0 = a row's first draft token)."""
@@ -70,7 +74,9 @@ class DepthAcceptance:
     def depth_profile(self, max_k: int) -> np.ndarray:  # [max_k]
         """Acceptance at depths 0..max_k-1 relative to depth 0: how much harder a
         request's j-th draft token is to get accepted than its first."""
-        rates = np.array([self.rate(j) for j in range(max_k)])
+        j = np.minimum(np.arange(max_k), _MAX_DEPTH - 1)     # rate() clamps the same way
+        rates = (self.accepted[j] + self.prior_weight * self.prior_rate) \
+            / (self.tested[j] + self.prior_weight)
         return rates / max(rates[0], 1e-6) if max_k else rates
 
     @property
@@ -88,19 +94,44 @@ class DepthAcceptance:
                 getattr(self, name)[:values.size] = values
 
 
+def _rows_beyond(levels: Sequence[int]) -> list[int]:
+    """[max(levels)] how many of `levels` exceed each depth j (rows that reached j)."""
+    width = max(levels, default=0)
+    if width <= 0:
+        return []
+    reached = [0] * (width + 1)
+    for n in levels:
+        if n > 0:
+            reached[n] += 1
+    out, running = [0] * width, 0
+    for j in range(width - 1, -1, -1):
+        running += reached[j + 1]
+        out[j] = running
+    return out
+
+
 def batch_bucket(batch: int) -> int:
     """log2 buckets: 1, 2, 3-4, 5-8, ... share a correction (nearby sizes behave alike)."""
     return int(math.ceil(math.log2(max(batch, 1))))
 
 
 class GoodputCorrection:
-    """EMA of log(observed / predicted tokens per second) per (batch bucket, k)."""
+    """EMA of log(observed / predicted tokens per second) per (batch bucket, k).
+
+    `log_ratio` and `count` are read-only outside: `observe` and `load` also keep the
+    cells grouped by bucket, which is what every per-step question reads.
+    """
 
     def __init__(self, weight: float = 0.1, max_k: int = _MAX_DEPTH):
         self.weight = weight
         self.max_k = max_k
         self.log_ratio: dict[tuple[int, int], float] = {}
         self.count: dict[tuple[int, int], int] = {}
+        self._by_bucket: dict[int, dict[int, float]] = {}    # bucket -> {k: log ratio}
+
+    def _set(self, bucket: int, k: int, value: float) -> None:
+        self.log_ratio[bucket, k] = value
+        self._by_bucket.setdefault(bucket, {})[k] = value
 
     def observe(self, batch: int, k: int, predicted: float, observed: float) -> None:
         if not (predicted > 0 and observed > 0 and batch > 0 and 0 <= k <= self.max_k):
@@ -110,7 +141,7 @@ class GoodputCorrection:
         n = self.count.get(cell, 0)
         # The first few observations are averaged, later ones are an EMA (follows drift).
         w = max(self.weight, 1.0 / (n + 1))
-        self.log_ratio[cell] = self.log_ratio.get(cell, 0.0) + w * (ratio - self.log_ratio.get(cell, 0.0))
+        self._set(*cell, self.log_ratio.get(cell, 0.0) + w * (ratio - self.log_ratio.get(cell, 0.0)))
         self.count[cell] = n + 1
 
     def seen(self, batch: int, k: int) -> int:
@@ -125,8 +156,7 @@ class GoodputCorrection:
         """max - min log correction over the k seen at this batch size (0 if fewer than
         two): how far the profile's *shape* (its marginal cost of one more token) is off,
         beyond a uniform factor that would change no comparison between caps."""
-        bucket = batch_bucket(batch)
-        values = [v for (b, _), v in self.log_ratio.items() if b == bucket]
+        values = self._by_bucket.get(batch_bucket(batch), {}).values()
         return max(values) - min(values) if len(values) >= 2 else 0.0
 
     def factors(self, batch: int, max_k: int) -> np.ndarray:  # [max_k + 1]
@@ -134,20 +164,31 @@ class GoodputCorrection:
         nearest seen ones (a model wrong about one shape tends to be wrong the same way,
         and increasingly so, about the next: a trend of corrections is extrapolated so
         that exploration does not walk up every worse k one by one)."""
-        bucket = batch_bucket(batch)
-        seen = sorted((k, v) for (b, k), v in self.log_ratio.items() if b == bucket)
-        ks = np.arange(max_k + 1)
+        seen = sorted(self._by_bucket.get(batch_bucket(batch), {}).items())
         if not seen:
             return np.ones(max_k + 1)
-        xs = np.array([k for k, _ in seen], np.float64)
-        ys = np.array([v for _, v in seen])
-        values = np.interp(ks, xs, ys)
-        if len(seen) >= 2:
-            low = (ys[1] - ys[0]) / (xs[1] - xs[0])
-            high = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-            values = np.where(ks < xs[0], ys[0] + low * (ks - xs[0]), values)
-            values = np.where(ks > xs[-1], ys[-1] + high * (ks - xs[-1]), values)
-        return np.exp(np.clip(values, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+        # Piecewise linear through the seen cells, extended by the end segments' slopes;
+        # written out on floats (a few points: numpy's per-call cost dominated), with
+        # the arithmetic of np.interp, so the values are the ones it gives.
+        xs, ys = [float(k) for k, _ in seen], [v for _, v in seen]
+        last = len(xs) - 1
+        low = (ys[1] - ys[0]) / (xs[1] - xs[0]) if last else 0.0
+        high = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if last else 0.0
+        values, j = [], 0
+        for k in range(max_k + 1):
+            if not last:
+                value = ys[0]
+            elif k < xs[0]:
+                value = ys[0] + low * (k - xs[0])
+            elif k >= xs[-1]:
+                value = ys[-1] + high * (k - xs[-1]) if k > xs[-1] else ys[-1]
+            else:
+                while xs[j + 1] <= k:
+                    j += 1
+                value = ys[j] if xs[j] == k else \
+                    (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j]) * (k - xs[j]) + ys[j]
+            values.append(min(max(value, -_MAX_LOG_RATIO), _MAX_LOG_RATIO))
+        return np.exp(np.array(values))
 
     def to_dict(self) -> dict:
         return {f"{b},{k}": [round(v, 6), self.count[b, k]] for (b, k), v in self.log_ratio.items()}
@@ -156,7 +197,7 @@ class GoodputCorrection:
         for key, (value, count) in data.items():
             b, k = (int(x) for x in key.split(","))
             if math.isfinite(value):
-                self.log_ratio[b, k] = min(max(float(value), -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
+                self._set(b, k, min(max(float(value), -_MAX_LOG_RATIO), _MAX_LOG_RATIO))
                 self.count[b, k] = int(count)
 
 
@@ -168,10 +209,16 @@ class LearnedState:
         self.goodput = GoodputCorrection()
 
     def acceptance_of(self, drafter: str = DEFAULT_DRAFTER) -> DepthAcceptance:
-        return self.acceptance.setdefault(drafter, DepthAcceptance())
+        found = self.acceptance.get(drafter)     # (setdefault would build one every call)
+        if found is None:
+            found = self.acceptance[drafter] = DepthAcceptance()
+        return found
 
     def calibration_of(self, drafter: str = DEFAULT_DRAFTER) -> ConfidenceCalibration:
-        return self.calibration.setdefault(drafter, ConfidenceCalibration())
+        found = self.calibration.get(drafter)
+        if found is None:
+            found = self.calibration[drafter] = ConfidenceCalibration()
+        return found
 
     def prior(self, drafter: str = DEFAULT_DRAFTER, depth: int = 0) -> float:
         """What a request with no history of its own is expected to accept per token:

@@ -33,57 +33,17 @@ import math
 
 import numpy as np
 
+from specserve_ray.policy.cap_goodput import (best_cap, cap_outlook, predicted_goodput,
+                                              slo_feasible_k)
 from specserve_ray.policy.contracts import BatchState, Decision, SpeculationPolicy, StepFeedback
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.cost_model import CostModel
 
 __all__ = ["SpecServe", "slo_feasible_k", "predicted_goodput"]
 
-
-def expected_tokens_by_depth(confidence: np.ndarray, depth_profile: np.ndarray | None,
-                             caps: np.ndarray, max_k: int) -> np.ndarray:  # [K+1, B]
-    """Tokens each request emits per step for uniform caps 0..max_k (clipped to its own
-    cap): 1 + a_1 + a_1 a_2 + ..., with a_j = m_i x depth_profile[j] (the measured
-    acceptance at depth j relative to depth 0; None = the same at every depth)."""
-    profile = np.ones(max_k) if depth_profile is None else np.asarray(depth_profile)[:max_k]
-    per_depth = np.clip(confidence[None, :] * profile[:, None], 0.0, 1.0)       # [K, B]
-    survival = np.cumprod(per_depth, axis=0)
-    gained = np.concatenate([np.zeros((1, confidence.size)), np.cumsum(survival, axis=0)])
-    ks = np.minimum(np.arange(max_k + 1)[:, None], caps[None, :])              # [K+1, B]
-    return 1.0 + np.take_along_axis(gained, ks, axis=0)
-
-
-def predicted_goodput(cost: CostModel, state: BatchState, confidence: np.ndarray,
-                      max_k: int, depth_profile: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For caps k = 0..max_k: (tokens per request [K+1, B], step seconds [K+1],
-    goodput [K+1]), uniform caps clipped to each request's own cap."""
-    ks = np.arange(max_k + 1)
-    per_row = np.minimum(ks[:, None], state.caps[None, :])                      # [K+1, B]
-    tokens = expected_tokens_by_depth(confidence, depth_profile, state.caps, max_k)
-    seconds = np.asarray(cost.predict_step(state.batch_size, per_row.max(axis=1),
-                                           state.max_context), np.float64)
-    return tokens, seconds, tokens.sum(axis=1) / seconds
-
-
-def slo_feasible_k(seconds: np.ndarray, tokens: np.ndarray, budget_s, slack_s=None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Per k: whether every request keeps its TPOT budget, and the worst overrun.
-
-    seconds [K+1] step time per k; tokens [K+1, B] tokens each request emits; budget_s
-    [B] TPOT budgets (inf = none); slack_s [B] seconds each request is ahead (used up
-    to four budgets, so one step never spends a long-banked lead at once).
-    """
-    budget = np.asarray(budget_s, np.float64)
-    slack = np.zeros_like(budget) if slack_s is None else np.asarray(slack_s, np.float64)
-    finite = np.isfinite(budget)
-    if not finite.any():
-        worst = np.zeros(len(seconds))
-        return np.ones(len(seconds), bool), worst
-    slack = np.clip(slack[finite], 0.0, 4 * budget[finite])
-    overrun = (seconds[:, None] - slack[None, :]) / (tokens[:, finite] * budget[None, finite])
-    worst = overrun.max(axis=1)
-    return worst <= 1.0, worst
+# Batches with at most this many (row, depth) pairs decide on floats (cap_goodput.py:
+# the same arithmetic, without numpy's per-call cost on tiny arrays); larger ones on arrays.
+FLOAT_PATH_MAX = 64
 
 
 class SpecServe(SpeculationPolicy):
@@ -113,12 +73,14 @@ class SpecServe(SpeculationPolicy):
 
     def choose_cap(self, state: BatchState, confidence: np.ndarray) -> int:
         """The uniform cap k for this step (0 = plain decoding)."""
-        max_k = int(min(state.caps.max(initial=0), self.max_k))
+        max_k = min(max(max(state.k_cap, default=0), 0), self.max_k)
         if max_k <= 0 or not self.cost.has_draft:
             return 0
         # Deeper draft tokens are accepted less often than the first (the draft drifts):
         # the measured acceptance per depth shapes each request's expected tokens.
         depth = self.learned.acceptance_of(state.drafter).depth_profile(max_k)
+        if state.batch_size * max_k <= FLOAT_PATH_MAX:
+            return self._choose_cap_floats(state, confidence, max_k, depth)
         if self.correct_goodput:
             # Against the profiled laws (fixed), times what each cap k really delivered.
             tokens, seconds, goodput = predicted_goodput(self.cost.reference(), state,
@@ -135,32 +97,47 @@ class SpecServe(SpeculationPolicy):
             goodput = np.where(fits, goodput, -np.inf)
         return int(np.argmax(goodput))      # the first of equals: the shallowest
 
+    def _choose_cap_floats(self, state: BatchState, confidence: np.ndarray, max_k: int,
+                           depth: np.ndarray) -> int:
+        """`choose_cap` for a small batch: the same decision, computed on floats."""
+        batch = state.batch_size
+        cost = self.cost.reference() if self.correct_goodput else self.cost
+        tokens, seconds, goodput = cap_outlook(cost, batch, [max(c, 0) for c in state.k_cap],
+                                               state.max_context, confidence.tolist(),
+                                               depth.tolist(), max_k)
+        if self.correct_goodput:
+            factors = self.learned.goodput.factors(batch, max_k).tolist()
+            goodput = [g * f for g, f in zip(goodput, factors)]
+            seconds = [s / f for s, f in zip(seconds, factors)]
+        budgets = state.tpot_budget_s if self.enforce_slo else None
+        return best_cap(tokens, seconds, goodput, budgets, state.tpot_slack_s)
+
     def _decide(self, state, confidence):
-        caps = np.minimum(state.caps, self.max_k)
+        caps = [min(max(c, 0), self.max_k) for c in state.k_cap]
         k = self.choose_cap(state, confidence)
         if k == 0:
             self._plain_streak += 1
             if self._plain_streak < self.probe_every:
-                return np.zeros_like(caps), None, False
+                return [0] * len(caps), None, False
             # Probe: k = 1, drafted and verified in full, to measure what k = 0 forgoes.
             self._plain_streak = 0
             self.probe_every = min(2 * self.probe_every, self.max_probe_every)
-            return np.minimum(caps, 1), None, True
+            return [min(c, 1) for c in caps], None, True
         self._plain_streak, self.probe_every = 0, self.min_probe_every
         self._since_probe += 1
         if self._since_probe >= self.min_probe_every:
             goodput, batch = self.learned.goodput, state.batch_size
             for other in (k - 1, k + 1):
-                if 0 <= other <= int(caps.max()) and goodput.seen(batch, other) < self.neighbour_samples:
+                if 0 <= other <= max(caps) and goodput.seen(batch, other) < self.neighbour_samples:
                     self._since_probe = 0
-                    return np.minimum(caps, other), None, True
+                    return [min(c, other) for c in caps], None, True
         if not (self.in_loop if self.in_loop is not None else self._trusts_profile(state.batch_size)):
-            return np.minimum(caps, k), None, False   # draft to the cap, verify it all
+            return [min(c, k) for c in caps], None, False   # draft to the cap, verify it all
         table = self.learned.calibration_of(state.drafter).table() if self.use_calibration else None
         control = DraftControl(stop="efficiency", trim="efficiency", cost=self.cost,
                                mean_confidence=confidence, context=state.max_context,
                                calibration=table, min_draft=1)
-        return np.minimum(caps, k), control, False
+        return [min(c, k) for c in caps], control, False
 
     def _trusts_profile(self, batch: int) -> bool:
         """Whether the in-loop rules may run: they weigh one more draft or verified token
@@ -177,10 +154,8 @@ class SpecServe(SpeculationPolicy):
         return skew <= self.trust_tolerance and \
             self.learned.goodput.spread(batch) <= self.trust_tolerance
 
-    def calibrate(self, draft_confidences, drafter="model"):
-        if not self.use_calibration:
-            return np.asarray(draft_confidences, np.float64)
-        return super().calibrate(draft_confidences, drafter)
+    def calibration_table(self, drafter="model"):
+        return super().calibration_table(drafter) if self.use_calibration else None
 
     def observe(self, feedback: StepFeedback, decision: Decision | None = None) -> bool:
         """Fold the step's observed speed into the correction of the cap it ran.
@@ -195,7 +170,7 @@ class SpecServe(SpeculationPolicy):
                 or len(decision.max_k) != len(feedback.num_accepted)):
             return False
         batch, k = len(decision.max_k), max(decision.max_k)
-        predicted = float(self.cost.reference().predict_step(batch, k, decision.context))
+        predicted = self.cost.reference().step_seconds(batch, [k], decision.context)[0]
         goodput = self.learned.goodput
         before = goodput.factor(batch, k)
         goodput.observe(batch, k, 1.0 / predicted, 1.0 / feedback.step_seconds)
