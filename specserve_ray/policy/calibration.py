@@ -58,44 +58,48 @@ def apply_table(table, confidences) -> np.ndarray:
 
 
 class ConfidenceCalibration:
+    """The curve, learned per step: `tested` and `accepted` are per-bin decaying counts
+    (lists of floats: at 10 bins numpy's per-call cost outweighed the arithmetic)."""
+
     def __init__(self, bins: int = 10, prior_weight: float = 2.0, decay: float = 0.999):
         if bins < 1 or prior_weight <= 0 or not 0 < decay <= 1:
             raise ValueError("calibration needs bins >= 1, prior_weight > 0, 0 < decay <= 1")
         self.bins = bins
         self.prior_weight = prior_weight
         self.decay = decay                 # old evidence fades: text and load change
-        self.tested = np.zeros(bins)
-        self.accepted = np.zeros(bins)
+        self.tested = [0.0] * bins
+        self.accepted = [0.0] * bins
         self._table: tuple[float, ...] | None = None
 
     def observe(self, draft_confidences, num_verified, num_accepted) -> None:
         """One step: confidences [B, K] of the drafted tokens, how many of each row went
         to the target, and how many it accepted."""
         probs = as_array(draft_confidences)
-        if probs.size <= _SMALL and probs.ndim == 2:
-            verified = [int(v) for v in num_verified]
-            if probs.shape[1] == 0 or max(verified, default=0) <= 0:
-                return
-            self._observe_small(probs.tolist(), verified, [int(a) for a in num_accepted])
+        if probs.ndim != 2 or probs.shape[1] == 0:
             return
-        verified = as_array(num_verified, np.int64)
-        accepted = as_array(num_accepted, np.int64)
-        if probs.ndim != 2 or probs.shape[1] == 0 or verified.max(initial=0) == 0:
+        verified = [int(v) for v in num_verified]
+        if max(verified, default=0) <= 0:
             return
-        columns = np.arange(probs.shape[1])[None, :]
-        # Tested: the accepted prefix plus the first rejected token, within what was sent.
-        tested = columns < np.minimum(verified, accepted + 1)[:, None]
-        hit = columns < accepted[:, None]
-        index = np.minimum((np.clip(probs, 0, 1) * self.bins).astype(np.int64), self.bins - 1)
-        self.tested *= self.decay
-        self.accepted *= self.decay
-        self.tested += np.bincount(index[tested], minlength=self.bins)
-        self.accepted += np.bincount(index[tested & hit], minlength=self.bins)
+        accepted = [int(a) for a in num_accepted]
+        if probs.size <= _SMALL:
+            tested, hit = self._count_small(probs.tolist(), verified, accepted)
+        else:
+            columns = np.arange(probs.shape[1])[None, :]
+            verified, accepted = np.asarray(verified), np.asarray(accepted)
+            # Tested: the accepted prefix plus the first rejected token, within what was sent.
+            sent = columns < np.minimum(verified, accepted + 1)[:, None]
+            index = np.minimum((np.clip(probs, 0, 1) * self.bins).astype(np.int64), self.bins - 1)
+            tested = np.bincount(index[sent], minlength=self.bins).tolist()
+            hit = np.bincount(index[sent & (columns < accepted[:, None])],
+                              minlength=self.bins).tolist()
+        decay = self.decay
+        self.tested = [t * decay + n for t, n in zip(self.tested, tested)]
+        self.accepted = [a * decay + n for a, n in zip(self.accepted, hit)]
         self._table = None
 
-    def _observe_small(self, probs: list[list[float]], verified: list[int],
-                       accepted: list[int]) -> None:
-        """`observe` on floats: the same bins, counted one token at a time."""
+    def _count_small(self, probs: list[list[float]], verified: list[int],
+                     accepted: list[int]) -> tuple[list[int], list[int]]:
+        """Per bin, tokens tested and accepted, counted one token at a time."""
         bins = self.bins
         tested, hit = [0] * bins, [0] * bins
         for row, n_verified, n_accepted in zip(probs, verified, accepted):
@@ -104,19 +108,16 @@ class ConfidenceCalibration:
                 tested[b] += 1
                 if j < n_accepted:
                     hit[b] += 1
-        self.tested *= self.decay
-        self.accepted *= self.decay
-        self.tested += tested
-        self.accepted += hit
-        self._table = None
+        return tested, hit
 
     def table(self) -> tuple[float, ...]:
         """Acceptance probability per confidence bin (non-decreasing)."""
         if self._table is None:
-            centre = (np.arange(self.bins) + 0.5) / self.bins
-            weight = self.tested + self.prior_weight
-            rate = (self.accepted + self.prior_weight * centre) / weight
-            self._table = tuple(_isotonic(rate.tolist(), weight.tolist()))
+            bins, prior = self.bins, self.prior_weight
+            weight = [t + prior for t in self.tested]
+            rate = [(a + prior * ((j + 0.5) / bins)) / w
+                    for j, (a, w) in enumerate(zip(self.accepted, weight))]
+            self._table = tuple(_isotonic(rate, weight))
         return self._table
 
     def __call__(self, confidences) -> np.ndarray:

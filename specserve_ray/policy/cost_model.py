@@ -238,10 +238,25 @@ class CostModel:
         return max(d0, 0.0) * scale + float(steps) * per_step
 
     def step_seconds(self, batch: int, widths: Sequence[int], context: float) -> list[float]:
-        """`predict_step(batch, w, context)` for each uniform draft width w, as floats."""
-        overhead, has_draft = self.step_overhead, self.draft_coef is not None
-        return [((self.draft_seconds(batch, w, context) if has_draft else 0.0) + overhead)
-                + self.verify_seconds(batch, batch * (w + 1), context) for w in widths]
+        """`predict_step(batch, w, context)` for each uniform draft width w, as floats.
+        The terms that do not depend on w are evaluated once, as the same partial sums."""
+        v0, v1, v2, v3, v4 = self.verify_coef
+        start, per_context = v0 + v1 * batch, v3 * batch * context
+        scale, overhead = self.scale["verify"], self.step_overhead
+        draft_call = draft_step = 0.0
+        if self.draft_coef is not None:
+            d0, d1, d2, d3 = self.draft_coef
+            d_scale = self.scale["draft"]
+            draft_call = max(d0, 0.0) * d_scale
+            if batch > 0:
+                draft_step = max((d1 + d2 * batch + d3 * batch * context) * d_scale, _MIN_SECONDS)
+        out = []
+        for w in widths:
+            tokens = batch * (w + 1)
+            raw = start + v2 * tokens + per_context + v4 * tokens * context
+            draft = draft_call + float(w) * draft_step if w > 0 else 0.0
+            out.append(draft + overhead + max(raw * scale, _MIN_SECONDS))
+        return out
 
     def observe_step_overhead(self, seconds: float, weight: float = 0.1) -> None:
         """Fold one step's time outside the forwards into the overhead estimate (EMA)."""

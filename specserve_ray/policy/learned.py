@@ -43,27 +43,29 @@ class DepthAcceptance:
     A token at depth j is tested only if every earlier token of its row was accepted,
     so accepted[j] / tested[j] is the conditional acceptance at that depth. A prior of
     `prior_weight` tokens at `prior_rate` stands in until there is evidence.
+
+    The counts are lists of floats, updated every step: at 16 depths and a handful of
+    rows, numpy's per-call cost was most of what this spent (the arithmetic is the same).
     """
 
     def __init__(self, prior_rate: float = 0.5, prior_weight: float = 2.0, decay: float = 0.995):
         self.prior_rate, self.prior_weight, self.decay = prior_rate, prior_weight, decay
-        self.tested = np.zeros(_MAX_DEPTH)
-        self.accepted = np.zeros(_MAX_DEPTH)
+        self.tested = [0.0] * _MAX_DEPTH
+        self.accepted = [0.0] * _MAX_DEPTH
 
     def observe(self, num_verified: Sequence[int], num_accepted: Sequence[int]) -> None:
-        # Plain ints: a step has a handful of rows, and numpy's per-call cost on arrays
-        # that small is most of what this would spend. The counts are integers either
-        # way, so the sums below are the ones a vectorized count gives.
         verified = [min(int(v), _MAX_DEPTH) for v in num_verified]
         if max(verified, default=0) <= 0:
             return
         accepted = [min(int(a), v) for a, v in zip(num_accepted, verified)]
-        tested = _rows_beyond([min(v, a + 1) for v, a in zip(verified, accepted)])
-        hits = _rows_beyond(accepted)
-        self.tested *= self.decay
-        self.accepted *= self.decay
-        self.tested[:len(tested)] += tested
-        self.accepted[:len(hits)] += hits
+        decay = self.decay
+        tested = [t * decay for t in self.tested]
+        hits = [a * decay for a in self.accepted]
+        for j, n in enumerate(_rows_beyond([min(v, a + 1) for v, a in zip(verified, accepted)])):
+            tested[j] += n
+        for j, n in enumerate(_rows_beyond(accepted)):
+            hits[j] += n
+        self.tested, self.accepted = tested, hits
 
     def rate(self, depth: int = 0) -> float:
         """Conditional acceptance at `depth` (0 = a row's first draft token)."""
@@ -74,10 +76,17 @@ class DepthAcceptance:
     def depth_profile(self, max_k: int) -> np.ndarray:  # [max_k]
         """Acceptance at depths 0..max_k-1 relative to depth 0: how much harder a
         request's j-th draft token is to get accepted than its first."""
-        j = np.minimum(np.arange(max_k), _MAX_DEPTH - 1)     # rate() clamps the same way
-        rates = (self.accepted[j] + self.prior_weight * self.prior_rate) \
-            / (self.tested[j] + self.prior_weight)
-        return rates / max(rates[0], 1e-6) if max_k else rates
+        return np.array(self.depth_profile_floats(max_k))
+
+    def depth_profile_floats(self, max_k: int) -> list[float]:
+        """`depth_profile` as a list."""
+        mass, weight = self.prior_weight * self.prior_rate, self.prior_weight
+        rates = [(self.accepted[j] + mass) / (self.tested[j] + weight)
+                 for j in (min(j, _MAX_DEPTH - 1) for j in range(max_k))]
+        if not rates:
+            return rates
+        first = max(rates[0], 1e-6)
+        return [r / first for r in rates]
 
     @property
     def evidence(self) -> float:
@@ -85,13 +94,14 @@ class DepthAcceptance:
         return float(self.tested[0])
 
     def to_dict(self) -> dict:
-        return {"tested": self.tested.round(4).tolist(), "accepted": self.accepted.round(4).tolist()}
+        return {"tested": np.round(self.tested, 4).tolist(),
+                "accepted": np.round(self.accepted, 4).tolist()}
 
     def load(self, data: Mapping) -> None:
         for name in ("tested", "accepted"):
             values = np.asarray(data.get(name, ()), np.float64)[:_MAX_DEPTH]
             if values.size and np.isfinite(values).all() and (values >= 0).all():
-                getattr(self, name)[:values.size] = values
+                getattr(self, name)[:values.size] = values.tolist()
 
 
 def _rows_beyond(levels: Sequence[int]) -> list[int]:
@@ -254,8 +264,8 @@ class LearnedState:
     def to_dict(self) -> dict:
         return {"format": 1,
                 "acceptance": {d: a.to_dict() for d, a in self.acceptance.items()},
-                "calibration": {d: {"tested": c.tested.round(4).tolist(),
-                                    "accepted": c.accepted.round(4).tolist()}
+                "calibration": {d: {"tested": np.round(c.tested, 4).tolist(),
+                                    "accepted": np.round(c.accepted, 4).tolist()}
                                 for d, c in self.calibration.items()},
                 "goodput": self.goodput.to_dict()}
 
@@ -271,7 +281,7 @@ class LearnedState:
                 for name in ("tested", "accepted"):
                     values = np.asarray(entry.get(name, ()), np.float64)
                     if values.shape == (cal.bins,) and np.isfinite(values).all():
-                        setattr(cal, name, values.copy())
+                        setattr(cal, name, values.tolist())
                 cal._table = None
             self.goodput.load(dict(data.get("goodput", {})))
         except (TypeError, ValueError, AttributeError):

@@ -78,9 +78,11 @@ class SpecServe(SpeculationPolicy):
             return 0
         # Deeper draft tokens are accepted less often than the first (the draft drifts):
         # the measured acceptance per depth shapes each request's expected tokens.
-        depth = self.learned.acceptance_of(state.drafter).depth_profile(max_k)
+        acceptance = self.learned.acceptance_of(state.drafter)
         if state.batch_size * max_k <= FLOAT_PATH_MAX:
-            return self._choose_cap_floats(state, confidence, max_k, depth)
+            return self._choose_cap_floats(state, confidence, max_k,
+                                           acceptance.depth_profile_floats(max_k))
+        depth = acceptance.depth_profile(max_k)
         if self.correct_goodput:
             # Against the profiled laws (fixed), times what each cap k really delivered.
             tokens, seconds, goodput = predicted_goodput(self.cost.reference(), state,
@@ -98,13 +100,13 @@ class SpecServe(SpeculationPolicy):
         return int(np.argmax(goodput))      # the first of equals: the shallowest
 
     def _choose_cap_floats(self, state: BatchState, confidence: np.ndarray, max_k: int,
-                           depth: np.ndarray) -> int:
+                           depth: list[float]) -> int:
         """`choose_cap` for a small batch: the same decision, computed on floats."""
         batch = state.batch_size
         cost = self.cost.reference() if self.correct_goodput else self.cost
         tokens, seconds, goodput = cap_outlook(cost, batch, [max(c, 0) for c in state.k_cap],
                                                state.max_context, confidence.tolist(),
-                                               depth.tolist(), max_k)
+                                               depth, max_k)
         if self.correct_goodput:
             factors = self.learned.goodput.factors(batch, max_k).tolist()
             goodput = [g * f for g, f in zip(goodput, factors)]
