@@ -26,6 +26,10 @@ from specserve_ray.policy.learned import DEFAULT_DRAFTER, LearnedState
 
 __all__ = ["BatchState", "Decision", "StepFeedback", "SpeculationPolicy", "update_confidence_ema"]
 
+# Steps with at most this many draft confidences (and fewer than 8 per row) update the
+# confidence estimates on floats (`update_confidence_floats`), larger ones on arrays.
+FLOAT_CONFIDENCES_MAX = 64
+
 
 @dataclass(frozen=True)
 class BatchState:
@@ -236,7 +240,8 @@ class SpeculationPolicy:
         prior = self.learned.prior(feedback.drafter)
         current = [prior if c is None else c for c in confidence]
         confidences = feedback.confidences
-        if confidences is None or (confidences.shape[1] < 8 and confidences.size <= 64):
+        if confidences is None or (confidences.shape[1] < 8
+                                   and confidences.size <= FLOAT_CONFIDENCES_MAX):
             ema = update_confidence_floats(
                 current, None if confidences is None else confidences.tolist(),
                 feedback.num_drafted, self.calibration_table(feedback.drafter), prior=prior)
