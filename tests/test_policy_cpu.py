@@ -235,10 +235,13 @@ def _replay_decisions(monkeypatch, float_path: bool, batch: int, **policy_kw):
     cost = CostModel((0.02, 2e-5, 1e-5, 1e-8), (5e-4, 1.5e-3, 1e-5, 2e-9))
     policy = SpecServe(cost, max_k=6, **policy_kw)
     history: list = []
+    estimates: list = []            # every step's updated confidence estimates
+    observe_step = policy.observe_step
+    policy.observe_step = lambda *args: estimates.append(observe_step(*args)) or estimates[-1]
     traces = make_traces(batch, 2 * 150 + 64, seed=batch, easy_run=80, hard_run=10)
     result = replay(policy, truth, batch, 150, traces=traces, history=history)
     monkeypatch.undo()
-    return history, result, policy.learned.to_dict(), cost.scale, cost.step_overhead
+    return history, estimates, result, policy.learned.to_dict(), cost.scale, cost.step_overhead
 
 
 @pytest.mark.parametrize("batch,kw", [(1, {}), (3, {}), (8, {}), (4, {"in_loop": True}),
@@ -247,5 +250,28 @@ def test_policy_decides_the_same_on_floats_and_arrays(monkeypatch, batch, kw):
     floats = _replay_decisions(monkeypatch, True, batch, **kw)
     arrays = _replay_decisions(monkeypatch, False, batch, **kw)
     assert floats[0] == arrays[0]           # every step's caps
-    assert floats[1:] == arrays[1:]         # tokens/s, and everything it learned
+    assert floats[1] == arrays[1]           # every step's confidence estimates
+    assert floats[2:] == arrays[2:]         # tokens/s, and everything it learned
     assert len({max(ks) for ks in floats[0]}) > 1, "the replay never changed its mind"
+
+
+@pytest.mark.parametrize("seed", RNG_SEEDS)
+def test_decisions_under_tpot_budgets_are_the_same_on_floats_and_arrays(monkeypatch, seed):
+    """decide() on random batches with budgets and slack, after some learning (goodput
+    corrections that differ per k): the same Decision either way."""
+    rng = np.random.default_rng(seed)
+    cost = random_cost(rng)
+    policies = [SpecServe(cost, max_k=int(rng.integers(1, 9)), probe_every=10 ** 9)]
+    for batch in range(1, 17):
+        for k in range(0, 9):
+            policies[0].learned.goodput.observe(batch, k, 1.0, float(rng.lognormal(0, 0.5)))
+    for _ in range(200):
+        state = random_state(rng, int(rng.integers(1, 17)), policies[0].max_k, slo=True)
+        decisions = []
+        for limit in (10 ** 9, -1):
+            monkeypatch.setattr(specserve, "FLOAT_PATH_MAX", limit)
+            decisions.append(policies[0].decide(state))
+        monkeypatch.undo()
+        (a, b) = decisions
+        assert (a.max_k, a.probe, a.confidence, a.context, a.control is None) == \
+            (b.max_k, b.probe, b.confidence, b.context, b.control is None)
