@@ -25,7 +25,7 @@ __all__ = ["ConfidenceCalibration", "apply_table"]
 
 # Steps with at most this many confidences are counted on plain floats: numpy's
 # per-call cost on a few values exceeds the work (the counts are the same either way).
-_SMALL = 64
+_SMALL = 40
 
 
 def _isotonic(values: list[float], weights: list[float]) -> list[float]:
@@ -41,12 +41,6 @@ def _isotonic(values: list[float], weights: list[float]) -> list[float]:
     for v, _, n in blocks:
         fitted += [v] * n
     return fitted
-
-
-def table_value(table: tuple[float, ...], confidence: float) -> float:
-    """`apply_table` for one float (NaN reads as 0, as there)."""
-    value = 0.0 if confidence != confidence else min(max(confidence, 0.0), 1.0)
-    return table[min(int(value * len(table)), len(table) - 1)]
 
 
 def apply_table(table, confidences) -> np.ndarray:

@@ -50,8 +50,9 @@ def predicted_goodput(cost: CostModel, state: BatchState, confidence: np.ndarray
     ks = np.arange(max_k + 1)
     per_row = np.minimum(ks[:, None], state.caps[None, :])                      # [K+1, B]
     tokens = expected_tokens_by_depth(confidence, depth_profile, state.caps, max_k)
-    seconds = np.asarray(cost.predict_step(state.batch_size, per_row.max(axis=1),
-                                           state.max_context), np.float64)
+    # predict_step's values, from its float twin (fewer numpy calls; the same floats)
+    seconds = np.array(cost.step_seconds(state.batch_size, per_row.max(axis=1).tolist(),
+                                         state.max_context))
     return tokens, seconds, tokens.sum(axis=1) / seconds
 
 
@@ -91,9 +92,11 @@ def first_max(values: Sequence[float]) -> int:
 def cap_outlook(cost: CostModel, batch: int, caps: Sequence[int], context: float,
                 confidence: Sequence[float], depth_profile: Sequence[float] | None,
                 max_k: int) -> tuple[list[list[float]], list[float], list[float]]:
-    """`predicted_goodput` on floats: (tokens [K+1][B], seconds [K+1], goodput [K+1])."""
+    """`predicted_goodput` on floats: (tokens per request [B][K+1] (its transpose),
+    seconds [K+1], goodput [K+1])."""
     profile = [1.0] * max_k if depth_profile is None else list(depth_profile)[:max_k]
-    columns = []                                   # per request: tokens for caps 0..max_k
+    ks = range(max_k + 1)
+    per_request = []
     for m, cap in zip(confidence, caps):
         gained, survival, total = [0.0], 1.0, 0.0
         for j, p in enumerate(profile):
@@ -101,20 +104,16 @@ def cap_outlook(cost: CostModel, batch: int, caps: Sequence[int], context: float
             survival = a if j == 0 else survival * a
             total = survival if j == 0 else total + survival
             gained.append(total)
-        columns.append([1.0 + gained[min(k, cap)] for k in range(max_k + 1)])
-    tokens = [list(row) for row in zip(*columns)] if columns else [[] for _ in range(max_k + 1)]
+        per_request.append([1.0 + gained[k if k < cap else cap] for k in ks])
     widest = max(caps, default=0)
-    seconds = cost.step_seconds(batch, [min(k, widest) for k in range(max_k + 1)], context)
-    if len(columns) < 8:
-        sums = []
-        for row in tokens:
-            total = 0.0
-            for t in row:
-                total += t
-            sums.append(total)
-    else:
-        sums = np.array(tokens).sum(axis=1).tolist()
-    return tokens, seconds, [n / s for n, s in zip(sums, seconds)]
+    seconds = cost.step_seconds(batch, [min(k, widest) for k in ks], context)
+    if len(per_request) < 8:         # numpy sums fewer than 8 values left to right
+        sums = [0.0] * (max_k + 1)
+        for tokens in per_request:
+            sums = [n + t for n, t in zip(sums, tokens)]
+    else:                            # and more pairwise: let it, on the same [K+1, B] layout
+        sums = np.array(list(zip(*per_request))).sum(axis=1).tolist()
+    return per_request, seconds, [n / s for n, s in zip(sums, seconds)]
 
 
 def best_cap(tokens: Sequence[Sequence[float]], seconds: Sequence[float],
@@ -122,15 +121,15 @@ def best_cap(tokens: Sequence[Sequence[float]], seconds: Sequence[float],
              slack_s: Sequence[float] | None) -> int:
     """The cap of the highest goodput among those that keep every TPOT budget (the
     rule `slo_feasible_k` + argmax implement), or, when none does, the least worst
-    overrun."""
+    overrun. tokens [B][K+1] per request, seconds and goodput [K+1]."""
     if budget_s is not None:
         slack_s = [0.0] * len(budget_s) if slack_s is None else slack_s
-        rows = [(i, b, min(max(float(s), 0.0), 4 * b))
+        rows = [(tokens[i], b, min(max(float(s), 0.0), 4 * b))
                 for i, (b, s) in enumerate(zip(map(float, budget_s), slack_s))
                 if math.isfinite(b)]
         if rows:
-            worst = [max((sec - s) / (row[i] * b) for i, b, s in rows)
-                     for sec, row in zip(seconds, tokens)]
+            worst = [max((sec - s) / (emitted[k] * b) for emitted, b, s in rows)
+                     for k, sec in enumerate(seconds)]
             fits = [w <= 1.0 for w in worst]
             if not any(fits):
                 return first_max([-w for w in worst])

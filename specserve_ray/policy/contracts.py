@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from specserve_ray.policy.calibration import apply_table, table_value
+from specserve_ray.policy.calibration import apply_table
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.efficiency import as_array, draft_mask
 from specserve_ray.policy.learned import DEFAULT_DRAFTER, LearnedState
@@ -28,7 +28,7 @@ __all__ = ["BatchState", "Decision", "StepFeedback", "SpeculationPolicy", "updat
 
 # Steps with at most this many draft confidences (and fewer than 8 per row) update the
 # confidence estimates on floats (`update_confidence_floats`), larger ones on arrays.
-FLOAT_CONFIDENCES_MAX = 64
+FLOAT_CONFIDENCES_MAX = 40
 
 
 @dataclass(frozen=True)
@@ -178,12 +178,15 @@ def update_confidence_floats(ema: Sequence[float], draft_confidences: list[list[
     without numpy's per-call cost on a handful of values."""
     rows = draft_confidences if draft_confidences is not None and \
         max(num_drafted, default=0) > 0 else None
-    out = []
+    out, bins = [], len(table) if table is not None else 0
     for i, (value, count) in enumerate(zip(ema, num_drafted)):
         if count > 0:
             total = 0.0
             for p in (rows[i][:count] if rows is not None else ()):
-                total += p if table is None else table_value(table, p)
+                if table is not None:       # apply_table's rule, on one float
+                    p = table[min(int((0.0 if p != p else min(max(p, 0.0), 1.0)) * bins),
+                                  bins - 1)]
+                total += p
             value = (1 - weight) * value + weight * (total / count)
         elif count == 0:
             value += relax * (prior - value)

@@ -43,7 +43,7 @@ __all__ = ["SpecServe", "slo_feasible_k", "predicted_goodput"]
 
 # Batches with at most this many (row, depth) pairs decide on floats (cap_goodput.py:
 # the same arithmetic, without numpy's per-call cost on tiny arrays); larger ones on arrays.
-FLOAT_PATH_MAX = 64
+FLOAT_PATH_MAX = 32     # the measured crossover on this CPU (scripts/bench_policy_cpu.py)
 
 
 class SpecServe(SpeculationPolicy):
