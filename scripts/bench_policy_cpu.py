@@ -1,6 +1,6 @@
 """Usage: PYTHONPATH=.:kernels python scripts/bench_policy_cpu.py [--batches 1,8]
           [--policies specserve,static:3] [--steps 300] [--rounds 5] [--trace PATH]
-          [--tpot-ms MS]
+          [--tpot-ms MS] [--trees BEFORE,AFTER]
 
 The scheduler's own CPU per decode step (plan_step + apply_step), with no models: the
 workers are replaced by synthetic StepResults (seeded acceptances and confidences, step
@@ -16,6 +16,11 @@ first policy.
 `--trace PATH` writes every step's decision (the caps, per policy, batch and round) as
 JSON: two runs of the same arguments on two versions of the policy must write the same
 file if the policy decides the same (the synthetic inputs do not depend on timing).
+`--trees A,B` compares two checkouts of the package (e.g. before and after a change):
+each round runs this script once per tree, in shuffled order, in a fresh process with
+that tree first on PYTHONPATH; printed per (batch, policy): each tree's median of the
+rounds' plan + apply, min..max, and the ratio B / A per round (median, min..max).
+
 `--tpot-ms` gives every request a TPOT budget; the scheduler's clock is then the
 synthetic one (the step seconds summed), so the slack the policy sees is reproducible.
 """
@@ -23,8 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -118,7 +127,8 @@ def run_once(tok, policy: str, batch: int, steps: int, seed: int, max_k: int, tr
         slo = SloConfig(classes=[{"name": "interactive", "tpot_s": tpot_ms / 1e3}],
                         default_class="interactive")
         scheduler_module.time = SyntheticClock()
-    sched = Scheduler(tok, len(tok), True, LimitsConfig(max_model_len=512, max_num_seqs=max(8, batch)),
+    limits = LimitsConfig(max_model_len=512, max_num_seqs=max(8, batch))
+    sched = Scheduler(tok, len(tok), True, limits,
                       SpeculationConfig(num_speculative_tokens=max_k, policy="specserve"),
                       cost_model=CostModel.from_dict(PROFILE), slo=slo)
     sched.learned.load(LEARNED)
@@ -165,7 +175,11 @@ def main():
     ap.add_argument("--max-k", type=int, default=4)
     ap.add_argument("--trace")
     ap.add_argument("--tpot-ms", type=float)
+    ap.add_argument("--trees")
+    ap.add_argument("--json", help=argparse.SUPPRESS)     # per-cell results (--trees uses it)
     args = ap.parse_args()
+    if args.trees:
+        return compare_trees(args)
     tok = tokenizer()
     policies = args.policies.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -197,6 +211,41 @@ def main():
     if args.trace:
         with open(args.trace, "w") as f:
             json.dump(traces, f)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{b}/{p}": [x + y for x, y in times[b, p]] for b, p in cells}, f)
+
+
+def compare_trees(args):
+    trees = [os.path.abspath(t) for t in args.trees.split(",")]
+    runs = {t: {} for t in trees}
+    order = random.Random(1)
+    passed = ["--batches", args.batches, "--policies", args.policies, "--steps", str(args.steps),
+              "--max-k", str(args.max_k)]
+    passed += ["--tpot-ms", str(args.tpot_ms)] if args.tpot_ms else []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for tree in order.sample(trees, len(trees)):
+                out = os.path.join(tmp, "cells.json")
+                env = dict(os.environ, PYTHONPATH=f"{tree}:{tree}/kernels")
+                subprocess.run([sys.executable, __file__, *passed, "--rounds", "1", "--json", out],
+                               env=env, check=True, stdout=subprocess.DEVNULL)
+                with open(out) as f:
+                    for cell, totals in json.load(f).items():
+                        runs[tree].setdefault(cell, []).extend(totals)
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    before, after = trees[0], trees[-1]
+    for cell in runs[before]:
+        line = [f"{cell:14s}"]
+        for tree in trees:
+            values = runs[tree][cell]
+            line.append(f"{os.path.basename(tree) or tree}: "
+                        f"{statistics.median(values) * 1e3:.3f} ms "
+                        f"({min(values) * 1e3:.3f}-{max(values) * 1e3:.3f})")
+        ratios = [b / a for a, b in zip(runs[before][cell], runs[after][cell])]
+        line.append(f"after/before {statistics.median(ratios):.3f} "
+                    f"({min(ratios):.3f}-{max(ratios):.3f})")
+        print("  ".join(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def test_step_seconds_equal_predict_step(seed):
             float(cost.predict_verify(batch, batch * (k + 1), context))
         if cost.has_draft:
             rows = float(rng.uniform(0, 8))     # draft samples carry a mean row count
-            assert cost.draft_seconds(rows, k, context) == float(cost.predict_draft(rows, k, context))
+            assert cost.draft_seconds(rows, k, context) == \
+                float(cost.predict_draft(rows, k, context))
 
 
 # -- the cap decision ----------------------------------------------------------------------------
@@ -88,7 +89,8 @@ def test_cap_outlook_and_best_cap_equal_the_numpy_decision(seed):
         batch, max_k = int(rng.integers(1, 17)), int(rng.integers(1, 9))
         state = random_state(rng, batch, max_k, slo=bool(rng.random() < 0.5))
         cost = random_cost(rng)
-        depth = None if rng.random() < 0.2 else np.concatenate([[1.0], rng.uniform(0.1, 1.5, max_k - 1)])
+        depth = None if rng.random() < 0.2 else \
+            np.concatenate([[1.0], rng.uniform(0.1, 1.5, max_k - 1)])
         confidence = state.confidence(0.5)
         tokens, seconds, goodput = predicted_goodput(cost, state, confidence, max_k, depth)
         f_tokens, f_seconds, f_goodput = cap_outlook(

@@ -151,7 +151,8 @@ class GoodputCorrection:
         n = self.count.get(cell, 0)
         # The first few observations are averaged, later ones are an EMA (follows drift).
         w = max(self.weight, 1.0 / (n + 1))
-        self._set(*cell, self.log_ratio.get(cell, 0.0) + w * (ratio - self.log_ratio.get(cell, 0.0)))
+        before = self.log_ratio.get(cell, 0.0)
+        self._set(*cell, before + w * (ratio - before))
         self.count[cell] = n + 1
 
     def seen(self, batch: int, k: int) -> int:
