@@ -68,7 +68,10 @@ class ConfidenceCalibration:
     def observe(self, draft_confidences, num_verified, num_accepted) -> None:
         """One step: confidences [B, K] of the drafted tokens, how many of each row went
         to the target, and how many it accepted."""
-        probs = as_array(draft_confidences)
+        # A float32 array's tolist() gives the floats a float64 copy holds: no copy needed
+        # on the small path (the large one clips and scales in float64, so it copies).
+        probs = draft_confidences if isinstance(draft_confidences, np.ndarray) \
+            else as_array(draft_confidences)
         if probs.ndim != 2 or probs.shape[1] == 0:
             return
         verified = [int(v) for v in num_verified]
@@ -78,6 +81,7 @@ class ConfidenceCalibration:
         if probs.size <= _SMALL:
             tested, hit = self._count_small(probs.tolist(), verified, accepted)
         else:
+            probs = as_array(probs)
             columns = np.arange(probs.shape[1])[None, :]
             verified, accepted = np.asarray(verified), np.asarray(accepted)
             # Tested: the accepted prefix plus the first rejected token, within what was sent.

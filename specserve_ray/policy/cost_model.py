@@ -264,24 +264,33 @@ class CostModel:
             self.step_overhead += weight * (seconds - self.step_overhead)
 
     def _predict(self, sample: Sample) -> float:
-        if sample.kind == "verify":
+        return self._predict_call(sample.kind, sample.batch, sample.tokens, sample.context)
+
+    def _predict_call(self, kind: str, batch, tokens: int, context: float) -> float:
+        if kind == "verify":
             if self.verify_coef is None:
                 raise RuntimeError("cost model has no verify law; fit() or from_dict() first")
-            return self.verify_seconds(sample.batch, sample.tokens, sample.context)
+            return self.verify_seconds(batch, tokens, context)
         if self.draft_coef is None:
             raise RuntimeError("cost model has no draft law; fit() with draft samples first")
-        return self.draft_seconds(sample.batch, sample.tokens, sample.context)
+        return self.draft_seconds(batch, tokens, context)
 
     # -- online correction -------------------------------------------------------------
     def observe(self, sample: Sample) -> bool:
         """Fold one live timing into the correction; True if predictions changed."""
-        if sample.seconds <= 0 or (sample.kind == "draft" and sample.tokens <= 0):
+        return self.observe_call(sample.kind, sample.batch, sample.tokens, sample.context,
+                                 sample.seconds)
+
+    def observe_call(self, kind: str, batch, tokens: int, context: float, seconds: float) -> bool:
+        """`observe` without building a Sample (the per-step path)."""
+        if kind not in ("draft", "verify"):
+            raise ValueError(f"sample kind must be 'draft' or 'verify', got {kind!r}")
+        if seconds <= 0 or (kind == "draft" and tokens <= 0):
             return False
-        if sample.kind == "draft" and not self.has_draft:
+        if kind == "draft" and not self.has_draft:
             return False
-        kind = sample.kind
-        raw = self._predict(sample) / self.scale[kind]
-        log_ratio = min(max(math.log(sample.seconds / raw), -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
+        raw = self._predict_call(kind, batch, tokens, context) / self.scale[kind]
+        log_ratio = min(max(math.log(seconds / raw), -_MAX_LOG_RATIO), _MAX_LOG_RATIO)
         self._log_scale[kind] += self.correction_weight * (log_ratio - self._log_scale[kind])
         estimate = math.exp(self._log_scale[kind])
         if abs(estimate / self.scale[kind] - 1.0) > self.correction_tolerance:

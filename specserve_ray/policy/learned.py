@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from specserve_ray.policy.calibration import ConfidenceCalibration
-from specserve_ray.policy.cost_model import CostModel, Sample, padded_tokens
+from specserve_ray.policy.cost_model import CostModel, padded_tokens
 
 __all__ = ["DepthAcceptance", "GoodputCorrection", "LearnedState", "DEFAULT_DRAFTER"]
 
@@ -248,14 +248,14 @@ class LearnedState:
             return
         batch, context = feedback.batch_size, feedback.context
         if feedback.verify_seconds is not None:
-            cost.observe(Sample("verify", batch, padded_tokens(verified), context,
-                                feedback.verify_seconds))
+            cost.observe_call("verify", batch, padded_tokens(verified), context,
+                              feedback.verify_seconds)
         steps = max(feedback.num_drafted, default=0)
         if feedback.draft_seconds is not None and steps > 0:
             # Per-step draft cost is affine in the rows, so a ragged call costs what a
             # uniform one with the mean row count does.
-            cost.observe(Sample("draft", sum(feedback.num_drafted) / steps, steps, context,
-                                feedback.draft_seconds))
+            cost.observe_call("draft", sum(feedback.num_drafted) / steps, steps, context,
+                              feedback.draft_seconds)
         if not feedback.had_prefill and feedback.verify_seconds is not None:
             # What the step cost beside its two forwards (router, transport, bookkeeping).
             cost.observe_step_overhead(max(feedback.step_seconds - (feedback.draft_seconds or 0.0)
