@@ -114,7 +114,9 @@ class SpeculationChooser:
         return self.chosen_k_sum / self.chosen_k_rows if self.chosen_k_rows else 0.0
 
     # -- plan ---------------------------------------------------------------------------------
-    def choose(self, batch: Sequence[Request]):
+    def choose(self, batch: Sequence[Request]) -> tuple[
+            list[int], list[list[int] | None] | None, list[list[float] | None] | None,
+            DraftControl | None]:
         """Each decode row's k (every cap applied), the n-gram rows' drafts and their
         confidences (None = no fixed drafts) and the in-draft-loop control (None = none)."""
         self._decided_by = self._control = self._decision = None
