@@ -246,6 +246,22 @@ def test_load_summary_ratios_and_refusals():
     assert "refusals" in table(s)
 
 
+def test_steady_capacity_ignores_the_closed_loop_tail():
+    """2 clients, each request 1 s, then one 10 s straggler sent last: the whole-run rate
+    is dragged down by the tail, the steady window (first completion .. last send) is not."""
+    from specserve_ray.bench.load import steady_capacity
+
+    def rec(i, sent, end):
+        return RequestRecord(i, 8, 4, sent, sent + 0.1, [sent + 0.1], end, 4, None)
+
+    records = [rec(2 * j + c, float(j), float(j + 1)) for j in range(8) for c in range(2)]
+    records.append(rec(16, 8.0, 18.0))                       # the straggler, sent last
+    assert steady_capacity(records, 18.0) == pytest.approx(2.0, rel=0.15)
+    assert len([r for r in records if r.ok]) / 18.0 < 1.0      # what the whole run says
+    # Too few completions in the window: the whole-run rate.
+    assert steady_capacity(records[:2], 2.0) == pytest.approx(1.0)
+
+
 # -- the bench extra brings every bench command's dependencies -------------------------------
 def _pyproject():
     try:
