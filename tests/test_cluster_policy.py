@@ -194,8 +194,9 @@ def test_engine_bounds_cap_static_k_and_survive_policy_switches():
     assert engine.plan_step().num_draft == [4, 4, 4]
     engine.chooser.apply_bounds(RuntimeBounds(True, 2, 5))
     assert engine.plan_step().num_draft == [2, 2, 1]
-    # Switching policy rebuilds it; the bounds are the engine's (applied with every other
-    # cap in SpeculationChooser._final_ks, and given to the policy as its caps), so they carry over.
+    # Switching policy rebuilds it; the bounds are the chooser's (applied with every other
+    # cap in SpeculationChooser._final_ks, and given to the policy as its caps), so they
+    # carry over.
     engine.speculation = SpeculationConfig(num_speculative_tokens=4, policy="specserve")
     assert engine.chooser.bounds == RuntimeBounds(True, 2, 5)
     plan = engine.plan_step()
