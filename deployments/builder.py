@@ -83,7 +83,7 @@ def persist_learned(cfg: AppConfig, engine: SpecEngine) -> None:
 
     eng = cfg.engine
     if eng.speculation.synthetic_acceptance_rate is None:
-        attach_persistence(engine, None, cost_model_key(
+        attach_persistence(engine.chooser, None, cost_model_key(
             eng.target.path, eng.draft.path if eng.draft else None, eng.target.dtype,
             eng.target.device))
 

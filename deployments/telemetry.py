@@ -3,7 +3,7 @@
     step loop ──on_step──> StepRecorder ──> MetricsAggregator      (per step: additions)
     every report_interval_s (background task):
         drain ──> RayMetricsExporter.export       (Prometheus via Ray)
-              ──> RouterSignals (windowed) ──> SpecController.report ──> engine.apply_bounds
+              ──> RouterSignals (windowed) ──> SpecController.report ──> engine.chooser.apply_bounds
 
 Both loops are asyncio tasks on the replica's event loop; the report waits at most
 `controller_timeout_s` and never holds the step loop up.
@@ -77,7 +77,7 @@ class RouterTelemetry:
         delta = self.recorder.aggregator.drain(time.monotonic(), waiting, running)
         if self.exporter is not None:
             try:
-                self.exporter.export(delta, eng.bounds)
+                self.exporter.export(delta, eng.chooser.bounds)
             except Exception:  # noqa: BLE001 - never let metrics take the router down
                 if not self._export_failed:
                     self._export_failed = True
@@ -113,16 +113,16 @@ class RouterTelemetry:
             if self.latest is None:
                 continue
             bounds = await self.client.report(self.latest)
-            if bounds is not None and bounds != self.engine.bounds:
+            if bounds is not None and bounds != self.engine.chooser.bounds:
                 # No lock needed: planning is synchronous on this same event loop, so
                 # every plan sees either the old bounds or the new ones, never a mix.
-                self.engine.apply_bounds(bounds)
+                self.engine.chooser.apply_bounds(bounds)
 
     # -- views ----------------------------------------------------------------------------
     def snapshot(self) -> dict:
         """Totals since start (metrics as a dict), current bounds and controller state."""
         out = {"totals": self.recorder.aggregator.current().summary(),
-               "bounds": bounds_to_dict(self.engine.bounds),
+               "bounds": bounds_to_dict(self.engine.chooser.bounds),
                "queue_depth": len(self.engine.waiting), "running": len(self.engine.running)}
         if self.client is not None:
             out["controller"] = {"name": self.client.name, "available": not self.client.failing,

@@ -62,7 +62,7 @@ def step():
     s1 = time.perf_counter()
     if plan is None:
         return []
-    decision = engine._decision
+    decision = engine.chooser._decision
     from specserve_ray.workers.host import run_draft, run_target
     result = run_target(engine.target, run_draft(engine.draft, plan))
     s2 = time.perf_counter()
@@ -126,7 +126,7 @@ for batch in batches:
     print(f"B={batch}: {tps:.1f} tok/s, {len(st)} steps, caps {dict(sorted(ks.items()))}, "
           f"verified widths {dict(sorted(vk.items()))}, probes {probes}")
     print(f"   mean decision confidence {np.mean(confs):.3f}  realized acceptance/token {realized:.3f}"
-          f"  prior {engine.learned.prior():.3f}")
+          f"  prior {engine.chooser.learned.prior():.3f}")
     print(f"   plan {np.median([s['plan_s'] for s in st])*1e3:.2f} ms  apply "
           f"{np.median([s['apply_s'] for s in st])*1e3:.2f} ms  (median per step)  in-loop "
           f"{ {k: round(v / len(st) * 1e3, 2) for k, v in loop.items()} } ms/step")
@@ -140,6 +140,7 @@ for batch in batches:
               f" tokens/step {np.mean([sum(g['accepted']) + g['batch'] for g in group]):.2f}")
     for s in st[:12]:
         print("   ", {k: (round(v * 1e3, 2) if k.endswith("_s") else v) for k, v in s.items()})
-print("goodput cells", {f"{b},{k}": round(v, 2) for (b, k), v in sorted(engine.learned.goodput.log_ratio.items())})
+learned = engine.chooser.learned
+print("goodput cells", {f"{b},{k}": round(v, 2) for (b, k), v in sorted(learned.goodput.log_ratio.items())})
 print("overhead", cost.step_overhead, "scale", cost.scale)
-print("depth acceptance", [round(engine.learned.acceptance_of().rate(j), 2) for j in range(6)])
+print("depth acceptance", [round(learned.acceptance_of().rate(j), 2) for j in range(6)])

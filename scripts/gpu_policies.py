@@ -57,7 +57,7 @@ def _measure(engine, policy: str, max_k: int, prompts, params) -> dict:
     engine.speculation = SpeculationConfig(num_speculative_tokens=max_k, policy=policy)
     engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))   # warm-up
     before = engine.totals.copy()
-    k_sum, k_rows = engine.chosen_k_sum, engine.chosen_k_rows
+    k_sum, k_rows = engine.chooser.chosen_k_sum, engine.chooser.chosen_k_rows
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
@@ -65,10 +65,11 @@ def _measure(engine, policy: str, max_k: int, prompts, params) -> dict:
     tokens = sum(len(o.output_ids) for o in outs)
     steps = engine.totals.num_steps - before.num_steps
     accepted = engine.totals.num_accepted_tokens - before.num_accepted_tokens
-    rows = engine.chosen_k_rows - k_rows
+    rows = engine.chooser.chosen_k_rows - k_rows
+    k_sum = engine.chooser.chosen_k_sum - k_sum
     return {"tok_s": round(tokens / seconds, 1),
             "mean_acceptance_length": round(1 + accepted / steps, 3) if steps else None,
-            "mean_chosen_k": round((engine.chosen_k_sum - k_sum) / rows, 2) if rows else 0.0}
+            "mean_chosen_k": round(k_sum / rows, 2) if rows else 0.0}
 
 
 def main() -> None:

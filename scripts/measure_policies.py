@@ -45,14 +45,14 @@ def run(policy, batch, rep):
     engine.speculation = SpeculationConfig(num_speculative_tokens=args.max_k, policy=name,
                                            drafter=args.drafter)
     if variant == "inloop":
-        engine.policy.in_loop = True
-    chosen_before = list(engine.chosen_k_counts)
+        engine.chooser.policy.in_loop = True
+    chosen_before = list(engine.chooser.chosen_k_counts)
     ps = prompts[(rep * batch) % 8:][:batch] if batch == 1 else prompts[:batch]
     start = time.perf_counter()
     outs = engine.generate(ps, params)
     sec = time.perf_counter() - start
     tokens = sum(len(o.output_ids) for o in outs)
-    counts = [a - b for a, b in zip(engine.chosen_k_counts, chosen_before + [0] * 20)]
+    counts = [a - b for a, b in zip(engine.chooser.chosen_k_counts, chosen_before + [0] * 20)]
     return tokens / sec, counts
 
 
@@ -93,5 +93,6 @@ for batch in BATCHES:
             m, lo, hi = ci95([a / b for a, b in zip(v, results[batch, best])])
             line += f"  {m:5.3f}x [{lo:.3f}, {hi:.3f}] vs {best}"
         print(line)
-print("learned prior", round(engine.learned.prior(), 3), "goodput cells",
-      {f"{b},{k}": round(v, 2) for (b, k), v in sorted(engine.learned.goodput.log_ratio.items())})
+learned = engine.chooser.learned
+print("learned prior", round(learned.prior(), 3), "goodput cells",
+      {f"{b},{k}": round(v, 2) for (b, k), v in sorted(learned.goodput.log_ratio.items())})

@@ -437,9 +437,9 @@ class AsyncSpecEngine(Supervision):
             "policy": eng.speculation.policy,
             "pipeline": self.pipeline, "overlapped_steps": self.num_overlapped_steps,
             # Mean k chosen per decode row since the policy last changed.
-            "mean_chosen_k": eng.mean_chosen_k,
+            "mean_chosen_k": eng.chooser.mean_chosen_k,
             # Decode rows per chosen k, cumulative since start (diff two snapshots).
-            "chosen_k_counts": list(eng.chosen_k_counts),
+            "chosen_k_counts": list(eng.chooser.chosen_k_counts),
             "synthetic_acceptance_rate": eng.speculation.synthetic_acceptance_rate,
             # Per SLO class: budgets, finished requests, attained fraction, TTFT/TPOT.
             "slo": eng.slo_summary(),

@@ -18,7 +18,8 @@ from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy import CostModel
 from specserve_ray.policy.slo import SloRegistry
 from specserve_ray.request import GenerationResult, Request, RequestOutput
-from specserve_ray.scheduler import KChooser, Scheduler
+from specserve_ray.scheduler import Scheduler
+from specserve_ray.speculation_choice import KChooser
 from specserve_ray.step_timing import StepTiming
 from specserve_ray.workers.draft import DraftWorker
 from specserve_ray.workers.host import run_draft, run_target
@@ -92,7 +93,7 @@ class SpecEngine(Scheduler):
             # saving it beside the profile. Synthetic acceptance would teach it lies.
             from specserve_ray.policy.profile import attach_persistence
 
-            attach_persistence(engine, cache_dir, key)
+            attach_persistence(engine.chooser, cache_dir, key)
         return engine
 
     @classmethod

@@ -5,7 +5,8 @@
 A step's plan, under a token budget (`limits.max_num_batched_tokens`, vLLM's name; a step
 with no decode row may prefill up to `limits.max_prefill_tokens_idle`):
   1. decode rows first: every decoding request verifies its pending token + k_i drafts
-     (k_i from the speculation policy, clamped in one place: `_final_ks`);
+     (k_i, n-gram drafts and the in-loop control from `self.chooser`, a
+     `speculation_choice.SpeculationChooser`: the policy and every cap on k);
   2. then prefill chunks: partially prefilled prompts continue, then waiting requests are
      admitted (FIFO, or least TTFT slack first), each taking at most what is left of the
      budget, so a long arrival never stalls the running batch for more than one budget.
@@ -20,32 +21,18 @@ import itertools
 import math
 import time
 from collections import deque
-from typing import Callable, Sequence
-
+from typing import Sequence
 
 from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
-from specserve_ray.drafting.planner import NgramPlanner
-from specserve_ray.contracts import (NO_BOUNDS, PrefillItem, RuntimeBounds, StepPlan,
-                                     StepResult)
+from specserve_ray.contracts import PrefillItem, StepPlan, StepResult
 from specserve_ray.errors import RequestError
 from specserve_ray.output import commit_tokens
-from specserve_ray.policy import BatchState, CostModel, Decision, SpeculationPolicy, make_policy
-from specserve_ray.policy.cluster import bound_ks
-from specserve_ray.policy.control import DraftControl
-from specserve_ray.policy.learned import LearnedState
+from specserve_ray.policy import CostModel
 from specserve_ray.policy.slo import (ClassAttainment, SloClass, SloRegistry, SloTracker,
                                       admission_order, request_latency)
 from specserve_ray.request import Request, RequestOutput
-from specserve_ray.stats import SpecStats, StepStats, StepTotals, count_values
-
-KChooser = Callable[[Sequence[Request]], list[int]]
-
-
-def _tpot_slack(req: Request, now: float) -> float:
-    """Seconds a request is ahead (+) or behind (-) its TPOT budget so far."""
-    if req.first_token_time is None or not math.isfinite(req.slo.tpot_s):
-        return 0.0
-    return req.slo.tpot_s * (len(req.output_ids) - 1) - (now - req.first_token_time)
+from specserve_ray.speculation_choice import KChooser, SpeculationChooser
+from specserve_ray.stats import SpecStats, StepStats, StepTotals
 
 
 class Scheduler:
@@ -55,31 +42,10 @@ class Scheduler:
                  slo: SloConfig | SloRegistry | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.has_draft = has_draft
         self.limits = limits or LimitsConfig()
-        # What serving teaches the policies (acceptance, calibration, measured goodput),
-        # whichever policy runs; it outlives policy switches and is saved with the profile.
-        self.learned = LearnedState(cost_model)
-        self.cost_model = cost_model
-        # Called every `persist_every` decode steps to save `learned` (an I/O shell sets
-        # it: SpecEngine.from_config saves next to the cached profile).
-        self.persist_learned: Callable[[], None] | None = None
-        self.persist_every = 512
-        self._decode_steps = 0
-        self.policy: SpeculationPolicy | None = None
-        self._decided_by: SpeculationPolicy | None = None   # the policy planning this step
-        self._decision: Decision | None = None               # and what it decided
-        # id(plan) -> (policy that decided it, its decision) until the plan is applied.
-        self._in_flight: dict[int, tuple[SpeculationPolicy, Decision]] = {}
-        self._control: DraftControl | None = None           # its in-draft-loop rules
-        self.chosen_k_sum = 0       # k chosen per decode row, since the policy last changed
-        self.chosen_k_rows = 0
-        # Rows per chosen k, cumulative since start (never reset; clients diff snapshots).
-        self.chosen_k_counts: list[int] = []
-        self.bounds = RuntimeBounds()   # cluster controller's caps; kept across policy switches
-        self.speculation = speculation or SpeculationConfig()
+        # Each decode row's drafter and k, the policy and what it learns, every cap on k.
+        self.chooser = SpeculationChooser(self, has_draft, speculation, k_chooser, cost_model)
         self.eos_token_id = tokenizer.eos_token_id
-        self.k_chooser = k_chooser or self._choose_k
         self.waiting: list[Request] = []
         self.running: list[Request] = []     # admitted: prefilling or decoding
         self._ids = itertools.count()
@@ -90,21 +56,37 @@ class Scheduler:
         self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
         self.step_totals = StepTotals()
         self.totals = SpecStats()
-        self.ngram = NgramPlanner()     # prompt lookup and its acceptance estimates
-        # id(plan) -> per decode row: n-gram match length, or None (not an n-gram row).
-        self._ngram_rows: dict[int, list[int | None]] = {}
         self.slo = slo or SloConfig()
         self.slo_tracker = SloTracker()    # attainment of finished requests, per class name
 
     # -- knobs --------------------------------------------------------------------------------
+    # Set from many places (router reconfigure, benchmarks, supervision); they live on the
+    # chooser, which reads them every step.
+    @property
+    def speculation(self) -> SpeculationConfig:
+        return self.chooser.speculation
+
+    @speculation.setter
+    def speculation(self, spec: SpeculationConfig) -> None:
+        """Switch speculation (policy included) between steps; the old one stays on error."""
+        self.chooser.speculation = spec
+
     @property
     def cost_model(self) -> CostModel | None:
-        return self._cost_model
+        return self.chooser.cost_model
 
     @cost_model.setter
     def cost_model(self, cost: CostModel | None) -> None:
-        self._cost_model = cost
-        self.learned.cost = cost
+        self.chooser.cost_model = cost
+
+    @property
+    def has_draft(self) -> bool:
+        """Whether a draft model is up (supervision clears it while the draft side is down)."""
+        return self.chooser.has_draft
+
+    @has_draft.setter
+    def has_draft(self, up: bool) -> None:
+        self.chooser.has_draft = up
 
     @property
     def slo(self) -> SloRegistry:
@@ -118,36 +100,8 @@ class Scheduler:
         # Decided here, not per step: without budgets admission stays FIFO and the
         # policy sees no SLO at all.
         self._slo_orders_admission = any(math.isfinite(c.ttft_s) for c in classes)
-        self._slo_caps_steps = any(math.isfinite(c.tpot_s) for c in classes)
+        self.chooser.tpot_budgets = any(math.isfinite(c.tpot_s) for c in classes)
         self._slo = registry
-
-    @property
-    def speculation(self) -> SpeculationConfig:
-        return self._speculation
-
-    @speculation.setter
-    def speculation(self, spec: SpeculationConfig) -> None:
-        """Switch speculation (policy included) between steps; the old one stays on error."""
-        policy = None
-        if spec.static_k is None:
-            if spec.needs_cost_model and self.cost_model is None:
-                raise ValueError(f"policy {spec.policy!r} needs a cost model; profile the "
-                                 "workers first (SpecEngine.from_config does)")
-            policy = make_policy(spec.spec, self.cost_model, max_k=spec.num_speculative_tokens,
-                                 learned=self.learned)
-        self._speculation, self.policy = spec, policy
-        self.chosen_k_sum = self.chosen_k_rows = 0
-
-    def apply_bounds(self, bounds: RuntimeBounds) -> None:
-        """Cap speculation from outside (cluster controller), for every policy, static
-        included; the caps survive policy switches. They only ever lower k (lossless)
-        and apply in `_final_ks`, like every other cap."""
-        self.bounds = bounds
-
-    @property
-    def mean_chosen_k(self) -> float:
-        """Mean k per decode row (after clamping) since the policy last changed."""
-        return self.chosen_k_sum / self.chosen_k_rows if self.chosen_k_rows else 0.0
 
     # -- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -248,14 +202,7 @@ class Scheduler:
                  if r.prefill_done and not r.finished and r.request_id not in busy]
         if max_rows is not None:
             batch = batch[:max(max_rows, 0)]
-        self._decided_by = self._control = self._decision = None
-        ks = self._final_ks(batch, self.k_chooser(batch)) if batch else []
-        fixed, fixed_conf, match_lens = self._ngram_drafts(batch, ks)
-        if fixed is not None:
-            ks = [len(f) if f is not None else k for f, k in zip(fixed, ks)]
-        self.chosen_k_sum += sum(ks)
-        self.chosen_k_rows += len(ks)
-        count_values(self.chosen_k_counts, ks)
+        ks, fixed, fixed_conf, control = self.chooser.choose(batch)
         # Decoding anywhere (this step's rows, or a pipelined step in flight) keeps the
         # budget; only a loop with nobody decoding may take the idle one.
         budget = self.step_budget(decoding=bool(batch) or any(
@@ -268,14 +215,9 @@ class Scheduler:
         for r in batch:
             new_tokens.append(r.unsynced_draft)
             r.unsynced_draft = []
-        control = self._control if any(ks) else None
         plan = StepPlan(release, prefill, [r.request_id for r in batch], new_tokens, ks, control,
                         fixed, fixed_conf)
-        if fixed is not None:
-            self._ngram_rows[id(plan)] = match_lens
-        if self._decided_by is not None:
-            # Kept per plan: with pipelining another plan is decided before this one returns.
-            self._in_flight[id(plan)] = (self._decided_by, self._decision)
+        self.chooser.track(plan)
         return plan
 
     def step_budget(self, decoding: bool) -> int | None:
@@ -337,73 +279,7 @@ class Scheduler:
 
     def forget_plan(self, plan: StepPlan) -> None:
         """A plan that will never be applied (its execution failed)."""
-        self._in_flight.pop(id(plan), None)
-        self._ngram_rows.pop(id(plan), None)
-
-    # -- drafters ----------------------------------------------------------------------------
-    def drafter_of(self, req: Request) -> str:
-        """The request's drafter this step: its own choice, else the configured one. With
-        no draft model, 'model+ngram' is 'ngram' and 'model' drafts nothing."""
-        drafter = req.params.drafter or self.speculation.drafter
-        if not self.has_draft and drafter == "model+ngram":
-            return "ngram"
-        return drafter
-
-    def _can_draft(self, req: Request) -> bool:
-        return self.has_draft or self.drafter_of(req) != "model"
-
-    def _ngram_drafts(self, batch: Sequence[Request], ks: Sequence[int]):
-        """The n-gram rows' drafts (drafting/planner.py), after every cap on k."""
-        drafters = [self.drafter_of(r) for r in batch]
-        if all(d == "model" for d in drafters):
-            return None, None, None
-        spec, control = self.speculation, self._control
-        threshold = control.threshold if control is not None and control.stop == "threshold" \
-            else None
-        histories = [r.token_history().view() if d != "model" else None
-                     for r, d in zip(batch, drafters)]
-        out = self.ngram.plan(histories, ks, drafters,
-                              (spec.prompt_lookup_min, spec.prompt_lookup_max),
-                              self.has_draft, threshold)
-        return out.drafts, out.confidence, out.match_lengths
-
-    # -- k: one home for every cap ------------------------------------------------------------
-    def _static_k(self, requests: Sequence[Request]) -> list[int]:
-        return [self.speculation.static_k] * len(requests)
-
-    def _choose_k(self, requests: Sequence[Request]) -> list[int]:
-        """The default k_chooser: the static k, or the policy's per-request caps."""
-        policy = self.policy
-        if policy is None:
-            return self._static_k(requests)
-        budgets = slack = None
-        if self._slo_caps_steps:
-            now = time.monotonic()
-            budgets = [r.slo.tpot_s for r in requests]
-            slack = [_tpot_slack(r, now) for r in requests]
-        state = BatchState(
-            context_len=[r.context_len for r in requests],
-            k_cap=self._final_ks(requests, [policy.max_k] * len(requests)),
-            confidence_ema=[r.confidence_ema for r in requests],
-            tpot_budget_s=budgets, tpot_slack_s=slack, queue_depth=len(self.waiting))
-        decision = policy.decide(state)
-        self._decided_by, self._decision = policy, decision
-        self._control = decision.control
-        return list(decision.max_k)
-
-    def _final_ks(self, batch: Sequence[Request], chosen: Sequence[int]) -> list[int]:
-        """Every cap on k, in one place: the request's own k, what is left of max_tokens
-        and the context (the final token is always the target's), then the cluster bounds."""
-        ks = []
-        for req, k in zip(batch, chosen):
-            if not self._can_draft(req):
-                k = 0
-            if req.num_speculative_tokens is not None:
-                k = min(k, req.num_speculative_tokens)
-            left = req.params.max_tokens - len(req.output_ids) - 1
-            room = self.limits.max_model_len - req.context_len - 1
-            ks.append(max(0, min(k, left, room)))
-        return bound_ks(ks, self.bounds) if self.bounds != NO_BOUNDS else ks
+        self.chooser.forget(plan)
 
     # -- apply --------------------------------------------------------------------------------
     def apply_step(self, plan: StepPlan, result: StepResult, seconds: float) -> list[RequestOutput]:
@@ -411,7 +287,7 @@ class Scheduler:
         outputs: list[RequestOutput] = []
         by_id = {r.request_id: r for r in self.running}
         now = time.monotonic()
-        ngram_rows = self._ngram_rows.pop(id(plan), None)   # match length per n-gram row
+        ngram_rows = self.chooser.take_ngram_rows(plan)   # match length per n-gram row
         for item, token in zip(plan.prefill, result.first_tokens):
             req = by_id.get(item.seq_id)
             if req is None or not item.last:
@@ -427,13 +303,14 @@ class Scheduler:
             verified = (result.proposal.num_draft_tokens.tolist() if result.proposal is not None
                         else plan.num_draft)
             match_lens = ngram_rows or [None] * len(plan.decode_ids)
+            ngram = self.chooser.ngram     # per row below: its acceptance by match length
             for rid, k, tokens, n_acc, n_match in zip(plan.decode_ids, verified, v.emitted,
                                                       v.num_accepted, match_lens):
                 req = by_id.get(rid)
                 if req is None:        # aborted while the step was in flight
                     continue
                 req.spec.observe(num_draft=k, num_accepted=n_acc)
-                self.ngram.observe(n_match, k, n_acc)
+                ngram.observe(n_match, k, n_acc)
                 self.totals.observe_drafter("ngram" if n_match is not None else
                                             "model" if k > 0 else "none", k, n_acc)
                 drafted += k
@@ -448,24 +325,9 @@ class Scheduler:
             self.recent_steps.append(stats)
             self.step_totals.add(stats)
             self.totals.merge_step(stats)
-            decided = self._in_flight.pop(id(plan), None)
-            if decided is not None and decided[0] is self.policy:
-                self._feed_policy(plan, result, by_id, seconds, decided[1])
+            self.chooser.observe_step(plan, result, by_id, seconds)
         self._retire_finished(now)
         return outputs
-
-    def _feed_policy(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float,
-                     decision: Decision) -> None:
-        """Hand the step to the policy; it returns each row's updated confidence."""
-        confidence = [by_id[rid].confidence_ema if rid in by_id else None
-                      for rid in plan.decode_ids]
-        updated = self.policy.observe_step(plan, result, seconds, decision, confidence)
-        for rid, value in zip(plan.decode_ids, updated):
-            if rid in by_id:
-                by_id[rid].confidence_ema = value
-        self._decode_steps += 1
-        if self.persist_learned is not None and self._decode_steps % self.persist_every == 0:
-            self.persist_learned()
 
     def _retire_finished(self, now: float) -> None:
         done = [r for r in self.running if r.finished]

@@ -273,7 +273,7 @@ def test_synthetic_acceptance_in_the_engine_and_k_histogram():
         # Long enough that the draft's cache sync meets rejections the target agrees with.
         outs = engine.generate(prompts, SamplingParams(max_tokens=60, ignore_eos=True))
         assert all(len(o.output_ids) == 60 for o in outs)
-        counts = engine.chosen_k_counts
+        counts = engine.chooser.chosen_k_counts
         assert sum(counts) == engine.totals.num_steps and counts[3] > 0
         if rate == 1.0:   # every draft accepted: k + 1 = 4 tokens a step (last ones clamped)
             assert engine.totals.acceptance_rate == 1.0

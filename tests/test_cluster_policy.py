@@ -192,26 +192,27 @@ SPEC_FRIENDLY = CostModel((0.01, 1e-4, 1e-5, 1e-8), (1e-4, 1e-4, 1e-5, 1e-9))
 def test_engine_bounds_cap_static_k_and_survive_policy_switches():
     engine = _planning_engine(SpeculationConfig(num_speculative_tokens=4), SPEC_FRIENDLY)
     assert engine.plan_step().num_draft == [4, 4, 4]
-    engine.apply_bounds(RuntimeBounds(True, 2, 5))
+    engine.chooser.apply_bounds(RuntimeBounds(True, 2, 5))
     assert engine.plan_step().num_draft == [2, 2, 1]
-    # Switching policy rebuilds it; the bounds are the engine's (applied with every other
-    # cap in Scheduler._final_ks, and given to the policy as its caps), so they carry over.
+    # Switching policy rebuilds it; the bounds are the chooser's (applied with every other
+    # cap in SpeculationChooser._final_ks, and given to the policy as its caps), so they
+    # carry over.
     engine.speculation = SpeculationConfig(num_speculative_tokens=4, policy="specserve")
-    assert engine.bounds == RuntimeBounds(True, 2, 5)
+    assert engine.chooser.bounds == RuntimeBounds(True, 2, 5)
     plan = engine.plan_step()
     assert max(plan.num_draft) <= 2 and sum(plan.num_draft) <= 5
-    engine.apply_bounds(RuntimeBounds(False, None, None))
+    engine.chooser.apply_bounds(RuntimeBounds(False, None, None))
     assert engine.plan_step().num_draft == [0, 0, 0]
     engine.speculation = SpeculationConfig(num_speculative_tokens=4, policy="static:3")
     assert engine.plan_step().num_draft == [0, 0, 0]
-    engine.apply_bounds(RuntimeBounds())
+    engine.chooser.apply_bounds(RuntimeBounds())
     assert engine.plan_step().num_draft == [3, 3, 3]
 
 
 def test_bounded_engine_stays_lossless():
     target = tiny_model("llama", seed=0)
     engine = make_engine(target, perturbed(target, 0.15), k=4, max_seqs=4)
-    engine.apply_bounds(RuntimeBounds(True, 2, 3))
+    engine.chooser.apply_bounds(RuntimeBounds(True, 2, 3))
     prompts = random_prompts(4, seed=11)
     results = engine.generate(prompts, GREEDY)
     for prompt, res in zip(prompts, results):

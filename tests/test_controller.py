@@ -122,18 +122,18 @@ def test_router_keeps_serving_with_its_last_bounds_when_the_controller_dies(ray_
         try:
             # Another router reports overload (64 of the 68 slots busy, 9 queued): the cap
             # halves down to "off", and it reaches this router too.
-            await wait_for(lambda: not engine.bounds.speculation_enabled)
+            await wait_for(lambda: not engine.chooser.bounds.speculation_enabled)
             drafted = engine.totals.num_draft_tokens
             first = await asyncio.gather(*(serving.generate(p, params) for p in random_prompts(2, seed=1)))
             assert engine.totals.num_draft_tokens == drafted          # no drafting under "off"
-            last = engine.bounds
+            last = engine.chooser.bounds
 
             overload.cancel()
             ray_cluster.kill(ray_cluster.get_actor(name, namespace=NAMESPACE))
             await wait_for(lambda: telemetry.client.failing)
             # Still serving, still under the last bounds, while the controller is gone.
             later = await asyncio.gather(*(serving.generate(p, params) for p in random_prompts(3, seed=2)))
-            assert engine.bounds == last and engine.totals.num_draft_tokens == drafted
+            assert engine.chooser.bounds == last and engine.totals.num_draft_tokens == drafted
             snap = telemetry.snapshot()
             assert snap["controller"]["available"] is False
             assert snap["bounds"]["speculation_enabled"] is False

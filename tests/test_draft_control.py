@@ -97,7 +97,7 @@ def test_in_loop_rules_stay_lossless(pair, policy):
     if policy == "specserve":
         # Its subject is the in-loop rules; the made-up cost model would soon disagree with
         # what these steps measure, and specserve then drafts to its cap instead.
-        engine.policy.in_loop = True
+        engine.chooser.policy.in_loop = True
     seen = collections.Counter()
     propose = engine.draft.propose
 
@@ -116,4 +116,4 @@ def test_in_loop_rules_stay_lossless(pair, policy):
     assert seen["rows"] > 0 and seen["early_stop"] > 0, seen
     stats = engine.totals
     # Statistics count what was verified, not the caps.
-    assert stats.num_draft_tokens <= engine.chosen_k_sum
+    assert stats.num_draft_tokens <= engine.chooser.chosen_k_sum

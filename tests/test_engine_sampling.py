@@ -79,8 +79,8 @@ def test_sampled_tokens_follow_target_distribution(temperature, top_k, top_p, po
         # The cost model is made up, not profiled: left to learn, SpecServe would find that
         # plain steps run far faster than it says and mostly stop speculating, and this
         # test needs drafts (its subject is the in-loop rules' sampling).
-        engine.policy.correct_goodput = False
-        engine.policy.in_loop = True      # likewise the rules, whatever it measures
+        engine.chooser.policy.correct_goodput = False
+        engine.chooser.policy.in_loop = True      # likewise the rules, whatever it measures
     # max_tokens 4: after the first (prefill) token, k = 2 fits, so one verification
     # step produces tokens 2 and 3 (and a bonus 4th when both drafts are accepted).
     params = [SamplingParams(max_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -147,16 +147,18 @@ def test_overload_answers_429_with_retry_after(app):
         body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 60, "ignore_eos": True,
                 "temperature": 0}
 
-        def post(_):
-            return httpx.post(app["http"] + "/v1/completions", json=body, headers=AUTH,
-                              timeout=120)
+        def post(_, tokens=60):
+            return httpx.post(app["http"] + "/v1/completions",
+                              json={**body, "max_tokens": tokens}, headers=AUTH, timeout=120)
 
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(post, range(6)))
             channel, stub = _stub(app)
             with channel:
                 # Keep the queue full while gRPC asks too.
-                busy = [pool.submit(post, i) for i in range(3)]
+                # Long enough (300 tokens: seconds, not the ~0.3 s of 60 tokens at ~3
+                # tokens per step) that the slot and the queue are still taken below.
+                busy = [pool.submit(post, i, 300) for i in range(3)]
                 time.sleep(0.5)
                 with pytest.raises(grpc.RpcError) as err:
                     stub.Generate(pb.GenerateRequest(prompt=PROMPTS[2], max_tokens=5),
@@ -233,9 +235,9 @@ def test_token_queue_bound(app):
     try:
         body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 80, "ignore_eos": True}
 
-        def post(_):
-            return httpx.post(app["http"] + "/v1/completions", json=body, headers=AUTH,
-                              timeout=120)
+        def post(_, tokens=60):
+            return httpx.post(app["http"] + "/v1/completions",
+                              json={**body, "max_tokens": tokens}, headers=AUTH, timeout=120)
 
         with ThreadPoolExecutor(4) as pool:
             statuses = [r.status_code for r in pool.map(post, range(4))]

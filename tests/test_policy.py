@@ -378,7 +378,7 @@ def test_threshold_stop_rule():
 
 
 def test_policies_choose_within_the_schedulers_caps():
-    """k is clamped in one place (Scheduler._final_ks); policies read the caps it
+    """k is clamped in one place (SpeculationChooser._final_ks); policies read the caps it
     computed (BatchState.k_cap) and never exceed or recompute them."""
     cost = true_cost("memory-bound")
     capped = BatchState((512,) * 3, (0, 2, 5), (0.95,) * 3)

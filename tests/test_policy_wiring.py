@@ -55,12 +55,12 @@ def test_policy_greedy_equals_target_only(pair, prompts_and_refs, policy):
     engine = policy_engine(target, draft, policy)
     outs = engine.generate(prompts, GREEDY)
     assert [o.output_ids for o in outs] == refs, policy
-    assert engine.policy is not None and engine.policy.name == policy
+    assert engine.chooser.policy is not None and engine.chooser.policy.name == policy
     if policy == "none":
-        assert engine.totals.num_draft_tokens == 0 and engine.mean_chosen_k == 0.0
+        assert engine.totals.num_draft_tokens == 0 and engine.chooser.mean_chosen_k == 0.0
     else:
         assert engine.totals.num_draft_tokens > 0, policy
-        assert 0.0 < engine.mean_chosen_k <= 4.0
+        assert 0.0 < engine.chooser.mean_chosen_k <= 4.0
     if policy in ("specserve", "threshold"):
         # Per-request confidence EMAs were updated from the draft's confidences.
         assert engine.totals.num_accepted_tokens > 0
@@ -81,7 +81,7 @@ def test_policy_respects_per_request_k_and_max_tokens(pair):
 def test_policy_switch_on_a_live_engine(pair):
     target, draft = pair
     engine = make_engine(target, draft, k=4)
-    assert engine.policy is None                      # static: the fast path
+    assert engine.chooser.policy is None              # static: the fast path
     prompts = random_prompts(4, seed=9)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
@@ -96,24 +96,24 @@ def test_policy_switch_on_a_live_engine(pair):
     # An adaptive policy without a cost model is refused and the old config stays.
     with pytest.raises(ValueError, match="cost model"):
         engine.speculation = SpeculationConfig(policy="specserve")
-    assert engine.speculation.policy == "static" and engine.policy is None
+    assert engine.speculation.policy == "static" and engine.chooser.policy is None
     engine.cost_model = CostModel.from_dict(SPEC_FRIENDLY.to_dict())
-    learned = engine.learned
+    learned = engine.chooser.learned
     switches = ["specserve", "none", "smartspec", "static:2", "threshold", "static"] * 20
     for policy in switches:
         if not engine.has_unfinished():
             break
         engine.speculation = SpeculationConfig(num_speculative_tokens=4, policy=policy)
-        assert (engine.policy is None) == policy.startswith("static")
+        assert (engine.chooser.policy is None) == policy.startswith("static")
         step()
         if policy == "none":
-            assert engine.mean_chosen_k == 0.0
-        if policy == "static:2" and engine.chosen_k_rows:
-            assert engine.mean_chosen_k <= 2.0
+            assert engine.chooser.mean_chosen_k == 0.0
+        if policy == "static:2" and engine.chooser.chosen_k_rows:
+            assert engine.chooser.mean_chosen_k <= 2.0
         # What the engine learned (acceptance, calibration, cost corrections) is the
         # engine's, not the policy instance's: every switch keeps it.
-        assert engine.learned is learned
-        assert engine.policy is None or engine.policy.learned is learned
+        assert engine.chooser.learned is learned
+        assert engine.chooser.policy is None or engine.chooser.policy.learned is learned
     while engine.has_unfinished():
         step()
     for rid, p in zip(ids, prompts):
@@ -181,7 +181,7 @@ def test_from_config_profiles_once_and_caches(tmp_path):
                        limits={"max_model_len": 128, "max_num_seqs": 2})
     start = time.perf_counter()
     engine = SpecEngine.from_config(cfg, cache_dir=str(tmp_path))
-    assert engine.policy.name == "specserve" and engine.cost_model.has_draft
+    assert engine.chooser.policy.name == "specserve" and engine.cost_model.has_draft
     assert list(tmp_path.glob("cost-*.json"))
     out = engine.generate(["def f(x):"], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert len(out.output_ids) == 8
@@ -194,12 +194,13 @@ def test_from_config_profiles_once_and_caches(tmp_path):
     # What serving taught is saved with the profile (every persist_every decode steps;
     # here by hand) and a restart resumes it: acceptance, calibration, goodput, the
     # cost model's scale and step overhead.
-    assert engine.learned.acceptance_of().evidence > 0 and engine.cost_model.step_overhead > 0
-    engine.persist_learned()
+    learned = engine.chooser.learned
+    assert learned.acceptance_of().evidence > 0 and engine.cost_model.step_overhead > 0
+    engine.chooser.persist_learned()
     resumed = SpecEngine.from_config(cfg, cache_dir=str(tmp_path))
-    assert resumed.learned.prior() == pytest.approx(engine.learned.prior(), abs=1e-3)
-    assert resumed.learned.goodput.count == engine.learned.goodput.count
+    assert resumed.chooser.learned.prior() == pytest.approx(learned.prior(), abs=1e-3)
+    assert resumed.chooser.learned.goodput.count == learned.goodput.count
     assert resumed.cost_model.step_overhead == pytest.approx(engine.cost_model.step_overhead)
     assert resumed.cost_model.scale == pytest.approx(engine.cost_model.scale)
-    assert resumed.learned.calibration_of().table() == pytest.approx(
-        engine.learned.calibration_of().table(), abs=1e-3)
+    assert resumed.chooser.learned.calibration_of().table() == pytest.approx(
+        learned.calibration_of().table(), abs=1e-3)

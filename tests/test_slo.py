@@ -143,10 +143,10 @@ def test_unmeetable_tpot_budget_takes_the_least_time_per_token(pair):
     ks = range(5)
     per_token = [predicted_step(engine, len(batch), k, context) / expected_tokens_uniform(0.9, k)
                  for k in ks]
-    assert max(engine._choose_k(batch)) == int(np.argmin(per_token)) > 0
+    assert max(engine.chooser._choose_k(batch)) == int(np.argmin(per_token)) > 0
     for r in batch:
         r.confidence_ema = 0.0     # nothing accepted: every step emits one token; plain is fastest
-    assert max(engine._choose_k(batch)) == 0
+    assert max(engine.chooser._choose_k(batch)) == 0
     engine = slo_engine(target, draft, slo, policy="specserve")
     outs = engine.generate(prompts, GREEDY)
     assert [o.output_ids for o in outs] == [hf_greedy(target, p, 24) for p in prompts]
@@ -165,17 +165,17 @@ def test_tpot_budget_is_per_emitted_token(pair):
     context = sum(r.context_len for r in batch) / len(batch)
     for r in batch:
         r.confidence_ema = 0.95                            # speculation clearly pays
-    assert max(engine._choose_k(batch)) > 2
+    assert max(engine.chooser._choose_k(batch)) > 2
     budget = predicted_step(engine, len(batch), 1, context)
     engine.slo = SloConfig(classes=[{"name": "mid", "tpot_s": budget}])
     batch[1].slo = engine.slo.get("mid")                   # one request's budget caps all
-    capped = max(engine._choose_k(batch))
+    capped = max(engine.chooser._choose_k(batch))
     per_token = predicted_step(engine, len(batch), capped, context) / \
         expected_tokens_uniform(0.95, capped)
     assert capped > 1 and per_token <= budget
     for r in batch:
         r.confidence_ema = 0.0     # drafts never accepted: the step itself must fit
-    assert max(engine._choose_k(batch)) <= 1
+    assert max(engine.chooser._choose_k(batch)) <= 1
 
 
 def test_greedy_lossless_with_mixed_classes_and_specserve(pair):

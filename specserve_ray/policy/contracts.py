@@ -7,8 +7,9 @@
 `observe_step` assembles the policy's own feedback from the step's messages
 (`StepFeedback.from_step`), feeds the engine's learned state (learned.py) and returns
 each row's updated confidence estimate; the scheduler only stores it on the request.
-The caps a policy may choose within arrive in `BatchState.k_cap`, computed by the
-scheduler's `_final_ks` (the one place k is clamped): policies never clamp again.
+The caps a policy may choose within arrive in `BatchState.k_cap`, computed by
+`SpeculationChooser._final_ks` (speculation_choice.py, the one place k is clamped):
+policies never clamp again.
 """
 from __future__ import annotations
 

@@ -176,16 +176,17 @@ def save_learned(directory: str | os.PathLike | None, key: str, cost: CostModel,
     _write(_cache_path(directory, key), {**cost.to_dict(), "learned": learned.to_dict()})
 
 
-def attach_persistence(scheduler, directory: str | os.PathLike | None, key: str) -> None:
-    """Load what an earlier run learned into `scheduler.learned` and save it as it goes
-    (every `scheduler.persist_every` decode steps)."""
-    scheduler.learned.load(load_learned(directory, key))
+def attach_persistence(chooser, directory: str | os.PathLike | None, key: str) -> None:
+    """Load what an earlier run learned into `chooser.learned` (a scheduler's
+    speculation_choice.SpeculationChooser) and save it as it goes (every
+    `chooser.persist_every` decode steps)."""
+    chooser.learned.load(load_learned(directory, key))
 
     def persist():
-        if scheduler.cost_model is not None:
-            save_learned(directory, key, scheduler.cost_model, scheduler.learned)
+        if chooser.cost_model is not None:
+            save_learned(directory, key, chooser.cost_model, chooser.learned)
 
-    scheduler.persist_learned = persist
+    chooser.persist_learned = persist
 
 
 def cost_model_key(target_path: str, draft_path: str | None, dtype: str, device: str) -> str:
