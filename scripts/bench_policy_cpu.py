@@ -40,6 +40,10 @@ import numpy as np
 import torch
 
 import specserve_ray.scheduler as scheduler_module
+try:    # where the policy's state lives (the scheduler itself in older trees)
+    import specserve_ray.speculation_choice as choice_module
+except ImportError:
+    choice_module = scheduler_module
 from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
 from specserve_ray.contracts import Proposal, StepResult, VerifyResult
 from specserve_ray.policy import CostModel
@@ -126,12 +130,13 @@ def run_once(tok, policy: str, batch: int, steps: int, seed: int, max_k: int, tr
     if tpot_ms is not None:
         slo = SloConfig(classes=[{"name": "interactive", "tpot_s": tpot_ms / 1e3}],
                         default_class="interactive")
-        scheduler_module.time = SyntheticClock()
+        scheduler_module.time = choice_module.time = SyntheticClock()
     limits = LimitsConfig(max_model_len=512, max_num_seqs=max(8, batch))
     sched = Scheduler(tok, len(tok), True, limits,
                       SpeculationConfig(num_speculative_tokens=max_k, policy="specserve"),
                       cost_model=CostModel.from_dict(PROFILE), slo=slo)
-    sched.learned.load(LEARNED)
+    chooser = getattr(sched, "chooser", sched)
+    chooser.learned.load(LEARNED)
     sched.speculation = SpeculationConfig(num_speculative_tokens=max_k, policy=policy)
     workers = SyntheticWorkers(len(tok), seed)
     prompt_rng = random.Random(seed)
@@ -146,13 +151,13 @@ def run_once(tok, policy: str, batch: int, steps: int, seed: int, max_k: int, tr
         refill()
         t0 = time.perf_counter()
         plan = sched.plan_step()
-        decided = sched._decision
+        decided = chooser._decision
         t1 = time.perf_counter()
         contexts = [r.context_len for r in sched.running] or [0]
         result, seconds = workers.run(plan, contexts)
         t2 = time.perf_counter()
         if tpot_ms is not None:
-            scheduler_module.time.now += seconds
+            choice_module.time.now += seconds
         sched.apply_step(plan, result, seconds)
         t3 = time.perf_counter()
         if plan.decode_ids and not plan.prefill:
@@ -162,7 +167,7 @@ def run_once(tok, policy: str, batch: int, steps: int, seed: int, max_k: int, tr
                           None if decided is None else [decided.probe, decided.control is not None,
                                                         list(decided.confidence)],
                           [r.confidence_ema for r in sched.running]])
-    scheduler_module.time = time
+    scheduler_module.time = choice_module.time = time
     return statistics.median(plan_s), statistics.median(apply_s)
 
 
