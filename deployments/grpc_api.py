@@ -18,7 +18,7 @@ import contextlib
 
 from specserve_ray.api.inputs import check_text
 from specserve_ray.api.validation import sampling_params
-from specserve_ray.config import SamplingParams
+from specserve_ray.sampling_params import SamplingParams
 
 from deployments.proto import specserve_pb2 as pb
 

@@ -26,7 +26,7 @@ from specserve_ray.api import openai as oai
 from specserve_ray.api.auth import AuthError
 from specserve_ray.api.error_map import ErrorReply, classify, http_headers, openai_body
 from specserve_ray.api.validation import request_error
-from specserve_ray.config import SamplingParams
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.errors import PayloadTooLargeError, RequestError
 
 api = FastAPI(title="SpecServe-Ray", docs_url=None, redoc_url=None)

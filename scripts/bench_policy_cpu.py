@@ -44,7 +44,8 @@ try:    # where the policy's state lives (the scheduler itself in older trees)
     import specserve_ray.speculation_choice as choice_module
 except ImportError:
     choice_module = scheduler_module
-from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
+from specserve_ray.config import LimitsConfig, SloConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.contracts import Proposal, StepResult, VerifyResult
 from specserve_ray.policy import CostModel
 from specserve_ray.scheduler import Scheduler

@@ -20,8 +20,8 @@ import time
 import torch
 
 from specserve_ray.bench.prompt_sets import prompt_set
-from specserve_ray.config import EngineConfig, LimitsConfig, ModelConfig, SamplingParams, \
-    SpeculationConfig
+from specserve_ray.config import EngineConfig, LimitsConfig, ModelConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 from specserve_ray.models.runner import load_causal_lm
 from specserve_kernels.packed_linear import prepack_linears

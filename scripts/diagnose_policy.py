@@ -14,7 +14,8 @@ import argparse, collections, statistics, tempfile, time
 
 import numpy as np
 
-from specserve_ray.config import EngineConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import EngineConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 from specserve_ray.policy import control as control_mod
 from specserve_ray.prompts import held_out_prompts

@@ -29,8 +29,9 @@ def near_tie(logits: torch.Tensor, mantissa_bits: int) -> bool:
 
 
 def exactness(dtype: str, new_tokens: int = 32) -> dict:
-    from specserve_ray.config import (EMBEDDED_DRAFT, EMBEDDED_TARGET, EngineConfig, LimitsConfig,
-                                      ModelConfig, SamplingParams)
+    from specserve_ray.config import (EMBEDDED_DRAFT, EMBEDDED_TARGET, EngineConfig,
+                                      LimitsConfig, ModelConfig)
+    from specserve_ray.sampling_params import SamplingParams
     from specserve_ray.engine import SpecEngine
     from specserve_ray.prompts import held_out_prompts
 

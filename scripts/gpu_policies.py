@@ -52,7 +52,8 @@ def build(acceptance: float, max_seqs: int, max_model_len: int):
 
 
 def _measure(engine, policy: str, max_k: int, prompts, params) -> dict:
-    from specserve_ray.config import SamplingParams, SpeculationConfig
+    from specserve_ray.config import SpeculationConfig
+    from specserve_ray.sampling_params import SamplingParams
 
     engine.speculation = SpeculationConfig(num_speculative_tokens=max_k, policy=policy)
     engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))   # warm-up
@@ -73,7 +74,8 @@ def _measure(engine, policy: str, max_k: int, prompts, params) -> dict:
 
 
 def main() -> None:
-    from specserve_ray.config import LimitsConfig, SamplingParams, SpeculationConfig
+    from specserve_ray.config import LimitsConfig, SpeculationConfig
+    from specserve_ray.sampling_params import SamplingParams
     from specserve_ray.engine import SpecEngine
     from specserve_ray.policy.profile import profile_cost_model, profile_runner
 

@@ -11,7 +11,8 @@ static k (per repetition, against the static k best on average), its mean and a 
 interval. `specserve+inloop` is specserve with its in-loop rules (per-row early stop and
 verify trim, control.DraftControl) switched on, as it ran before they became opt-in."""
 import argparse, math, random, statistics, tempfile, time
-from specserve_ray.config import EngineConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import EngineConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 from specserve_ray.prompts import held_out_prompts
 

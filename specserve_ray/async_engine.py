@@ -26,7 +26,8 @@ from collections import deque
 from dataclasses import replace
 from typing import AsyncIterator, Awaitable, Callable
 
-from specserve_ray.config import FaultsConfig, SamplingParams
+from specserve_ray.config import FaultsConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.contracts import StepPlan, StepResult
 from specserve_ray.engine import Request, RequestOutput, SpecEngine
 from specserve_ray.errors import OverloadedError, RequestError, UnavailableError

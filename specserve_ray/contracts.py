@@ -10,12 +10,17 @@ import it for the types alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:   # annotations only; the tensors arrive already built
     import torch
 
     from specserve_ray.policy.control import DraftControl
+
+
+# Who drafts: the draft model, prompt lookup (n-gram match in the request's own tokens),
+# or prompt lookup where it finds a match and the model elsewhere.
+Drafter = Literal["model", "ngram", "model+ngram"]
 
 
 @dataclass(frozen=True)

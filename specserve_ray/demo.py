@@ -5,7 +5,8 @@ import time
 
 import torch
 
-from specserve_ray.config import EngineConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import EngineConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 from specserve_ray.prompts import held_out_prompts
 

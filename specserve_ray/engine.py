@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from specserve_ray.config import (EngineConfig, LimitsConfig, SamplingParams, SloConfig,
-                                   SpeculationConfig)
+from specserve_ray.config import EngineConfig, LimitsConfig, SloConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy import CostModel
 from specserve_ray.policy.slo import SloRegistry

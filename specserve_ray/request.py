@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from specserve_ray.config import SamplingParams
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.drafting.ngram import TokenHistory
 from specserve_ray.output import TextStream
 from specserve_ray.policy.slo import NO_SLO, SloClass

@@ -23,7 +23,8 @@ import time
 from collections import deque
 from typing import Sequence
 
-from specserve_ray.config import LimitsConfig, SamplingParams, SloConfig, SpeculationConfig
+from specserve_ray.config import LimitsConfig, SloConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.contracts import PrefillItem, StepPlan, StepResult
 from specserve_ray.errors import RequestError
 from specserve_ray.output import commit_tokens

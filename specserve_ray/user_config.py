@@ -8,7 +8,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, \
     ValidationError, field_validator
 
-from specserve_ray.config import Drafter, SloConfig, SpeculationConfig
+from specserve_ray.config import SloConfig, SpeculationConfig
+from specserve_ray.contracts import Drafter
 
 
 class UserConfig(BaseModel):

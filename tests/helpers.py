@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from specserve_ray.config import LimitsConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import LimitsConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.workers.draft import DraftWorker

@@ -335,6 +335,7 @@ def test_sweep_smoke_against_a_real_app(trace_dir, tmp_path):
            "--regime", "fp32", "--workloads", "code", "--policies", "none", "static:1",
            "--max-k", "2", "--loads", "1.0", "--duration", "3", "--min-requests", "4",
            "--max-num-seqs", "4", "--input-budget", "96", "--warmup-requests", "0",
+           "--drafter", "ngram",
            "--slo-scales", "2", "4", "--deciding-repetitions", "1", "--no-plots",
            "--calibration-from", str(cal),
            "--json", str(out)]
@@ -347,8 +348,10 @@ def test_sweep_smoke_against_a_real_app(trace_dir, tmp_path):
     assert {(r["policy"], r["slo_scale"]) for r in runs} == {
         ("none", 2.0), ("none", 4.0), ("static:1", 2.0), ("static:1", 4.0)}
     for r in runs:
-        assert r["workload"] == "code:poisson" and r["drafter"] == "model"
+        assert r["workload"] == "code:poisson" and r["drafter"] == "ngram"
         assert r["repetition"] == 0 and r["failed"] == 0 and r["num_requests"] >= 4
+        # The app really ran the n-gram drafter: the draft model proposed nothing.
+        assert r["server"]["draft_tokens_by_drafter"].get("model", 0) == 0, r["server"]
     a, b = (report["samples"][r["run_id"]] for r in runs if r["slo_scale"] == 2.0)
     assert len(a) == len(b) >= 4 and all(x is not None for x in a + b)
     rows = report["max_rate_at_90"]

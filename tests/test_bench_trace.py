@@ -191,6 +191,11 @@ def test_server_delta_and_chosen_k_distribution():
     assert sum(d["chosen_k_dist"]) == pytest.approx(1.0)
     assert d["mean_chosen_k"] == pytest.approx((24 + 40) / 18)
     assert d["mean_batch_size"] == pytest.approx(2.0)
+    assert "draft_tokens_by_drafter" not in d      # an older server: no per-drafter totals
+    before["speculation"]["per_drafter"] = {"model": {"num_draft_tokens": 20}}
+    after["speculation"]["per_drafter"] = {"model": {"num_draft_tokens": 50},
+                                           "ngram": {"num_draft_tokens": 30}}
+    assert server_delta(before, after)["draft_tokens_by_drafter"] == {"model": 30, "ngram": 30}
 
 
 def test_run_entry_json_schema_and_table():
@@ -258,7 +263,8 @@ def test_synthetic_accept_rate_and_shape():
 
 
 def test_synthetic_acceptance_in_the_engine_and_k_histogram():
-    from specserve_ray.config import EngineConfig, SamplingParams, SpeculationConfig
+    from specserve_ray.config import EngineConfig, SpeculationConfig
+    from specserve_ray.sampling_params import SamplingParams
     from specserve_ray.engine import SpecEngine
 
     assert SpeculationConfig().synthetic_acceptance_rate is None      # never the default

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from helpers import hf_greedy, tiny_model
-from specserve_ray.config import LimitsConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import LimitsConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.core.ragged import group_by_length
 from specserve_ray.engine import SpecEngine
 from specserve_ray.models.runner import ModelRunner

@@ -17,7 +17,8 @@ from helpers import tiny_model
 from test_cluster_policy import router
 from helpers import perturbed, make_engine, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
-from specserve_ray.config import SamplingParams, SignalsConfig
+from specserve_ray.config import SignalsConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.contracts import RuntimeBounds
 from specserve_ray.workers.host import run_draft, run_target
 

@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specserve_ray.config import (EMBEDDED_DRAFT, EMBEDDED_PAIR_DIR, EMBEDDED_TARGET, EngineConfig,
-                                  LimitsConfig, ModelConfig, SamplingParams)
+                                  LimitsConfig, ModelConfig)
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 from specserve_ray.prompts import held_out_prompts
 

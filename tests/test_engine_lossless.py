@@ -13,7 +13,8 @@ import torch
 
 from helpers import (GREEDY, IdTokenizer, hf_greedy, make_engine, perturbed,  # noqa: F401
                      random_prompts, tiny_model)
-from specserve_ray.config import LimitsConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import LimitsConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.workers.draft import DraftWorker

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helpers import tiny_model
-from specserve_ray.config import SamplingParams, SpeculationConfig
+from specserve_ray.config import SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.policy import CostModel
 from specserve_ray.core.sampling import logits_to_probs
 from helpers import make_engine, perturbed, random_prompts

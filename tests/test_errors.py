@@ -6,8 +6,8 @@ import torch
 from pydantic import ValidationError
 
 from helpers import tiny_model
-from specserve_ray.config import (EMBEDDED_PAIR_DIR, EngineConfig, LimitsConfig, ModelConfig,
-                                  SamplingParams)
+from specserve_ray.config import EMBEDDED_PAIR_DIR, EngineConfig, LimitsConfig, ModelConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 from specserve_ray.errors import RequestError
 from helpers import make_engine

@@ -15,7 +15,8 @@ from specserve_ray.admission import DrainMeter, QueueBounds, retry_after_s
 from specserve_ray.api.auth import ENV_VAR, ApiKeyCheck, AuthError, load_keys, parse_keys
 from specserve_ray.api.error_map import (classify, grpc_details, grpc_trailers, http_headers,
                                          openai_body)
-from specserve_ray.config import AppConfig, SamplingParams
+from specserve_ray.config import AppConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.errors import (OverloadedError, PayloadTooLargeError, RequestError,
                                   UnavailableError)
 from specserve_ray.front_config import FrontDoorConfig, serve_queue_problem

@@ -8,7 +8,8 @@ import pytest
 from helpers import tiny_model
 from helpers import GREEDY, make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
-from specserve_ray.config import SamplingParams, SloConfig
+from specserve_ray.config import SloConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.metrics import Counts, MetricsAggregator, request_latency
 from specserve_ray.policy.slo import SloClass, SloTracker, attainment_record
 from specserve_ray.policy import CostModel

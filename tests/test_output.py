@@ -7,7 +7,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from specserve_ray.config import EMBEDDED_TARGET, SamplingParams
+from specserve_ray.config import EMBEDDED_TARGET
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.output import TextStream, commit_tokens
 from specserve_ray.request import Request
 

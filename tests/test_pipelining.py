@@ -15,7 +15,7 @@ import pytest
 from helpers import hf_greedy, tiny_model
 from helpers import make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine
-from specserve_ray.config import SamplingParams
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.workers.host import run_draft, run_target
 
 

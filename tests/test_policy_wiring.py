@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from helpers import hf_greedy, tiny_model
 from helpers import GREEDY, make_engine, perturbed, random_prompts
-from specserve_ray.config import SamplingParams, SpeculationConfig
+from specserve_ray.config import SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.models.runner import ModelRunner
 from specserve_ray.policy import CostModel, profile_grid
 from specserve_ray.policy.profile import cache_dir, load_or_profile, profile_runner

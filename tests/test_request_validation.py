@@ -17,7 +17,7 @@ from hostile_cases import ACCEPTED, CASES, Case
 from specserve_ray.api import openai as oai
 from specserve_ray.api import validation as checks
 from specserve_ray.api.chat import parse_messages, render_chat
-from specserve_ray.config import MAX_TOP_K, SamplingParams, generator_seed
+from specserve_ray.sampling_params import MAX_TOP_K, SamplingParams, generator_seed
 from specserve_ray.errors import RequestError, UnsupportedParameter
 
 MODEL_CASES = [c for c in CASES if c.layer == "model"]

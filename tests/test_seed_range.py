@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import tiny_model
-from specserve_ray.config import SamplingParams
+from specserve_ray.sampling_params import SamplingParams
 from helpers import make_engine, perturbed, random_prompts
 
 HUGE = [99999999999999, 2**63 - 1, 2**63, 2**64 - 1, -2**63, -1]

@@ -17,7 +17,8 @@ from helpers import hf_greedy, tiny_model
 from helpers import GREEDY, make_engine, perturbed, random_prompts
 from test_policy_wiring import SPEC_FRIENDLY
 from specserve_ray.async_engine import AsyncSpecEngine
-from specserve_ray.config import AppConfig, EngineConfig, SamplingParams, SloConfig, SpeculationConfig
+from specserve_ray.config import AppConfig, EngineConfig, SloConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.errors import RequestError
 from specserve_ray.policy import CostModel
 from specserve_ray.policy.efficiency import expected_tokens_uniform

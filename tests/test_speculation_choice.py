@@ -5,7 +5,8 @@ hand-made step results."""
 from __future__ import annotations
 
 from helpers import IdTokenizer
-from specserve_ray.config import LimitsConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import LimitsConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.contracts import StepResult, VerifyResult
 from specserve_ray.engine import SpecEngine
 

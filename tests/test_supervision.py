@@ -11,7 +11,8 @@ import pytest
 from helpers import hf_greedy, tiny_model
 from helpers import make_engine, perturbed, random_prompts
 from specserve_ray.async_engine import AsyncSpecEngine, StepFailed
-from specserve_ray.config import FaultsConfig, SamplingParams, parse_fault_env
+from specserve_ray.config import FaultsConfig, parse_fault_env
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.errors import RequestError, UnavailableError
 from specserve_ray.faults import FaultInjector, InjectedFault
 from specserve_ray.workers.host import run_draft, run_target

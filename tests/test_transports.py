@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from specserve_ray.config import (EMBEDDED_DRAFT, EMBEDDED_TARGET, LimitsConfig, SamplingParams,
-                                  SpeculationConfig)
+from specserve_ray.config import EMBEDDED_DRAFT, EMBEDDED_TARGET, LimitsConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.engine import SpecEngine
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from specserve_ray.api.inputs import check_prompt, check_text
 from specserve_ray.api.validation import (CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED,
                                           UnsupportedTable, drop_unsupported, request_error,
                                           sampling_params)
-from specserve_ray.config import SamplingParams
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.errors import RequestError, UnsupportedParameter
 
 # Strict like OpenAI: "stream": "yes" is not true, 1.0 is not a token count, NaN is no number.

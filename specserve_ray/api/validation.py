@@ -17,7 +17,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from specserve_ray.api.inputs import check_prompt, check_text, kind_of
-from specserve_ray.config import SamplingParams
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.errors import RequestError, UnsupportedParameter
 
 # At most this many findings are spelled out in one message.

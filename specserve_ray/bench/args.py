@@ -54,8 +54,10 @@ def add_arguments(p) -> None:
                    help="run every workload in bf16 too (default: the first one)")
     g.add_argument("--force-bf16", action="store_true",
                    help="run bf16 even where the CPU lacks native bf16")
-    g.add_argument("--drafter", default="model", choices=["model"],
-                   help="the draft proposer (only the model drafter exists in the engine)")
+    g.add_argument("--drafter", default="model", choices=["model", "ngram", "model+ngram"],
+                   help="the draft proposer every speculating policy uses (the started "
+                   "app's speculation.drafter; with --url it is switched through "
+                   "--dashboard-url, else only a label)")
     g.add_argument("--policies", nargs="+", default=None)
     g.add_argument("--max-k", type=int, default=5, help="num_speculative_tokens: the adaptive "
                    "policies' max k (must be >= every static:K)")

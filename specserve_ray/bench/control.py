@@ -99,11 +99,12 @@ def start_app(engine_overrides: dict | None = None, transport: str | None = None
 
 
 def start_sweep_app(regime_dtype: str, max_k: int, synthetic_acceptance_rate: float | None,
-                    max_num_seqs: int | None = None, extra: dict | None = None):
+                    max_num_seqs: int | None = None, extra: dict | None = None,
+                    drafter: str = "model"):
     """The default app with the target in `regime_dtype`. Returns (url, handle, stop)."""
     from ray import serve
 
-    spec = {"num_speculative_tokens": max_k}
+    spec = {"num_speculative_tokens": max_k, "drafter": drafter}
     if synthetic_acceptance_rate is not None:
         spec["synthetic_acceptance_rate"] = synthetic_acceptance_rate
     overrides = {"target": {"dtype": regime_dtype}, "speculation": spec}

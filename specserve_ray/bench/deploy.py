@@ -100,7 +100,8 @@ def _engine_in_child(k: int, threads: int, prompt_ids, c: int, max_tokens: int) 
     import torch
 
     from specserve_ray.bench.client import _niceness
-    from specserve_ray.config import EngineConfig, SamplingParams, SpeculationConfig
+    from specserve_ray.config import EngineConfig, SpeculationConfig
+    from specserve_ray.sampling_params import SamplingParams
     from specserve_ray.engine import SpecEngine
 
     if _ENGINE is None:

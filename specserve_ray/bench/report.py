@@ -50,6 +50,12 @@ def server_delta(before: dict | None, after: dict | None) -> dict:
     out = {"verify_rows": steps, "draft_tokens": drafted, "accepted_tokens": accepted,
            "mean_acceptance_length": (1.0 + accepted / steps) if steps else None,
            "acceptance_rate": (accepted / drafted) if drafted else None}
+    # Draft tokens per drafter ('model', 'ngram'): which proposer the run really used.
+    pb, pa = sb.get("per_drafter", {}), sa.get("per_drafter", {})
+    if pa:
+        out["draft_tokens_by_drafter"] = {
+            name: s.get("num_draft_tokens", 0) - pb.get(name, {}).get("num_draft_tokens", 0)
+            for name, s in sorted(pa.items())}
     tb, ta = before.get("step_time_s", {}), after.get("step_time_s", {})
     n = ta.get("steps", 0) - tb.get("steps", 0)
     if n:

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from specserve_ray.config import EngineConfig, LimitsConfig, ModelConfig, SamplingParams, SpeculationConfig
+from specserve_ray.config import EngineConfig, LimitsConfig, ModelConfig, SpeculationConfig
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.config import EMBEDDED_DRAFT, EMBEDDED_TARGET
 from specserve_ray.contracts import PrefillItem, SeqSampling
 from specserve_ray.engine import SpecEngine

@@ -251,10 +251,13 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
         if args.url:
             url = args.url.rstrip("/")
             switcher = RestSwitcher(args.dashboard_url) if args.dashboard_url else None
+            if switcher is not None:
+                asyncio.run(switcher.apply({"drafter": args.drafter}))
         else:
             bar.set_description(f"starting app ({regime})")
             url, handle, stop = start_sweep_app(REGIME_DTYPES[regime], args.max_k,
-                                                args.synthetic_acceptance, args.max_num_seqs)
+                                                args.synthetic_acceptance, args.max_num_seqs,
+                                                drafter=args.drafter)
             switcher = HandleSwitcher(handle)
         models = asyncio.run(get_json(url, "/v1/models"))["data"][0]
         model = args.model or models["id"]
