@@ -27,11 +27,12 @@ from dataclasses import replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from specserve_ray.config import FaultsConfig
-from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.contracts import StepPlan, StepResult
 from specserve_ray.engine import Request, RequestOutput, SpecEngine
 from specserve_ray.errors import OverloadedError, RequestError, UnavailableError
 from specserve_ray.metrics import FaultCounts
+from specserve_ray.request_streams import RequestStreams
+from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.step_timing import hop_times
 from specserve_ray.supervision import (_CRASH_WINDOW_S, _MAX_LOOP_CRASHES,  # noqa: F401
                                        RequestTimeout, StepAbandoned, StepFailed,
@@ -96,8 +97,8 @@ class AsyncSpecEngine(Supervision):
         self.pipeline = pipeline
         self._in_flight: dict[asyncio.Task, StepPlan] = {}
         self._busy: set[str] = set()
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._untaken_since: dict[str, float] = {}   # rid -> when its stream fell behind
+        self.streams = RequestStreams(lambda: self.fault_cfg.stalled_client_s,
+                                      self._on_stalled)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.num_steps = 0            # executed plans
@@ -129,22 +130,11 @@ class AsyncSpecEngine(Supervision):
             self._task = None
 
     # -- requests --------------------------------------------------------------------------------
-    def _deliver(self, rid: str, queue: asyncio.Queue, out, now: float) -> None:
-        """Hand a delta to its stream; a consumer that has left a chunk untaken for
-        `stalled_client_s` stopped reading (a stuck client): abort it, free its slots."""
-        stall = self.fault_cfg.stalled_client_s
-        if queue.qsize():                 # the consumer has not taken what was there
-            since = self._untaken_since.get(rid, now)
-            if stall is not None and now - since > stall and not out.finished:
-                self.engine.abort(rid)
-                self._wake.set()
-                self.faults.add("stalled_clients")
-                queue.put_nowait(RequestError(f"request {rid} aborted: the client took no "
-                                              f"output for {stall:g} s"))
-                return
-        else:
-            self._untaken_since[rid] = now
-        queue.put_nowait(out)
+    def _on_stalled(self, rid: str) -> None:
+        """A reader stopped taking its output (a stuck client): abort it, free its slots."""
+        self.engine.abort(rid)
+        self._wake.set()
+        self.faults.add("stalled_clients")
 
     async def generate_stream(self, prompt, params: SamplingParams | None = None,
                               request_id: str | None = None,
@@ -170,25 +160,16 @@ class AsyncSpecEngine(Supervision):
         deadline = None if limit is None else time.monotonic() + limit
         rid = self.engine.add_request(prompt, params, request_id, num_speculative_tokens,
                                       slo_class)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = queue
+        queue = self.streams.open(rid)
         self._wake.set()
         finished = False
         try:
             while True:
                 try:
-                    if deadline is None:
-                        item = await queue.get()
-                    else:
-                        item = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
+                    item = await self.streams.take(rid, queue, deadline)
                 except asyncio.TimeoutError:
                     self.faults.add("request_timeouts")
                     raise RequestTimeout(f"request {rid} passed its {limit:g} s deadline") from None
-                # The consumer keeps up: what is left was handed over just now at worst.
-                if queue.qsize():
-                    self._untaken_since[rid] = time.monotonic()
-                else:
-                    self._untaken_since.pop(rid, None)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -196,8 +177,7 @@ class AsyncSpecEngine(Supervision):
                 if finished:
                     return
         finally:
-            self._queues.pop(rid, None)
-            self._untaken_since.pop(rid, None)
+            self.streams.close(rid)
             self._strikes.pop(rid, None)
             if not finished:
                 self._drop(rid)
@@ -402,9 +382,7 @@ class AsyncSpecEngine(Supervision):
         applying = time.perf_counter()
         outputs = self.engine.apply_step(plan, result, seconds)
         for out in outputs:
-            queue = self._queues.get(out.request_id)
-            if queue is not None:
-                self._deliver(out.request_id, queue, out, now)
+            self.streams.deliver(out.request_id, out, now)
         if result.verify is not None:      # the steps step_totals counts
             self.engine.step_totals.add_router(replace(
                 timing, apply=time.perf_counter() - applying,

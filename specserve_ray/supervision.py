@@ -90,9 +90,7 @@ class Supervision:
         self.engine.abort(req.request_id)
         self.engine._to_release.append(req.request_id)
         self.faults.add("failed_requests")
-        queue = self._queues.get(req.request_id)
-        if queue is not None:
-            queue.put_nowait(error)
+        self.streams.fail(req.request_id, error)
 
     def _isolate(self, reqs: list[Request]) -> None:
         for req in reqs:
