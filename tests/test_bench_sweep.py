@@ -222,6 +222,68 @@ def test_seed_for_is_stable():
     assert seed_for(0, "code:poisson", 1, 2) != seed_for(0, "code:poisson", 1, 3)
 
 
+# -- checkpoints and --resume ----------------------------------------------------------------
+def test_checkpoint_is_a_partial_report_and_resume_checks_the_setup(tmp_path):
+    from types import SimpleNamespace
+
+    from specserve_ray.bench.sweep import checkpoint, load_resumable
+
+    path = tmp_path / "sweep.json"
+    setup = {"workloads": ["code"], "load_levels": [["0.4", 0.4, None]], "seed": 0,
+             "calibration_from": "cal.json"}
+    report = {"setup": setup, "runs": [{"run_id": "a"}], "samples": {"a": [[0.1, 0.02]]},
+              "calibration": {"fp32": {"code:poisson": {"capacity_req_s": 3.0}}}}
+    checkpoint(SimpleNamespace(json=str(path)), report)
+    written = json.loads(path.read_text())
+    assert written["partial"] is True and written["samples"] == report["samples"]
+    assert not (tmp_path / "sweep.json.tmp").exists()
+    checkpoint(SimpleNamespace(json=None), report)          # no --json: nothing written
+    # The same sweep (calibration_from may differ) resumes; another one is refused.
+    assert load_resumable(str(path), {**setup, "calibration_from": None})["runs"] == [
+        {"run_id": "a"}]
+    with pytest.raises(SystemExit, match="seed"):
+        load_resumable(str(path), {**setup, "seed": 1})
+    (tmp_path / "other.json").write_text(json.dumps({"setup": setup}))
+    with pytest.raises(SystemExit, match="not a sweep report"):
+        load_resumable(str(tmp_path / "other.json"), setup)
+
+
+def test_resumed_runs_are_not_run_again(tmp_path):
+    """_run_point skips every (policy) run whose id the report already holds and runs the
+    rest; each new run is checkpointed."""
+    from types import SimpleNamespace
+
+    from specserve_ray.bench import sweep as sw
+    from specserve_ray.bench.stats import SloRule
+
+    args = SimpleNamespace(duration=1.0, min_requests=2, max_requests=10, seed=0,
+                           drafter="model", policies=["none", "static:1", "specserve"],
+                           load_levels=[("0.5", 0.5, None)], json=str(tmp_path / "r.json"))
+    reqs = [SimpleNamespace(input_tokens=8, output_tokens=4, arrival_s=0.0),
+            SimpleNamespace(input_tokens=8, output_tokens=4, arrival_s=0.5)]
+    ran = []
+
+    def run_one(url, switcher, model, policy, reqs_, prompts, desc):
+        ran.append(policy)
+        recs = [RequestRecord(i, 8, 4, 0.0, 0.05, [0.05, 0.07, 0.09, 0.11], 0.11, 4)
+                for i in range(2)]
+        return {"records": recs, "duration": 1.0, "client": {"cpu_share_of_one_core": 0.0}}, \
+            {}, {}
+
+    fake = SimpleNamespace(args=args, requests=lambda *a: reqs, run_one=run_one,
+                           prompts=SimpleNamespace(prompts=lambda lens, offset: ["x"] * len(lens)))
+    kept = "fp32/code:poisson/model/0/0/static:1"
+    report = {"runs": [], "samples": {kept: [[0.05, 0.02]]}, "errors": []}
+    bar = SimpleNamespace(update=lambda n: None, set_description=lambda d: None)
+    rules = [SloRule(500.0, 100.0, 2.0)]
+    ctx = ("url", None, "m", None, "poisson", "code:poisson", 0, 128, None, rules, [1.0])
+    sw._run_point(fake, "fp32", ctx, 0, 0, report, bar)
+    assert sorted(ran) == ["none", "specserve"]
+    assert set(report["samples"]) == {kept, "fp32/code:poisson/model/0/0/none",
+                                      "fp32/code:poisson/model/0/0/specserve"}
+    assert json.loads((tmp_path / "r.json").read_text())["partial"] is True
+
+
 # -- the load benchmark's summary ------------------------------------------------------------
 def test_load_summary_ratios_and_refusals():
     from specserve_ray.bench.load import summarize, table

@@ -101,7 +101,11 @@ def add_arguments(p) -> None:
                    f"calibration (default {ASSUMED_CAPACITY}: measured here, fp32)")
     g.add_argument("--calibrate-only", action="store_true", help="measure single-stream "
                    "figures and capacities, write them (reuse with --calibration-from), stop")
-    g.add_argument("--json", help="write the report here")
+    g.add_argument("--json", help="write the report here; rewritten after every run with "
+                   "\"partial\": true until the sweep ends, so an interrupted sweep keeps "
+                   "what it measured")
+    g.add_argument("--resume", help="an earlier (partial) report of the same sweep: its "
+                   "calibration is reused and its runs are kept, not run again")
     g.add_argument("--plots-dir", help="PNG plots here (default: next to --json, else "
                    "./bench_sweep_plots)")
     g.add_argument("--no-plots", action="store_true")
@@ -226,6 +230,11 @@ def check_args(args) -> None:
         raise SystemExit("--assumed-capacity: expected NAME=REQ_PER_S,... with values > 0")
     if args.calibration_from and not os.path.isfile(args.calibration_from):
         raise SystemExit(f"--calibration-from: no such file: {args.calibration_from}")
+    if args.resume and not os.path.isfile(args.resume):
+        raise SystemExit(f"--resume: no such file: {args.resume}")
+    if args.resume and args.calibration_from:
+        raise SystemExit("--resume reuses the earlier report's calibration; drop "
+                         "--calibration-from")
     if not args.plots_dir:
         args.plots_dir = (os.path.splitext(args.json)[0] + "_plots" if args.json
                           else "bench_sweep_plots")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import time
 import zlib
@@ -189,8 +190,14 @@ def run(args) -> dict:
 
     tokenizer = load_tokenizer(args.tokenizer)
     traces = {name: tr.load_trace(path) for name, path in args.trace_paths.items()}
-    prior = _prior_calibration(args.calibration_from)
     report.update({"calibration": {}, "slos": [], "samples": {}, "errors": []})
+    if args.resume:
+        earlier = load_resumable(args.resume, report["setup"])
+        prior = earlier.get("calibration", {})
+        report["runs"], report["samples"] = earlier["runs"], earlier["samples"]
+        print(f"resuming {args.resume}: {len(earlier['samples'])} run(s) kept")
+    else:
+        prior = _prior_calibration(args.calibration_from)
     t_start = time.monotonic()
     planned = sum(len(cell_workloads(args, r)) for r in args.regimes) * \
         len(args.load_levels) * len(args.policies) * args.repetitions
@@ -202,6 +209,7 @@ def run(args) -> dict:
         report["client"] = {**client.summary(), "server_worker_nice": server_worker_nice()}
     bar.close()
     report["elapsed_s"] = time.monotonic() - t_start
+    report["partial"] = False
     _conclude(args, report)
     print(f"sweep took {report['elapsed_s'] / 60:.1f} min (estimated {est / 60:.1f})")
     return report
@@ -230,6 +238,35 @@ def _conclude(args, report: dict) -> None:
         report["plots"] = write_plots(report["curves"], runs, args.plots_dir)
         for p in report["plots"]:
             print(f"wrote {p}")
+
+
+def checkpoint(args, report: dict) -> None:
+    """Write the report so far to --json (atomically): a sweep cut short keeps its runs."""
+    if not getattr(args, "json", None):
+        return
+    tmp = f"{args.json}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**report, "partial": True}, f)
+    os.replace(tmp, args.json)
+
+
+# Setup keys that may differ between a sweep and its resumption.
+_RESUME_FREE = ("calibration_from",)
+
+
+def load_resumable(path: str, setup: dict) -> dict:
+    """An earlier report of the same sweep (same setup), for --resume."""
+    with open(path) as f:
+        earlier = json.load(f)
+    if "runs" not in earlier or "samples" not in earlier:
+        raise SystemExit(f"--resume: {path} is not a sweep report")
+    before = {k: v for k, v in earlier.get("setup", {}).items() if k not in _RESUME_FREE}
+    now = {k: v for k, v in json.loads(json.dumps(setup)).items() if k not in _RESUME_FREE}
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differ:
+        raise SystemExit(f"--resume: {path} was a different sweep (setup differs in "
+                         f"{', '.join(differ)}); run it with the same arguments")
+    return earlier
 
 
 def _prior_calibration(path: str | None) -> dict:
@@ -298,6 +335,7 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
             tqdm.write(f"[{regime} {label}] this workload's runs: about "
                        f"{_cell_estimate(args, regime, spec, cal['capacity_req_s']) / 60:.0f} min")
             sweep.capacity[(regime, spec.name)] = cal["capacity_req_s"]
+            checkpoint(args, report)
             if args.calibrate_only:
                 continue
             rates = [rate or frac * cal["capacity_req_s"] for _, frac, rate in args.load_levels]
@@ -348,6 +386,10 @@ def _run_point(sweep: Sweep, regime: str, ctx, ri: int, rep: int, report: dict, 
     offered = tr.mean_rate(reqs) if len(reqs) > 1 else 0.0
     for pos, policy in enumerate(order):
         where = f"{regime} {label} {rate:.2f}/s rep {rep} {policy}"
+        run_id = f"{regime}/{label}/{args.drafter}/{ri}/{rep}/{policy}"
+        if run_id in report["samples"]:     # measured before this sweep was resumed
+            bar.update(1)
+            continue
         bar.set_description(where)
         try:
             res, before, after = sweep.run_one(url, switcher, model, policy, reqs, prompts,
@@ -361,7 +403,6 @@ def _run_point(sweep: Sweep, regime: str, ctx, ri: int, rep: int, report: dict, 
         finally:
             bar.update(1)
         records, duration = res["records"], res["duration"]
-        run_id = f"{regime}/{label}/{args.drafter}/{ri}/{rep}/{policy}"
         report["samples"][run_id] = outcomes(records)
         server = server_delta(before, after)
         tpots = [r.tpot for r in records if r.ok and r.tpot is not None]
@@ -374,6 +415,7 @@ def _run_point(sweep: Sweep, regime: str, ctx, ri: int, rep: int, report: dict, 
             entry.update({"rate_index": ri, "order_position": pos, "client": res["client"]})
             report["runs"].append(entry)
         m = run_metrics(records, duration, SLO(rules[0].ttft_ms / 1e3, rules[0].tpot_ms / 1e3))
+        checkpoint(args, report)
         tqdm.write(f"[{where}] attainment(S={rules[0].scale}) {m['slo_attainment']:.2f}, "
                    f"{m['output_tok_s']:.1f} tok/s, TTFT p50 {_ms(m['ttft_p50_s'])}, TPOT p50 "
                    f"{_ms(m['tpot_p50_s'])}, mean k {_f(server.get('mean_chosen_k'))}, failed "
