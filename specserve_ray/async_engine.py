@@ -419,6 +419,9 @@ class AsyncSpecEngine(Supervision):
             "mean_chosen_k": eng.chooser.mean_chosen_k,
             # Decode rows per chosen k, cumulative since start (diff two snapshots).
             "chosen_k_counts": list(eng.chooser.chosen_k_counts),
+            # Decode steps whose k caps were lowered to leave waiting prompts the budget
+            # their TTFT needs (specserve with TTFT budgets; cumulative).
+            "prefill_capped_steps": eng.chooser.prefill_capped_steps,
             "synthetic_acceptance_rate": eng.speculation.synthetic_acceptance_rate,
             # Per SLO class: budgets, finished requests, attained fraction, TTFT/TPOT.
             "slo": eng.slo_summary(),

@@ -102,6 +102,7 @@ class Scheduler:
         # policy sees no SLO at all.
         self._slo_orders_admission = any(math.isfinite(c.ttft_s) for c in classes)
         self.chooser.tpot_budgets = any(math.isfinite(c.tpot_s) for c in classes)
+        self.chooser.ttft_budgets = self._slo_orders_admission
         self._slo = registry
 
     # -- requests -----------------------------------------------------------------------------
@@ -254,6 +255,26 @@ class Scheduler:
             if start == 0:
                 self.running.append(req)
         return items
+
+    def pending_prompts(self, now: float) -> list[tuple[int, float]]:
+        """(prompt tokens left, TTFT slack in seconds) of the prompts the coming steps will
+        prefill, in that order: half-prefilled ones, then waiting ones that get a free
+        slot, in admission order. Slack is +inf without a TTFT budget or once a first token
+        was sent (a re-admitted request)."""
+        def slack(r: Request) -> float:
+            if r.first_token_time is not None or not math.isfinite(r.slo.ttft_s):
+                return math.inf
+            return r.arrival_time + r.slo.ttft_s - now
+
+        out = [(len(r.prefill_ids) - r.num_prefilled, slack(r)) for r in self.running
+               if not r.prefill_done and not r.finished]
+        free = self.limits.max_num_seqs - len(self.running)
+        if free > 0 and self.waiting:
+            order = (admission_order([(r.arrival_time, r.slo) for r in self.waiting], now)
+                     if self._slo_orders_admission else range(len(self.waiting)))
+            out += [(len(self.waiting[i].prefill_ids), slack(self.waiting[i]))
+                    for i in list(order)[:free]]
+        return out
 
     def _admit(self, free: int, left: float, started: list[Request]) -> list[Request]:
         """Take waiting requests that get a slot and some of the budget: FIFO, or least

@@ -23,6 +23,7 @@ from specserve_ray.policy import BatchState, CostModel, Decision, SpeculationPol
 from specserve_ray.policy.cluster import bound_ks
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.learned import LearnedState
+from specserve_ray.policy.prefill_share import prefill_need, share_caps, spare_for_speculation
 from specserve_ray.request import Request
 from specserve_ray.stats import count_values
 
@@ -70,10 +71,14 @@ class SpeculationChooser:
         # Whether any SLO class has a TPOT budget (the scheduler sets it with its classes):
         # without one the policy sees no budgets or slack.
         self.tpot_budgets = False
+        # Likewise TTFT budgets: without one, waiting prompts never take budget from drafts.
+        self.ttft_budgets = False
         self.ngram = NgramPlanner()     # prompt lookup and its acceptance estimates
         # id(plan) -> per decode row: n-gram match length, or None (not an n-gram row).
         self._ngram_rows: dict[int, list[int | None]] = {}
         self._match_lens: list[int | None] | None = None    # this step's, until tracked
+        self.step_s_ema = 0.0           # recent decode steps' seconds (prefill share)
+        self.prefill_capped_steps = 0   # steps whose k caps the waiting prompts lowered
 
     # -- knobs --------------------------------------------------------------------------------
     @property
@@ -180,13 +185,16 @@ class SpeculationChooser:
         if policy is None:
             return self._static_k(requests)
         budgets = slack = None
+        now = time.monotonic()
         if self.tpot_budgets:
-            now = time.monotonic()
             budgets = [r.slo.tpot_s for r in requests]
             slack = [_tpot_slack(r, now) for r in requests]
+        caps = self._final_ks(requests, [policy.max_k] * len(requests))
+        if policy.shares_budget_with_prefill:
+            caps = self._prefill_share(requests, caps, slack, now)
         state = BatchState(
             context_len=[r.context_len for r in requests],
-            k_cap=self._final_ks(requests, [policy.max_k] * len(requests)),
+            k_cap=caps,
             confidence_ema=[r.confidence_ema for r in requests],
             tpot_budget_s=budgets, tpot_slack_s=slack,
             queue_depth=len(self._scheduler.waiting))
@@ -194,6 +202,25 @@ class SpeculationChooser:
         self._decided_by, self._decision = policy, decision
         self._control = decision.control
         return list(decision.max_k)
+
+    def _prefill_share(self, requests: Sequence[Request], caps: list[int],
+                       tpot_slack: list[float] | None, now: float) -> list[int]:
+        """Lower the caps so the drafted tokens leave waiting prompts the part of the
+        step's budget their TTFT budgets need (policy/prefill_share.py); rows behind
+        their TPOT budget keep their caps."""
+        budget = self._scheduler.limits.max_num_batched_tokens
+        if budget is None or not self.ttft_budgets or not any(caps):
+            return caps
+        need = prefill_need(self._scheduler.pending_prompts(now), self.step_s_ema)
+        spare = spare_for_speculation(budget, len(requests), need)
+        if spare is None:
+            return caps
+        exempt = ([s < 0 for s in tpot_slack] if tpot_slack is not None
+                  else [False] * len(caps))
+        shared = share_caps(caps, spare, exempt)
+        if shared != caps:
+            self.prefill_capped_steps += 1
+        return shared
 
     def _final_ks(self, batch: Sequence[Request], chosen: Sequence[int]) -> list[int]:
         """Every cap on k, in one place: the request's own k, what is left of max_tokens
@@ -219,6 +246,8 @@ class SpeculationChooser:
     def observe_step(self, plan: StepPlan, result: StepResult, by_id: dict, seconds: float
                      ) -> None:
         """A verified step: feed it to the policy that decided it, if that one still runs."""
+        self.step_s_ema = seconds if self.step_s_ema <= 0 else \
+            0.8 * self.step_s_ema + 0.2 * seconds
         decided = self._in_flight.pop(id(plan), None)
         if decided is not None and decided[0] is self.policy:
             self._feed_policy(plan, result, by_id, seconds, decided[1])

@@ -196,6 +196,9 @@ def test_server_delta_and_chosen_k_distribution():
     after["speculation"]["per_drafter"] = {"model": {"num_draft_tokens": 50},
                                            "ngram": {"num_draft_tokens": 30}}
     assert server_delta(before, after)["draft_tokens_by_drafter"] == {"model": 30, "ngram": 30}
+    assert "prefill_capped_steps" not in server_delta(before, after)
+    before["prefill_capped_steps"], after["prefill_capped_steps"] = 3, 10
+    assert server_delta(before, after)["prefill_capped_steps"] == 7
 
 
 def test_run_entry_json_schema_and_table():

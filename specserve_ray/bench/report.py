@@ -62,6 +62,9 @@ def server_delta(before: dict | None, after: dict | None) -> dict:
         out["decode_steps"] = n
         out["mean_batch_size"] = (ta.get("rows", 0) - tb.get("rows", 0)) / n
         out["mean_step_s"] = (ta.get("total", 0.0) - tb.get("total", 0.0)) / n
+    if "prefill_capped_steps" in after:
+        out["prefill_capped_steps"] = (after["prefill_capped_steps"]
+                                       - (before.get("prefill_capped_steps") or 0))
     # Chosen-k histogram (cumulative counts per k since the server started).
     kb, ka = before.get("chosen_k_counts"), after.get("chosen_k_counts")
     if ka is not None:

@@ -418,7 +418,8 @@ def _run_point(sweep: Sweep, regime: str, ctx, ri: int, rep: int, report: dict, 
         checkpoint(args, report)
         tqdm.write(f"[{where}] attainment(S={rules[0].scale}) {m['slo_attainment']:.2f}, "
                    f"{m['output_tok_s']:.1f} tok/s, TTFT p50 {_ms(m['ttft_p50_s'])}, TPOT p50 "
-                   f"{_ms(m['tpot_p50_s'])}, mean k {_f(server.get('mean_chosen_k'))}, failed "
+                   f"{_ms(m['tpot_p50_s'])}, mean k {_f(server.get('mean_chosen_k'))}, prefill-capped "
+                   f"steps {server.get('prefill_capped_steps', '-')}, failed "
                    f"{m['failed']}, client CPU {res['client']['cpu_share_of_one_core']}")
 
 

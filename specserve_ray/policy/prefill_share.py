@@ -1,0 +1,62 @@
+"""How much of a step's token budget speculation may take while prompts wait (pure).
+
+A step that decodes has a token budget (`limits.max_num_batched_tokens`): each decode row
+takes one token plus its k drafted ones, prompt chunks take what is left. While the budget
+binds, every drafted token is a prompt token not scored this step, and a drafted token is
+accepted with probability below one: in tokens of budget, speculation always costs more
+per emitted token than plain decoding. It pays in time only because a step's time grows
+slower than its token count, which no longer helps once the budget is full. So when
+waiting prompts need the budget to meet their TTFT, speculation should use only what they
+do not need, except for rows that need it to meet their own TPOT (rows already behind
+their budget keep their k).
+
+What the prompts need: prompt j (in the order they will be prefilled) gets its first
+token after the chunks of itself and of every prompt before it, `ahead_j` tokens. At `p`
+prompt tokens per step and `step_s` seconds per step that takes `ahead_j / p * step_s`,
+which must fit in its TTFT slack `slack_j`: p >= ahead_j * step_s / slack_j. Prompts
+without a TTFT budget, or already past it (nothing saves their TTFT now), ask for nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def prefill_need(pending: Sequence[tuple[int, float]], step_s: float) -> float:
+    """Prompt tokens per step the waiting prompts need to meet their TTFT budgets.
+
+    `pending`: (prompt tokens left, TTFT slack in seconds) per prompt, in prefill order;
+    slack is +inf without a budget. 0.0 when none needs anything."""
+    if step_s <= 0:
+        return 0.0
+    need, ahead = 0.0, 0
+    for tokens, slack in pending:
+        ahead += max(tokens, 0)
+        if 0 < slack < math.inf:
+            need = max(need, ahead * step_s / slack)
+    return need
+
+
+def spare_for_speculation(budget: int, rows: int, need: float) -> int | None:
+    """Drafted tokens the step may carry without taking budget the prompts need; None
+    when the prompts need nothing (no cap)."""
+    if need <= 0:
+        return None
+    return max(0, int(budget - rows - math.ceil(need)))
+
+
+def share_caps(caps: Sequence[int], spare: int, exempt: Sequence[bool]) -> list[int]:
+    """Per-row caps on k whose sum over the non-exempt rows fits in `spare` (what exempt
+    rows keep is taken first): the largest uniform level L with sum(min(cap, L)) within
+    what is left, so every row loses its deepest drafts first and rows stay even."""
+    caps = [max(int(c), 0) for c in caps]
+    left = spare - sum(c for c, e in zip(caps, exempt) if e)
+    capped = [c for c, e in zip(caps, exempt) if not e]
+    if sum(capped) <= left:
+        return caps
+    level = 0
+    for candidate in range(max(capped, default=0), -1, -1):
+        if sum(min(c, candidate) for c in capped) <= max(left, 0):
+            level = candidate
+            break
+    return [c if e else min(c, level) for c, e in zip(caps, exempt)]

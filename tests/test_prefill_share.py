@@ -1,0 +1,113 @@
+"""Speculation shares the step's token budget with waiting prompts (policy/prefill_share.py):
+the pure rules, then the chooser on a planning engine (no models) with SLO classes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from helpers import IdTokenizer
+from specserve_ray.config import LimitsConfig, SloConfig, SpeculationConfig
+from specserve_ray.contracts import StepResult, VerifyResult
+from specserve_ray.engine import SpecEngine
+from specserve_ray.policy import CostModel
+from specserve_ray.policy.prefill_share import prefill_need, share_caps, spare_for_speculation
+from specserve_ray.sampling_params import SamplingParams
+
+INF = math.inf
+
+
+# -- the pure rules ---------------------------------------------------------------------------
+def test_prefill_need_from_ttft_slack_and_the_prompts_ahead():
+    assert prefill_need([], 0.05) == 0.0
+    assert prefill_need([(500, INF)], 0.05) == 0.0          # no TTFT budget: asks nothing
+    assert prefill_need([(200, 0.5)], 0.05) == pytest.approx(20.0)
+    # The second prompt waits for the first one's chunks too: 200 tokens in 0.2 s.
+    assert prefill_need([(100, 1.0), (100, 0.2)], 0.05) == pytest.approx(50.0)
+    # A prompt already past its budget asks nothing, but its tokens still come first.
+    assert prefill_need([(300, -0.1), (100, 1.0)], 0.05) == pytest.approx(20.0)
+    assert prefill_need([(200, 0.5)], 0.0) == 0.0           # no step time measured yet
+
+
+def test_spare_budget_for_drafted_tokens():
+    assert spare_for_speculation(64, 4, 0.0) is None        # nobody needs it: no cap
+    assert spare_for_speculation(64, 4, 49.5) == 10          # 64 - 4 rows - 50
+    assert spare_for_speculation(64, 4, 80.0) == 0
+
+
+def test_share_caps_lowers_the_deepest_drafts_first():
+    assert share_caps([4, 4, 4], 12, [False] * 3) == [4, 4, 4]      # fits: unchanged
+    assert share_caps([4, 4, 4], 7, [False] * 3) == [2, 2, 2]
+    assert share_caps([1, 4, 4], 5, [False] * 3) == [1, 2, 2]
+    assert share_caps([4, 4, 4], 0, [False] * 3) == [0, 0, 0]
+    # A row behind its TPOT budget keeps its cap, and it is paid first.
+    assert share_caps([4, 4, 4], 6, [True, False, False]) == [4, 1, 1]
+    assert share_caps([4, 4, 4], 3, [True, False, False]) == [4, 0, 0]
+
+
+# -- the chooser ------------------------------------------------------------------------------
+SPEC_FRIENDLY = CostModel((0.01, 1e-4, 1e-5, 1e-8), (1e-4, 1e-4, 1e-5, 1e-9))
+PARAMS = SamplingParams(max_tokens=60, ignore_eos=True)
+
+
+def _engine(policy: str, slo_class: dict) -> SpecEngine:
+    limits = LimitsConfig(max_model_len=512, max_num_seqs=8, max_tokens=100,
+                          max_num_batched_tokens=32, max_prefill_tokens_idle=256)
+    engine = SpecEngine.remote(IdTokenizer(), 96, True, limits,
+                               SpeculationConfig(num_speculative_tokens=4, policy=policy),
+                               cost_model=SPEC_FRIENDLY,
+                               slo=SloConfig(classes=[{"name": "c", **slo_class}]))
+    for _ in range(4):
+        engine.add_request(list(range(5, 25)), PARAMS, slo_class="c")
+    engine.apply_step(engine.plan_step(), StepResult([40] * 4, None, None), 0.01)
+    return engine
+
+
+def _step(engine, seconds=0.05):
+    plan = engine.plan_step()
+    rows = len(plan.decode_ids)
+    engine.apply_step(plan, StepResult([40] * len(plan.prefill),
+                                       VerifyResult([[40]] * rows, [0] * rows, seconds), None),
+                      seconds)
+    return plan
+
+
+@pytest.mark.parametrize("policy,shares", [("specserve", True), ("static:4", False),
+                                           ("threshold", False)])
+def test_waiting_prompts_take_budget_from_specserve_only(policy, shares):
+    engine = _engine(policy, {"ttft_s": 0.3})
+    for _ in range(3):                       # steps with nothing waiting: full speculation
+        plan = _step(engine)
+    assert engine.chooser.step_s_ema == pytest.approx(0.05)
+    before = list(plan.num_draft)
+    assert engine.chooser.prefill_capped_steps == 0
+    # A long prompt arrives: at 0.05 s a step, 200 tokens in 0.3 s need 34 tokens a step,
+    # more than the budget of 32 leaves after the 4 rows: specserve drafts nothing.
+    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
+    plan = _step(engine)
+    if shares:
+        assert plan.num_draft == [0, 0, 0, 0] and engine.chooser.prefill_capped_steps == 1
+        assert sum(len(p.prompt_ids) for p in plan.prefill) == 32 - 4
+    else:
+        assert engine.chooser.prefill_capped_steps == 0
+        if policy.startswith("static"):
+            assert plan.num_draft == before == [4, 4, 4, 4]
+
+
+def test_without_ttft_budgets_nothing_changes():
+    engine = _engine("specserve", {"tpot_s": 0.5})
+    for _ in range(3):
+        _step(engine)
+    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
+    _step(engine)
+    assert engine.chooser.prefill_capped_steps == 0
+
+
+def test_a_generous_ttft_budget_leaves_room_to_speculate():
+    engine = _engine("specserve", {"ttft_s": 5.0})
+    for _ in range(3):
+        _step(engine)
+    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
+    # 200 tokens in 5 s at 0.05 s a step: 2 tokens a step; plenty is spare.
+    _step(engine)
+    assert engine.chooser.prefill_capped_steps == 0
