@@ -8,6 +8,7 @@ request as the in-process engine returns it.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -53,6 +54,13 @@ class Request:
         if seen < len(self.output_ids):
             self.history.extend(self.output_ids[seen:])
         return self.history
+
+    def tpot_slack(self, now: float) -> float:
+        """Seconds this request is ahead (+) or behind (-) its TPOT budget so far (0 without
+        a budget or before its first token)."""
+        if self.first_token_time is None or not math.isfinite(self.slo.tpot_s):
+            return 0.0
+        return self.slo.tpot_s * (len(self.output_ids) - 1) - (now - self.first_token_time)
 
     @property
     def context_len(self) -> int:

@@ -29,6 +29,7 @@ from specserve_ray.contracts import PrefillItem, StepPlan, StepResult
 from specserve_ray.errors import RequestError
 from specserve_ray.output import commit_tokens
 from specserve_ray.policy import CostModel
+from specserve_ray.policy.prefill_share import tpot_step_budget
 from specserve_ray.policy.slo import (ClassAttainment, SloClass, SloRegistry, SloTracker,
                                       admission_order, request_latency)
 from specserve_ray.request import Request, RequestOutput
@@ -55,6 +56,8 @@ class Scheduler:
         self.release_eagerly = False
         self._to_release: list[str] = []
         self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
+        # Recent decode steps' seconds per step token (TPOT-room budget, prefill_share.py).
+        self.token_s_ema = 0.0
         self.step_totals = StepTotals()
         self.totals = SpecStats()
         self.slo = slo or SloConfig()
@@ -204,11 +207,14 @@ class Scheduler:
                  if r.prefill_done and not r.finished and r.request_id not in busy]
         if max_rows is not None:
             batch = batch[:max(max_rows, 0)]
-        ks, fixed, fixed_conf, control = self.chooser.choose(batch)
         # Decoding anywhere (this step's rows, or a pipelined step in flight) keeps the
         # budget; only a loop with nobody decoding may take the idle one.
         budget = self.step_budget(decoding=bool(batch) or any(
             r.prefill_done and not r.finished for r in self.running))
+        if budget is not None and batch and self.chooser.tpot_budgets and self._prompts_wait():
+            budget = self._tpot_budget(batch, budget)
+        self.chooser.step_budget = budget
+        ks, fixed, fixed_conf, control = self.chooser.choose(batch)
         left = math.inf if budget is None else budget - sum(k + 1 for k in ks)
         prefill = self._plan_prefill(left, busy, budget)
         if not (release or prefill or batch):
@@ -231,6 +237,18 @@ class Scheduler:
         if decoding or budget is None or idle is None:
             return budget
         return max(budget, idle)
+
+    def _prompts_wait(self) -> bool:
+        return bool(self.waiting) or any(not r.prefill_done and not r.finished
+                                         for r in self.running)
+
+    def _tpot_budget(self, batch: list[Request], budget: int) -> int:
+        """The budget grown into the decode rows' TPOT room while prompts wait
+        (policy/prefill_share.py), up to the idle budget."""
+        now = time.monotonic()
+        return tpot_step_budget(budget, self.limits.max_prefill_tokens_idle or budget,
+                                [r.slo.tpot_s for r in batch],
+                                [r.tpot_slack(now) for r in batch], self.token_s_ema)
 
     def _plan_prefill(self, left: float, busy, budget: int | None) -> list[PrefillItem]:
         """Chunks of prompts within `left` tokens: unfinished prompts first, then arrivals."""
@@ -344,6 +362,12 @@ class Scheduler:
                               num_accepted_tokens=accepted, num_emitted_tokens=emitted_total,
                               draft_seconds=draft_s, verify_seconds=v.seconds,
                               total_seconds=seconds, prefill_seconds=result.prefill_seconds)
+            step_tokens = sum(k + 1 for k in verified) + sum(len(p.prompt_ids)
+                                                              for p in plan.prefill)
+            if step_tokens and seconds > 0:      # seconds per step token, fixed costs in
+                per_token = seconds / step_tokens
+                self.token_s_ema = per_token if self.token_s_ema <= 0 else \
+                    0.8 * self.token_s_ema + 0.2 * per_token
             self.recent_steps.append(stats)
             self.step_totals.add(stats)
             self.totals.merge_step(stats)

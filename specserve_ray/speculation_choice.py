@@ -12,7 +12,6 @@ between steps).
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -31,13 +30,6 @@ if TYPE_CHECKING:
     from specserve_ray.scheduler import Scheduler
 
 KChooser = Callable[[Sequence[Request]], list[int]]
-
-
-def _tpot_slack(req: Request, now: float) -> float:
-    """Seconds a request is ahead (+) or behind (-) its TPOT budget so far."""
-    if req.first_token_time is None or not math.isfinite(req.slo.tpot_s):
-        return 0.0
-    return req.slo.tpot_s * (len(req.output_ids) - 1) - (now - req.first_token_time)
 
 
 class SpeculationChooser:
@@ -78,6 +70,9 @@ class SpeculationChooser:
         self._ngram_rows: dict[int, list[int | None]] = {}
         self._match_lens: list[int | None] | None = None    # this step's, until tracked
         self.step_s_ema = 0.0           # recent decode steps' seconds (prefill share)
+        # This step's token budget (the scheduler sets it before `choose`); None = the
+        # configured one.
+        self.step_budget: int | None = None
         self.prefill_capped_steps = 0   # steps whose k caps the waiting prompts lowered
 
     # -- knobs --------------------------------------------------------------------------------
@@ -188,7 +183,7 @@ class SpeculationChooser:
         now = time.monotonic()
         if self.tpot_budgets:
             budgets = [r.slo.tpot_s for r in requests]
-            slack = [_tpot_slack(r, now) for r in requests]
+            slack = [r.tpot_slack(now) for r in requests]
         caps = self._final_ks(requests, [policy.max_k] * len(requests))
         if policy.shares_budget_with_prefill:
             caps = self._prefill_share(requests, caps, slack, now)
@@ -208,7 +203,7 @@ class SpeculationChooser:
         """Lower the caps so the drafted tokens leave waiting prompts the part of the
         step's budget their TTFT budgets need (policy/prefill_share.py); rows behind
         their TPOT budget keep their caps."""
-        budget = self._scheduler.limits.max_num_batched_tokens
+        budget = self.step_budget or self._scheduler.limits.max_num_batched_tokens
         if budget is None or not self.ttft_budgets or not any(caps):
             return caps
         need = prefill_need(self._scheduler.pending_prompts(now), self.step_s_ema)

@@ -11,7 +11,8 @@ from specserve_ray.config import LimitsConfig, SloConfig, SpeculationConfig
 from specserve_ray.contracts import StepResult, VerifyResult
 from specserve_ray.engine import SpecEngine
 from specserve_ray.policy import CostModel
-from specserve_ray.policy.prefill_share import prefill_need, share_caps, spare_for_speculation
+from specserve_ray.policy.prefill_share import (prefill_need, share_caps, spare_for_speculation,
+                                                tpot_step_budget)
 from specserve_ray.sampling_params import SamplingParams
 
 INF = math.inf
@@ -43,6 +44,19 @@ def test_share_caps_lowers_the_deepest_drafts_first():
     # A row behind its TPOT budget keeps its cap, and it is paid first.
     assert share_caps([4, 4, 4], 6, [True, False, False]) == [4, 1, 1]
     assert share_caps([4, 4, 4], 3, [True, False, False]) == [4, 0, 0]
+
+
+def test_the_budget_grows_into_the_rows_tpot_room():
+    # budget 32, ceiling 256, 1 ms per step token.
+    assert tpot_step_budget(32, 256, [INF, INF], [0.0, 0.0], 0.001) == 32   # no TPOT budget
+    assert tpot_step_budget(32, 256, [0.05], [0.0], 0.001) == 50
+    assert tpot_step_budget(32, 256, [0.05], [-1.0], 0.001) == 50     # behind: its budget only
+    assert tpot_step_budget(32, 256, [0.05], [0.1], 0.001) == 150     # it may spend its lead
+    assert tpot_step_budget(32, 256, [0.05], [10.0], 0.001) == 250    # up to four budgets
+    assert tpot_step_budget(32, 200, [0.05], [10.0], 0.001) == 200    # the ceiling
+    assert tpot_step_budget(32, 256, [0.05, 0.02], [0.1, 0.0], 0.001) == 32   # tightest row
+    assert tpot_step_budget(32, 256, [0.05], [0.1], 0.0) == 32        # nothing measured yet
+    assert tpot_step_budget(32, 32, [0.05], [0.1], 0.001) == 32       # no room above
 
 
 # -- the chooser ------------------------------------------------------------------------------
@@ -111,3 +125,28 @@ def test_a_generous_ttft_budget_leaves_room_to_speculate():
     # 200 tokens in 5 s at 0.05 s a step: 2 tokens a step; plenty is spare.
     _step(engine)
     assert engine.chooser.prefill_capped_steps == 0
+
+
+@pytest.mark.parametrize("policy,seconds", [("static:4", 0.05), ("none", 0.004)])
+def test_prompts_get_more_of_a_step_while_rows_have_tpot_room(policy, seconds):
+    """Any policy: rows 0.1 s within their TPOT budget let a waiting prompt take more than
+    the configured budget of 32 (up to the idle budget)."""
+    engine = _engine(policy, {"tpot_s": 0.1})
+    for _ in range(3):
+        plan = _step(engine, seconds)
+    rows = sum(k + 1 for k in plan.num_draft)
+    assert engine.token_s_ema == pytest.approx(seconds / rows)
+    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
+    plan = _step(engine, seconds)
+    chunk = sum(len(p.prompt_ids) for p in plan.prefill)
+    decode = sum(k + 1 for k in plan.num_draft)
+    assert 32 < decode + chunk <= 256 and chunk == min(200, engine.chooser.step_budget - decode)
+
+
+def test_no_tpot_budget_keeps_the_configured_budget():
+    engine = _engine("static:4", {"ttft_s": 5.0})
+    for _ in range(3):
+        _step(engine)
+    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
+    plan = _step(engine)
+    assert sum(len(p.prompt_ids) for p in plan.prefill) + sum(k + 1 for k in plan.num_draft) == 32

@@ -1,6 +1,8 @@
-"""How much of a step's token budget speculation may take while prompts wait (pure).
+"""How a step's token budget is shared between decode rows, their drafts and waiting
+prompts, under the SLO classes' budgets (pure).
 
-A step that decodes has a token budget (`limits.max_num_batched_tokens`): each decode row
+Drafts yield to prompts (`prefill_need`, `spare_for_speculation`, `share_caps`). A step
+that decodes has a token budget (`limits.max_num_batched_tokens`): each decode row
 takes one token plus its k drafted ones, prompt chunks take what is left. While the budget
 binds, every drafted token is a prompt token not scored this step, and a drafted token is
 accepted with probability below one: in tokens of budget, speculation always costs more
@@ -15,6 +17,9 @@ token after the chunks of itself and of every prompt before it, `ahead_j` tokens
 prompt tokens per step and `step_s` seconds per step that takes `ahead_j / p * step_s`,
 which must fit in its TTFT slack `slack_j`: p >= ahead_j * step_s / slack_j. Prompts
 without a TTFT budget, or already past it (nothing saves their TTFT now), ask for nothing.
+
+The budget grows into the rows' TPOT room (`tpot_step_budget`): a step may take as long
+as the decode rows' TPOT budgets allow, so while they have room prompts get more of it.
 """
 from __future__ import annotations
 
@@ -60,3 +65,23 @@ def share_caps(caps: Sequence[int], spare: int, exempt: Sequence[bool]) -> list[
             level = candidate
             break
     return [c if e else min(c, level) for c, e in zip(caps, exempt)]
+
+
+def tpot_step_budget(budget: int, ceiling: int, tpot_s: Sequence[float],
+                     slack_s: Sequence[float], token_s: float) -> int:
+    """The step's token budget, grown into the decode rows' TPOT room.
+
+    A step of T seconds keeps row i within its TPOT budget when T <= tpot_i + slack_i:
+    the step emits at least one token for it, and it may spend the seconds it is ahead
+    (counted up to four budgets, so one step never spends a long lead at once). At
+    `token_s` seconds per step token (the measured mean, fixed costs included, so the
+    estimate errs short) the step may carry room / token_s tokens. Rows without a TPOT
+    budget set no limit; never below `budget` (the configured one), never above
+    `ceiling` (where bigger chunks stop paying: the idle budget)."""
+    if token_s <= 0 or ceiling <= budget:
+        return budget
+    room = min((t + min(max(s, 0.0), 4.0 * t) for t, s in zip(tpot_s, slack_s)
+                if math.isfinite(t)), default=math.inf)
+    if not math.isfinite(room):
+        return budget
+    return int(max(budget, min(ceiling, room / token_s)))
