@@ -25,8 +25,10 @@ def test_prefill_need_from_ttft_slack_and_the_prompts_ahead():
     assert prefill_need([(200, 0.5)], 0.05) == pytest.approx(20.0)
     # The second prompt waits for the first one's chunks too: 200 tokens in 0.2 s.
     assert prefill_need([(100, 1.0), (100, 0.2)], 0.05) == pytest.approx(50.0)
-    # A prompt already past its budget asks nothing, but its tokens still come first.
-    assert prefill_need([(300, -0.1), (100, 1.0)], 0.05) == pytest.approx(20.0)
+    # A prompt already past its budget needs everything ahead of it now (overload: all
+    # are late, and drafting on would only lengthen the queue).
+    assert prefill_need([(300, -0.1), (100, 1.0)], 0.05) == pytest.approx(300.0)
+    assert prefill_need([(30, 5.0), (20, 0.0)], 0.05) == pytest.approx(50.0)
     assert prefill_need([(200, 0.5)], 0.0) == 0.0           # no step time measured yet
 
 

@@ -15,8 +15,10 @@ their budget keep their k).
 What the prompts need: prompt j (in the order they will be prefilled) gets its first
 token after the chunks of itself and of every prompt before it, `ahead_j` tokens. At `p`
 prompt tokens per step and `step_s` seconds per step that takes `ahead_j / p * step_s`,
-which must fit in its TTFT slack `slack_j`: p >= ahead_j * step_s / slack_j. Prompts
-without a TTFT budget, or already past it (nothing saves their TTFT now), ask for nothing.
+which must fit in its TTFT slack `slack_j`: p >= ahead_j * step_s / slack_j. A prompt
+already past its budget asks for all of `ahead_j` at once: under overload every waiting
+prompt is late, and drafting on then would only slow the queue that made them late.
+Prompts without a TTFT budget ask for nothing.
 
 The budget grows into the rows' TPOT room (`tpot_step_budget`): a step may take as long
 as the decode rows' TPOT budgets allow, so while they have room prompts get more of it.
@@ -37,7 +39,9 @@ def prefill_need(pending: Sequence[tuple[int, float]], step_s: float) -> float:
     need, ahead = 0.0, 0
     for tokens, slack in pending:
         ahead += max(tokens, 0)
-        if 0 < slack < math.inf:
+        if slack <= 0:                  # late: it needs everything ahead of it now
+            need = max(need, float(ahead))
+        elif slack < math.inf:
             need = max(need, ahead * step_s / slack)
     return need
 
