@@ -137,7 +137,9 @@ class LimitsConfig(_Strict):
         "rows first (k + 1 tokens each), then prompt chunks of waiting requests fill what is "
         "left (at least a quarter of it), so an arriving long prompt is prefilled over "
         "several steps instead of stalling the running batch. 64 = measured on 2 CPU cores "
-        "(README, 'Step budget and chunked prefill'). None = whole prompts at once.")
+        "(README, 'Step budget and chunked prefill'). None = whole prompts at once. With "
+        "SLO classes that set tpot_s, a step may grow past it into the decode rows' TPOT "
+        "room while prompts wait (README, 'SLO classes').")
     max_prefill_tokens_idle: int | None = Field(
         256, ge=1, description="Token budget of a step with no request decoding (prompt "
         "chunks only): nobody waits on that step between two tokens, so it may prefill in "
