@@ -86,6 +86,12 @@ class SpeculationConfig(_Strict):
                                    "n-gram drafter matches (tried first).")
     prompt_lookup_min: int = Field(2, ge=1, le=32, description="Shortest suffix n-gram "
                                    "that counts as a match (shorter: no n-gram proposal).")
+    yield_to_prompts: bool = Field(False, description="specserve only, with SLO classes "
+                                   "that set ttft_s: drafted tokens take only the part of "
+                                   "the step budget waiting prompts do not need to meet "
+                                   "their TTFT. Off by default: measured to help near and "
+                                   "past capacity and to cost attainment at light load "
+                                   "(README, 'Sharing the step budget under SLOs').")
     synthetic_acceptance_rate: float | None = Field(
         None, ge=0.0, le=1.0, description="BENCHMARK ONLY, NOT LOSSLESS: the target accepts "
         "each draft token with this probability instead of verifying it (the forward still "

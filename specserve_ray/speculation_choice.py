@@ -185,7 +185,7 @@ class SpeculationChooser:
             budgets = [r.slo.tpot_s for r in requests]
             slack = [r.tpot_slack(now) for r in requests]
         caps = self._final_ks(requests, [policy.max_k] * len(requests))
-        if policy.shares_budget_with_prefill:
+        if policy.shares_budget_with_prefill and self.speculation.yield_to_prompts:
             caps = self._prefill_share(requests, caps, slack, now)
         state = BatchState(
             context_len=[r.context_len for r in requests],

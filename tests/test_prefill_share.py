@@ -66,11 +66,12 @@ SPEC_FRIENDLY = CostModel((0.01, 1e-4, 1e-5, 1e-8), (1e-4, 1e-4, 1e-5, 1e-9))
 PARAMS = SamplingParams(max_tokens=60, ignore_eos=True)
 
 
-def _engine(policy: str, slo_class: dict) -> SpecEngine:
+def _engine(policy: str, slo_class: dict, yield_to_prompts: bool = True) -> SpecEngine:
     limits = LimitsConfig(max_model_len=512, max_num_seqs=8, max_tokens=100,
                           max_num_batched_tokens=32, max_prefill_tokens_idle=256)
-    engine = SpecEngine.remote(IdTokenizer(), 96, True, limits,
-                               SpeculationConfig(num_speculative_tokens=4, policy=policy),
+    spec = SpeculationConfig(num_speculative_tokens=4, policy=policy,
+                             yield_to_prompts=yield_to_prompts)
+    engine = SpecEngine.remote(IdTokenizer(), 96, True, limits, spec,
                                cost_model=SPEC_FRIENDLY,
                                slo=SloConfig(classes=[{"name": "c", **slo_class}]))
     for _ in range(4):
@@ -108,6 +109,15 @@ def test_waiting_prompts_take_budget_from_specserve_only(policy, shares):
         assert engine.chooser.prefill_capped_steps == 0
         if policy.startswith("static"):
             assert plan.num_draft == before == [4, 4, 4, 4]
+
+
+def test_off_by_default():
+    engine = _engine("specserve", {"ttft_s": 0.3}, yield_to_prompts=False)
+    for _ in range(3):
+        _step(engine)
+    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
+    plan = _step(engine)
+    assert engine.chooser.prefill_capped_steps == 0 and any(plan.num_draft)
 
 
 def test_without_ttft_budgets_nothing_changes():

@@ -199,9 +199,10 @@ class SpeculationPolicy:
     """Base: the step protocol. Subclasses implement `_decide`; `observe` is optional."""
 
     name = "policy"
-    # Whether the chooser lowers this policy's caps so drafted tokens leave waiting prompts
-    # the budget their TTFT needs (policy/prefill_share.py). Off for the baselines: they
-    # are the field's rules as published, and fixed k stays fixed.
+    # Whether the chooser may lower this policy's caps so drafted tokens leave waiting
+    # prompts the budget their TTFT needs (policy/prefill_share.py; switched on with
+    # speculation.yield_to_prompts). Off for the baselines: they are the field's rules as
+    # published, and fixed k stays fixed.
     shares_budget_with_prefill = False
 
     def __init__(self, max_k: int = 8, learned: LearnedState | None = None):

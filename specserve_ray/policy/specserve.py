@@ -18,10 +18,10 @@ the cap and all of it is verified (the draft worker's fast path, no policy time 
   budget). k fits when (T - slack_i) / (N_i tpot_i) <= 1 for every request. When none
   fits, the k with the least worst overrun, i.e. the least time per emitted token
   against the budget, not plain decoding by default (which may well be slower).
-* The budget it shares with prompts: while waiting prompts need the step's token budget
-  to meet their TTFT, the chooser lowers the caps this policy chooses within so drafted
-  tokens take only what those prompts do not need; rows behind their TPOT budget keep
-  theirs (policy/prefill_share.py).
+* The budget it shares with prompts (`speculation.yield_to_prompts`, off by default):
+  while waiting prompts need the step's token budget to meet their TTFT, the chooser
+  lowers the caps this policy chooses within so drafted tokens take only what those
+  prompts do not need; rows behind their TPOT budget keep theirs (policy/prefill_share.py).
 * Exploration: while k = 0 is chosen, every `probe_every`-th plain step drafts k = 1
   for every row and verifies it all, so the acceptance, the calibration and the
   goodput of k = 1 keep being measured; the interval doubles (to `max_probe_every`)
