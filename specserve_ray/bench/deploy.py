@@ -176,7 +176,10 @@ def run(args) -> dict:
                                   f"actors) at nice {server_worker_nice()} "
                                   "(RAY_worker_niceness; the project's default 0)"
                                   if not args.url else "external: as deployed",
-                                  "deployment_torch_threads": _worker_threads(),
+                                  "deployment_torch_threads": {
+                                      **_worker_threads(),
+                                      **({"draft": args.draft_threads}
+                                         if args.draft_threads is not None else {})},
                                   "http_client": "own process at nice 19",
                                   "in_process_engine": f"own process at nice "
                                   f"{args.engine_nice}, no client beside it, "
@@ -193,8 +196,11 @@ def run(args) -> dict:
     try:
         with _child(19) as client:
             for i, transport in enumerate(transports):
-                url, stop = (args.url, None) if args.url else start_app(
-                    {"speculation": {"num_speculative_tokens": args.k}}, transport=transport)
+                overrides = {"speculation": {"num_speculative_tokens": args.k}}
+                if args.draft_threads is not None:
+                    overrides["draft"] = {"num_threads": args.draft_threads}
+                url, stop = (args.url, None) if args.url else start_app(overrides,
+                                                                        transport=transport)
                 pipelines = args.pipeline if not args.url else ["as-deployed"]
                 try:
                     for rep in range(repeats):
@@ -299,7 +305,10 @@ def add_parser(sub):
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads of the in-process engine")
+    p.add_argument("--draft-threads", type=int, help="torch threads of the started app's "
+                   "draft actor (default: the shipped config's)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved repeats (deployment and in-process engine side by side, "
                    "alternating which goes first); medians and ranges are reported")
