@@ -89,6 +89,18 @@ def _step(engine, seconds=0.05):
     return plan
 
 
+LONG_PROMPT = [5 + i % 80 for i in range(200)]
+
+
+def _warm_then_long_prompt(engine, seconds=0.05):
+    """Three decode steps (the step time is learned), then a 200-token prompt arrives;
+    returns the plan of the step after its arrival."""
+    for _ in range(3):
+        _step(engine, seconds)
+    engine.add_request(LONG_PROMPT, PARAMS, slo_class="c")
+    return _step(engine, seconds)
+
+
 @pytest.mark.parametrize("policy,shares", [("specserve", True), ("static:4", False),
                                            ("threshold", False)])
 def test_waiting_prompts_take_budget_from_specserve_only(policy, shares):
@@ -100,7 +112,7 @@ def test_waiting_prompts_take_budget_from_specserve_only(policy, shares):
     assert engine.chooser.prefill_capped_steps == 0
     # A long prompt arrives: at 0.05 s a step, 200 tokens in 0.3 s need 34 tokens a step,
     # more than the budget of 32 leaves after the 4 rows: specserve drafts nothing.
-    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
+    engine.add_request(LONG_PROMPT, PARAMS, slo_class="c")
     plan = _step(engine)
     if shares:
         assert plan.num_draft == [0, 0, 0, 0] and engine.chooser.prefill_capped_steps == 1
@@ -113,29 +125,20 @@ def test_waiting_prompts_take_budget_from_specserve_only(policy, shares):
 
 def test_off_by_default():
     engine = _engine("specserve", {"ttft_s": 0.3}, yield_to_prompts=False)
-    for _ in range(3):
-        _step(engine)
-    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
-    plan = _step(engine)
+    plan = _warm_then_long_prompt(engine)
     assert engine.chooser.prefill_capped_steps == 0 and any(plan.num_draft)
 
 
 def test_without_ttft_budgets_nothing_changes():
     engine = _engine("specserve", {"tpot_s": 0.5})
-    for _ in range(3):
-        _step(engine)
-    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
-    _step(engine)
+    _warm_then_long_prompt(engine)
     assert engine.chooser.prefill_capped_steps == 0
 
 
 def test_a_generous_ttft_budget_leaves_room_to_speculate():
     engine = _engine("specserve", {"ttft_s": 5.0})
-    for _ in range(3):
-        _step(engine)
-    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
     # 200 tokens in 5 s at 0.05 s a step: 2 tokens a step; plenty is spare.
-    _step(engine)
+    _warm_then_long_prompt(engine)
     assert engine.chooser.prefill_capped_steps == 0
 
 
@@ -148,7 +151,7 @@ def test_prompts_get_more_of_a_step_while_rows_have_tpot_room(policy, seconds):
         plan = _step(engine, seconds)
     rows = sum(k + 1 for k in plan.num_draft)
     assert engine.token_s_ema == pytest.approx(seconds / rows)
-    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
+    engine.add_request(LONG_PROMPT, PARAMS, slo_class="c")
     plan = _step(engine, seconds)
     chunk = sum(len(p.prompt_ids) for p in plan.prefill)
     decode = sum(k + 1 for k in plan.num_draft)
@@ -157,8 +160,5 @@ def test_prompts_get_more_of_a_step_while_rows_have_tpot_room(policy, seconds):
 
 def test_no_tpot_budget_keeps_the_configured_budget():
     engine = _engine("static:4", {"ttft_s": 5.0})
-    for _ in range(3):
-        _step(engine)
-    engine.add_request([5 + i % 80 for i in range(200)], PARAMS, slo_class="c")
-    plan = _step(engine)
+    plan = _warm_then_long_prompt(engine)
     assert sum(len(p.prompt_ids) for p in plan.prefill) + sum(k + 1 for k in plan.num_draft) == 32
