@@ -22,7 +22,6 @@ from collections import defaultdict
 import numpy as np
 
 from specserve_ray.bench import aggregate as agg
-from specserve_ray.bench import stats as st
 
 
 def merged(ab: list[tuple[str, list[str]]]) -> tuple[list[dict], dict]:

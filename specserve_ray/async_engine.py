@@ -31,11 +31,10 @@ from specserve_ray.contracts import StepPlan, StepResult
 from specserve_ray.engine import Request, RequestOutput, SpecEngine
 from specserve_ray.errors import OverloadedError, RequestError, UnavailableError
 from specserve_ray.metrics import FaultCounts
-from specserve_ray.request_streams import RequestStreams
+from specserve_ray.request_streams import RequestStreams, collect_result  # noqa: F401
 from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.step_timing import hop_times
-from specserve_ray.supervision import (_CRASH_WINDOW_S, _MAX_LOOP_CRASHES,  # noqa: F401
-                                       RequestTimeout, StepAbandoned, StepFailed,
+from specserve_ray.supervision import (RequestTimeout, StepAbandoned, StepFailed,  # noqa: F401
                                        Supervision, TargetLost)
 
 log = logging.getLogger("specserve_ray")
@@ -45,21 +44,6 @@ Execute = Callable[[StepPlan], Awaitable[StepResult]]
 # the requests that were in the batch (finished ones included); must be cheap and never
 # block (metrics). Its errors are logged once and never fail a step.
 OnStep = Callable[[StepPlan, StepResult, float, list, list], None]
-
-
-async def collect_result(stream: AsyncIterator[RequestOutput]) -> dict:
-    """A whole request from its stream of deltas: text, token ids, finish reason, usage
-    and its speculation summary (what the handle, HTTP and gRPC return when not streaming)."""
-    token_ids: list[int] = []
-    text: list[str] = []
-    last = None
-    async for out in stream:
-        token_ids.extend(out.new_token_ids)
-        text.append(out.new_text)
-        last = out
-    return {"request_id": last.request_id, "text": "".join(text), "token_ids": token_ids,
-            "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
-            "completion_tokens": last.num_output_tokens, "speculation": last.spec.summary()}
 
 
 class AsyncSpecEngine(Supervision):
@@ -226,35 +210,6 @@ class AsyncSpecEngine(Supervision):
         finally:
             self._pause_waiters -= 1
             self._wake.set()
-
-    async def _supervise(self) -> None:
-        """Run the loop; restart it after a crash (its requests retried in isolation),
-        give up (check_health red) after repeated crashes."""
-        while True:
-            try:
-                await self._loop()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug must not freeze every request
-                log.exception("step loop crashed; restarting it")
-                self.faults.add("loop_restarts")
-                now = time.monotonic()
-                self._crashes.append(now)
-                while self._crashes and now - self._crashes[0] > _CRASH_WINDOW_S:
-                    self._crashes.popleft()
-                for plan in list(self._in_flight.values()):
-                    self.engine.forget_plan(plan)
-                    self.engine._to_release.extend(plan.release)
-                self._in_flight.clear()
-                self._busy.clear()
-                if len(self._crashes) > _MAX_LOOP_CRASHES:
-                    self._give_up(f"step loop keeps crashing: {exc}")
-                    return
-                if self._probe is not None:       # it crashed the loop on its own
-                    self._fail_request(self._probe, StepFailed(f"request failed: {exc}"))
-                    self._probe = None
-                self._isolate(list(self.engine.running))
 
     async def _loop(self) -> None:
         try:

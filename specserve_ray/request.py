@@ -62,6 +62,22 @@ class Request:
             return 0.0
         return self.slo.tpot_s * (len(self.output_ids) - 1) - (now - self.first_token_time)
 
+    def ttft_slack(self, now: float) -> float:
+        """Seconds left before its TTFT budget (+inf without one, or once a first token
+        was sent: a re-admitted request has had its first token)."""
+        if self.first_token_time is not None or not math.isfinite(self.slo.ttft_s):
+            return math.inf
+        return self.arrival_time + self.slo.ttft_s - now
+
+    def take_delta(self) -> "RequestOutput":
+        """What was committed since the last delta (the stream's next item)."""
+        new_text = self.text.take(self.finished)
+        new_ids = self.output_ids[self.sent_token_len:]
+        self.sent_token_len = len(self.output_ids)
+        return RequestOutput(self.request_id, new_ids, new_text, self.finished,
+                             self.finish_reason, len(self.prompt_ids), len(self.output_ids),
+                             self.spec.copy())
+
     @property
     def context_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -5,14 +5,18 @@ reader (HTTP/gRPC/handle stream) takes them one by one. A reader that leaves a d
 for longer than the stall limit (`faults.stalled_client_s`) has stopped reading (a stuck client): `deliver` reports it
 through `on_stalled` and ends the stream with an error instead of buffering without bound.
 No engine, Ray or model code here: the loop decides what a stalled request costs.
+`collect_result` folds one stream into the whole answer (non-streaming callers).
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from specserve_ray.errors import RequestError
+
+if TYPE_CHECKING:
+    from specserve_ray.request import RequestOutput
 
 
 class RequestStreams:
@@ -68,3 +72,18 @@ class RequestStreams:
         else:
             self._untaken_since.pop(rid, None)
         return item
+
+
+async def collect_result(stream: AsyncIterator[RequestOutput]) -> dict:
+    """A whole request from its stream of deltas: text, token ids, finish reason, usage
+    and its speculation summary (what the handle, HTTP and gRPC return when not streaming)."""
+    token_ids: list[int] = []
+    text: list[str] = []
+    last = None
+    async for out in stream:
+        token_ids.extend(out.new_token_ids)
+        text.append(out.new_text)
+        last = out
+    return {"request_id": last.request_id, "text": "".join(text), "token_ids": token_ids,
+            "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
+            "completion_tokens": last.num_output_tokens, "speculation": last.spec.summary()}

@@ -30,8 +30,8 @@ from specserve_ray.errors import RequestError
 from specserve_ray.output import commit_tokens
 from specserve_ray.policy import CostModel
 from specserve_ray.policy.prefill_share import tpot_step_budget
-from specserve_ray.policy.slo import (ClassAttainment, SloClass, SloRegistry, SloTracker,
-                                      admission_order, request_latency)
+from specserve_ray.policy.slo import (SloClass, SloRegistry, SloTracker, admission_order,
+                                      request_latency)
 from specserve_ray.request import Request, RequestOutput
 from specserve_ray.speculation_choice import KChooser, SpeculationChooser
 from specserve_ray.stats import SpecStats, StepStats, StepTotals
@@ -279,18 +279,13 @@ class Scheduler:
         prefill, in that order: half-prefilled ones, then waiting ones that get a free
         slot, in admission order. Slack is +inf without a TTFT budget or once a first token
         was sent (a re-admitted request)."""
-        def slack(r: Request) -> float:
-            if r.first_token_time is not None or not math.isfinite(r.slo.ttft_s):
-                return math.inf
-            return r.arrival_time + r.slo.ttft_s - now
-
-        out = [(len(r.prefill_ids) - r.num_prefilled, slack(r)) for r in self.running
+        out = [(len(r.prefill_ids) - r.num_prefilled, r.ttft_slack(now)) for r in self.running
                if not r.prefill_done and not r.finished]
         free = self.limits.max_num_seqs - len(self.running)
         if free > 0 and self.waiting:
             order = (admission_order([(r.arrival_time, r.slo) for r in self.waiting], now)
                      if self._slo_orders_admission else range(len(self.waiting)))
-            out += [(len(self.waiting[i].prefill_ids), slack(self.waiting[i]))
+            out += [(len(self.waiting[i].prefill_ids), self.waiting[i].ttft_slack(now))
                     for i in list(order)[:free]]
         return out
 
@@ -335,7 +330,7 @@ class Scheduler:
             if req.first_token_time is None:     # not again on re-admission
                 req.first_token_time = now
             self._commit(req, [token])
-            outputs.append(self._delta(req))
+            outputs.append(req.take_delta())
         if result.verify is not None:
             v = result.verify
             drafted = accepted = emitted_total = 0
@@ -356,7 +351,7 @@ class Scheduler:
                 drafted += k
                 accepted += n_acc
                 emitted_total += self._commit(req, tokens)
-                outputs.append(self._delta(req))
+                outputs.append(req.take_delta())
             draft_s = result.proposal.seconds if result.proposal is not None else 0.0
             stats = StepStats(batch_size=len(plan.decode_ids), num_draft_tokens=drafted,
                               num_accepted_tokens=accepted, num_emitted_tokens=emitted_total,
@@ -390,24 +385,9 @@ class Scheduler:
         self.slo_tracker.record(req.slo, ttft, mean_tpot)
 
     def slo_summary(self) -> dict:
-        """Per configured class: its budgets (None = none) and its finished requests'
-        attainment and latencies. JSON-safe (no infinities)."""
-        counts = self.slo_tracker.per_class
-        out = {}
-        for name, cls in sorted(self._slo.classes.items()):
-            out[name] = {"ttft_budget_s": cls.ttft_s if math.isfinite(cls.ttft_s) else None,
-                         "tpot_budget_s": cls.tpot_s if math.isfinite(cls.tpot_s) else None,
-                         **counts.get(name, ClassAttainment()).summary()}
-        return {"default_class": self._slo.default, "classes": out}
+        """Per configured class: budgets, attainment and latencies (SloTracker.report)."""
+        return self.slo_tracker.report(self._slo)
 
     # -- output -------------------------------------------------------------------------------
     def _commit(self, req: Request, tokens: list[int]) -> int:
         return commit_tokens(req, tokens, self.eos_token_id, self.tokenizer)
-
-    @staticmethod
-    def _delta(req: Request) -> RequestOutput:
-        new_text = req.text.take(req.finished)
-        new_ids = req.output_ids[req.sent_token_len:]
-        req.sent_token_len = len(req.output_ids)
-        return RequestOutput(req.request_id, new_ids, new_text, req.finished, req.finish_reason,
-                             len(req.prompt_ids), len(req.output_ids), req.spec.copy())

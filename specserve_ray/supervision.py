@@ -55,6 +55,35 @@ _CRASH_WINDOW_S = 60.0
 class Supervision:
     """Fault handling over the AsyncSpecEngine's state (engine, queues, probe, counters)."""
 
+    async def _supervise(self) -> None:
+        """Run the loop; restart it after a crash (its requests retried in isolation),
+        give up (check_health red) after repeated crashes."""
+        while True:
+            try:
+                await self._loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not freeze every request
+                log.exception("step loop crashed; restarting it")
+                self.faults.add("loop_restarts")
+                now = time.monotonic()
+                self._crashes.append(now)
+                while self._crashes and now - self._crashes[0] > _CRASH_WINDOW_S:
+                    self._crashes.popleft()
+                for plan in list(self._in_flight.values()):
+                    self.engine.forget_plan(plan)
+                    self.engine._to_release.extend(plan.release)
+                self._in_flight.clear()
+                self._busy.clear()
+                if len(self._crashes) > _MAX_LOOP_CRASHES:
+                    self._give_up(f"step loop keeps crashing: {exc}")
+                    return
+                if self._probe is not None:       # it crashed the loop on its own
+                    self._fail_request(self._probe, StepFailed(f"request failed: {exc}"))
+                    self._probe = None
+                self._isolate(list(self.engine.running))
+
     def _submit_probe(self) -> None:
         """One step with the suspect request alone: its prefill, then one decode step."""
         eng, req = self.engine, self._probe

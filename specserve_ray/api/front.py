@@ -27,7 +27,7 @@ from typing import AsyncIterator
 from specserve_ray.admission import DrainMeter, QueueBounds, retry_after_s
 from specserve_ray.api.auth import ApiKeyCheck
 from specserve_ray.api.error_map import ErrorReply, classify
-from specserve_ray.async_engine import collect_result
+from specserve_ray.request_streams import collect_result
 from specserve_ray.sampling_params import SamplingParams
 from specserve_ray.errors import OverloadedError, RequestError, UnavailableError
 from specserve_ray.front_config import FrontDoorConfig

@@ -13,8 +13,6 @@ the per-request samples kept in the JSON.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import statistics
 import time
 import zlib
@@ -25,12 +23,13 @@ from specserve_ray.bench import aggregate as agg
 from specserve_ray.bench import stats as st
 from specserve_ray.bench import trace as tr
 from specserve_ray.bench import workloads as wl
+from specserve_ray.bench.sweep_file import checkpoint, load_resumable, prior_calibration, \
+    sweep_setup
+from specserve_ray.bench.sweep_plan import cell_estimate, cell_workloads, estimate_seconds
 from specserve_ray.bench.report import SLO, markdown_table, outcomes, run_entry, run_metrics, \
     server_delta
 
 REGIME_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-# Fixed costs for the duration estimate (this 2-core CPU; measured on smoke runs).
-APP_START_S, CALIBRATION_S, PROFILE_S, PER_RUN_OVERHEAD_S = 40.0, 60.0, 30.0, 10.0
 BENCH_SLO_CLASS = "bench"
 
 
@@ -38,53 +37,6 @@ def seed_for(*parts) -> int:
     """A stable 32-bit seed from ints and strings (request sets, policy orders)."""
     ints = [p if isinstance(p, int) else zlib.crc32(str(p).encode()) for p in parts]
     return int(np.random.SeedSequence(ints).generate_state(1)[0])
-
-
-def cell_workloads(args, regime: str) -> list:
-    """bf16 runs the first workload only unless --bf16-all-workloads (the goal matrix)."""
-    specs = args.workload_specs
-    return specs if regime != "bf16" or args.bf16_all_workloads else specs[:1]
-
-
-def point_span_s(rate: float, args) -> float:
-    return wl.request_count(rate, args.duration, args.min_requests, args.max_requests) / rate
-
-
-def _cell_estimate(args, regime: str, spec, cap: float) -> float:
-    """Seconds of one (regime, workload) cell's runs at capacity `cap` req/s."""
-    spans = []
-    for _, frac, rate in args.load_levels:
-        rate = rate or frac * cap
-        span = point_span_s(rate, args)
-        drain = max(0.0, rate / cap - 1.0) * span      # backlog past capacity
-        spans.append(span + drain + PER_RUN_OVERHEAD_S)
-    n_pol = len(args.policies)
-    total = n_pol * args.repetitions * sum(spans)
-    extra = max(0, args.deciding_repetitions - args.repetitions)
-    k = min(args.deciding_rates, len(spans))
-    if k:   # the deciding rates are unknown before the first pass: take the middle ones
-        mid = sorted(spans)[(len(spans) - k) // 2:(len(spans) - k) // 2 + k]
-        total += n_pol * extra * sum(mid)
-    return total
-
-
-def estimate_seconds(args, capacity: dict | None = None) -> float:
-    """Wall time of the plan: arrivals + drain + per-run overhead, app starts, calibration."""
-    total = 0.0
-    adaptive = any(p.split(":")[0] in ("smartspec", "specserve") for p in args.policies)
-    for regime in args.regimes:
-        total += (0.0 if args.url else APP_START_S) + (PROFILE_S if adaptive else 0.0)
-        for spec, _ in cell_workloads(args, regime):
-            cap = (capacity or {}).get((regime, spec.name)) or _assumed(args, spec.name)
-            total += CALIBRATION_S
-            if not args.calibrate_only:
-                total += _cell_estimate(args, regime, spec, cap)
-    return total
-
-
-def _assumed(args, workload: str) -> float:
-    caps = args.assumed_capacity
-    return caps.get(workload, caps.get("*", 1.0)) if isinstance(caps, dict) else float(caps)
 
 
 class Sweep:
@@ -178,7 +130,7 @@ def run(args) -> dict:
           f"capacities {args.assumed_capacity} req/s", flush=True)
     if args.bf16_note:
         print(args.bf16_note)
-    report = {"setup": _setup(args), "estimated_s": est, "slo_rule": st.SLO_RULE_TEXT,
+    report = {"setup": sweep_setup(args), "estimated_s": est, "slo_rule": st.SLO_RULE_TEXT,
               "notes": [n for n in (args.bf16_note,) if n], "runs": []}
     if args.dry_run:
         return report
@@ -197,7 +149,7 @@ def run(args) -> dict:
         report["runs"], report["samples"] = earlier["runs"], earlier["samples"]
         print(f"resuming {args.resume}: {len(earlier['samples'])} run(s) kept")
     else:
-        prior = _prior_calibration(args.calibration_from)
+        prior = prior_calibration(args.calibration_from)
     t_start = time.monotonic()
     planned = sum(len(cell_workloads(args, r)) for r in args.regimes) * \
         len(args.load_levels) * len(args.policies) * args.repetitions
@@ -238,42 +190,6 @@ def _conclude(args, report: dict) -> None:
         report["plots"] = write_plots(report["curves"], runs, args.plots_dir)
         for p in report["plots"]:
             print(f"wrote {p}")
-
-
-def checkpoint(args, report: dict) -> None:
-    """Write the report so far to --json (atomically): a sweep cut short keeps its runs."""
-    if not getattr(args, "json", None):
-        return
-    tmp = f"{args.json}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({**report, "partial": True}, f)
-    os.replace(tmp, args.json)
-
-
-# Setup keys that may differ between a sweep and its resumption.
-_RESUME_FREE = ("calibration_from",)
-
-
-def load_resumable(path: str, setup: dict) -> dict:
-    """An earlier report of the same sweep (same setup), for --resume."""
-    with open(path) as f:
-        earlier = json.load(f)
-    if "runs" not in earlier or "samples" not in earlier:
-        raise SystemExit(f"--resume: {path} is not a sweep report")
-    before = {k: v for k, v in earlier.get("setup", {}).items() if k not in _RESUME_FREE}
-    now = {k: v for k, v in json.loads(json.dumps(setup)).items() if k not in _RESUME_FREE}
-    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if differ:
-        raise SystemExit(f"--resume: {path} was a different sweep (setup differs in "
-                         f"{', '.join(differ)}); run it with the same arguments")
-    return earlier
-
-
-def _prior_calibration(path: str | None) -> dict:
-    if not path:
-        return {}
-    with open(path) as f:
-        return json.load(f).get("calibration", {})
 
 
 def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> None:
@@ -333,7 +249,7 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
                        + ", ".join(f"S={r.scale}: TTFT {r.ttft_ms:.0f} / TPOT {r.tpot_ms:.0f} ms"
                                    for r in rules))
             tqdm.write(f"[{regime} {label}] this workload's runs: about "
-                       f"{_cell_estimate(args, regime, spec, cal['capacity_req_s']) / 60:.0f} min")
+                       f"{cell_estimate(args, regime, spec, cal['capacity_req_s']) / 60:.0f} min")
             sweep.capacity[(regime, spec.name)] = cal["capacity_req_s"]
             checkpoint(args, report)
             if args.calibrate_only:
@@ -429,13 +345,3 @@ def _ms(v):
 
 def _f(v):
     return "-" if v is None else f"{v:.2f}"
-
-
-def _setup(args) -> dict:
-    keys = ("workloads", "trace_paths", "url", "dashboard_url", "regimes", "drafter",
-            "policies", "max_k", "load_levels", "burstiness", "duration", "min_requests",
-            "max_requests", "input_budget", "slo_scales", "slo_ttft_ms", "slo_tpot_ms",
-            "calibration_from", "attainment_target", "repetitions", "deciding_repetitions",
-            "deciding_rates", "warmup_requests", "synthetic_acceptance", "capacity_policy",
-            "max_num_seqs", "seed", "quick")
-    return {k: getattr(args, k, None) for k in keys}

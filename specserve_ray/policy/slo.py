@@ -176,3 +176,13 @@ class SloTracker:
 
     def summary(self) -> dict:
         return {name: c.summary() for name, c in sorted(self.per_class.items())}
+
+    def report(self, registry: "SloRegistry") -> dict:
+        """Per configured class: its budgets (None = none) and its finished requests'
+        attainment and latencies. JSON-safe (no infinities)."""
+        out = {}
+        for name, cls in sorted(registry.classes.items()):
+            out[name] = {"ttft_budget_s": cls.ttft_s if math.isfinite(cls.ttft_s) else None,
+                         "tpot_budget_s": cls.tpot_s if math.isfinite(cls.tpot_s) else None,
+                         **self.per_class.get(name, ClassAttainment()).summary()}
+        return {"default_class": registry.default, "classes": out}
