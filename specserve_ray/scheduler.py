@@ -30,6 +30,7 @@ from specserve_ray.errors import RequestError
 from specserve_ray.output import commit_tokens
 from specserve_ray.policy import CostModel
 from specserve_ray.policy.prefill_share import tpot_step_budget
+from specserve_ray.policy.step_time_law import StepTimeLaw
 from specserve_ray.policy.slo import (SloClass, SloRegistry, SloTracker, admission_order,
                                       request_latency)
 from specserve_ray.request import Request, RequestOutput
@@ -56,8 +57,10 @@ class Scheduler:
         self.release_eagerly = False
         self._to_release: list[str] = []
         self.recent_steps: deque[StepStats] = deque(maxlen=1024)   # for the cost model
-        # Recent decode steps' seconds per step token (TPOT-room budget, prefill_share.py).
+        # Recent decode steps' seconds: per step token (fixed costs spread in), and the
+        # fixed + per-token law fitted to them (TPOT-room budget, prefill_share.py).
         self.token_s_ema = 0.0
+        self.step_law = StepTimeLaw()
         self.step_totals = StepTotals()
         self.totals = SpecStats()
         self.slo = slo or SloConfig()
@@ -246,9 +249,10 @@ class Scheduler:
         """The budget grown into the decode rows' TPOT room while prompts wait
         (policy/prefill_share.py), up to the idle budget."""
         now = time.monotonic()
+        fixed_s, token_s = self.step_law.law() or (0.0, self.token_s_ema)
         return tpot_step_budget(budget, self.limits.max_prefill_tokens_idle or budget,
                                 [r.slo.tpot_s for r in batch],
-                                [r.tpot_slack(now) for r in batch], self.token_s_ema)
+                                [r.tpot_slack(now) for r in batch], token_s, fixed_s)
 
     def _plan_prefill(self, left: float, busy, budget: int | None) -> list[PrefillItem]:
         """Chunks of prompts within `left` tokens: unfinished prompts first, then arrivals."""
@@ -363,6 +367,7 @@ class Scheduler:
                 per_token = seconds / step_tokens
                 self.token_s_ema = per_token if self.token_s_ema <= 0 else \
                     0.8 * self.token_s_ema + 0.2 * per_token
+                self.step_law.observe(step_tokens, seconds)
             self.recent_steps.append(stats)
             self.step_totals.add(stats)
             self.totals.merge_step(stats)

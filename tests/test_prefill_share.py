@@ -162,3 +162,22 @@ def test_no_tpot_budget_keeps_the_configured_budget():
     engine = _engine("static:4", {"ttft_s": 5.0})
     plan = _warm_then_long_prompt(engine)
     assert sum(len(p.prompt_ids) for p in plan.prefill) + sum(k + 1 for k in plan.num_draft) == 32
+
+
+def test_the_learned_step_law_lets_a_prompt_fill_the_rows_room():
+    """Small decode steps look dear per token when their fixed part is spread over them
+    (the mean rule: 0.2 s of room at 5 ms a token is 40 tokens); the fitted law pays the
+    fixed 20 ms once and 0.4 ms a token after it, so the prompt fills the idle budget."""
+    def grown_step(fed_law: bool) -> int:
+        engine = _engine("none", {"tpot_s": 0.05})
+        for _ in range(3):
+            _step(engine, 0.02)
+        if fed_law:
+            for n in [4, 4, 64, 4, 200, 4, 4, 37] * 2:
+                engine.step_law.observe(n, 0.02 + 4e-4 * n)
+        engine.add_request(LONG_PROMPT, PARAMS, slo_class="c")
+        plan = _step(engine, 0.02)
+        return sum(len(p.prompt_ids) for p in plan.prefill) + sum(k + 1 for k in plan.num_draft)
+
+    assert 32 < grown_step(fed_law=False) < 64
+    assert grown_step(fed_law=True) == 4 + 200    # the whole prompt in one step (idle budget 256)

@@ -21,7 +21,8 @@ prompt is late, and drafting on then would only slow the queue that made them la
 Prompts without a TTFT budget ask for nothing.
 
 The budget grows into the rows' TPOT room (`tpot_step_budget`): a step may take as long
-as the decode rows' TPOT budgets allow, so while they have room prompts get more of it.
+as the decode rows' TPOT budgets allow, so while they have room prompts get more of it;
+how many tokens fit in that time comes from the learned step-time law (step_time_law.py).
 """
 from __future__ import annotations
 
@@ -71,21 +72,29 @@ def share_caps(caps: Sequence[int], spare: int, exempt: Sequence[bool]) -> list[
     return [c if e else min(c, level) for c, e in zip(caps, exempt)]
 
 
+# Of the room the law says a step may fill, the part it plans for: the law is a line through
+# steps of other batches, drafts and contexts, so a step errs short by this much.
+LAW_MARGIN = 0.9
+
+
 def tpot_step_budget(budget: int, ceiling: int, tpot_s: Sequence[float],
-                     slack_s: Sequence[float], token_s: float) -> int:
+                     slack_s: Sequence[float], token_s: float, fixed_s: float = 0.0) -> int:
     """The step's token budget, grown into the decode rows' TPOT room.
 
     A step of T seconds keeps row i within its TPOT budget when T <= tpot_i + slack_i:
     the step emits at least one token for it, and it may spend the seconds it is ahead
-    (counted up to four budgets, so one step never spends a long lead at once). At
-    `token_s` seconds per step token (the measured mean, fixed costs included, so the
-    estimate errs short) the step may carry room / token_s tokens. Rows without a TPOT
-    budget set no limit; never below `budget` (the configured one), never above
-    `ceiling` (where bigger chunks stop paying: the idle budget)."""
+    (counted up to four budgets, so one step never spends a long lead at once). A step
+    of n tokens takes about `fixed_s + token_s * n` (policy/step_time_law.py), so it may
+    carry (room - fixed_s) / token_s tokens, LAW_MARGIN of it when the law is fitted; with
+    `fixed_s` 0 and `token_s` the mean seconds per step token (fixed costs spread in, the
+    fallback before the law is fitted) the estimate errs short. Rows without a TPOT budget
+    set no limit; never below `budget` (the configured one), never above `ceiling` (where
+    bigger chunks stop paying: the idle budget)."""
     if token_s <= 0 or ceiling <= budget:
         return budget
     room = min((t + min(max(s, 0.0), 4.0 * t) for t, s in zip(tpot_s, slack_s)
                 if math.isfinite(t)), default=math.inf)
     if not math.isfinite(room):
         return budget
-    return int(max(budget, min(ceiling, room / token_s)))
+    tokens = (room - fixed_s) / token_s * (LAW_MARGIN if fixed_s > 0 else 1.0)
+    return int(max(budget, min(ceiling, tokens)))
