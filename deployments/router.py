@@ -67,7 +67,8 @@ class SpecRouter(SpecServeGrpc):
                                      # n-gram drafting
                                      ("drafter", knobs.drafter),
                                      ("prompt_lookup_min", knobs.prompt_lookup_min),
-                                     ("prompt_lookup_max", knobs.prompt_lookup_max))
+                                     ("prompt_lookup_max", knobs.prompt_lookup_max),
+                                     ("yield_to_prompts", knobs.yield_to_prompts))
                    if v is not None}
         spec = None
         if updates:

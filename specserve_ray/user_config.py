@@ -5,7 +5,7 @@ and nothing is applied. Omitted keys keep their current value.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, \
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, \
     ValidationError, field_validator
 
 from specserve_ray.config import SloConfig, SpeculationConfig
@@ -29,6 +29,10 @@ class UserConfig(BaseModel):
                                                 "n-gram the n-gram drafter matches.")
     prompt_lookup_max: StrictInt | None = Field(None, ge=1, le=32, description="Longest "
                                                 "n-gram the n-gram drafter matches.")
+    yield_to_prompts: StrictBool | None = Field(None, description="As engine.speculation."
+                                                "yield_to_prompts: specserve's drafts take "
+                                                "only the step budget waiting prompts do "
+                                                "not need.")
     max_num_seqs: StrictInt | None = Field(None, ge=1, description="Requests decoded "
                                            "together; at most engine.limits.max_num_seqs "
                                            "(the cache slots).")

@@ -181,3 +181,13 @@ def test_the_learned_step_law_lets_a_prompt_fill_the_rows_room():
 
     assert 32 < grown_step(fed_law=False) < 64
     assert grown_step(fed_law=True) == 4 + 200    # the whole prompt in one step (idle budget 256)
+
+
+def test_user_config_switches_the_prompt_rule_live():
+    from specserve_ray.user_config import UserConfig
+
+    assert UserConfig.parse({"yield_to_prompts": True}).yield_to_prompts is True
+    assert UserConfig.parse({"yield_to_prompts": False}).yield_to_prompts is False
+    assert UserConfig.parse({}).yield_to_prompts is None          # omitted: unchanged
+    with pytest.raises(ValueError, match="yield_to_prompts"):
+        UserConfig.parse({"yield_to_prompts": "yes"})

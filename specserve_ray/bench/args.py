@@ -29,6 +29,9 @@ def add_arguments(p) -> None:
     g.add_argument("--loads", default=None, help="rates as fractions of each workload's "
                    f"measured closed-loop capacity (default {DEFAULT_LOADS})")
     g.add_argument("--rates", help="absolute request rates instead, e.g. 0.5,1,2 (req/s)")
+    g.add_argument("--only-loads", help="run only these values of --loads (or --rates); each "
+                   "rate's request set still comes from its place in the full list, so some "
+                   "points of an earlier sweep run again on the same requests")
     g.add_argument("--duration", type=float, default=60.0,
                    help="seconds of arrivals per point at least (with --min-requests)")
     g.add_argument("--min-requests", type=int, default=60)
@@ -58,7 +61,10 @@ def add_arguments(p) -> None:
                    help="the draft proposer every speculating policy uses (the started "
                    "app's speculation.drafter; with --url it is switched through "
                    "--dashboard-url, else only a label)")
-    g.add_argument("--policies", nargs="+", default=None)
+    g.add_argument("--policies", nargs="+", default=None, help="policies, each as in "
+                   "engine.speculation.policy, optionally with live knobs: POLICY@KEY=VALUE"
+                   "[,KEY=VALUE] (e.g. specserve@yield_to_prompts=true), run as a policy of "
+                   "its own: an A/B on the same request sets in the same pass")
     g.add_argument("--max-k", type=int, default=5, help="num_speculative_tokens: the adaptive "
                    "policies' max k (must be >= every static:K)")
     g.add_argument("--max-num-seqs", type=int, default=16,
@@ -192,13 +198,19 @@ def check_args(args) -> None:
         raise SystemExit("--synthetic-acceptance must be in [0, 1]")
     from specserve_ray.config import SpeculationConfig
 
-    for policy in args.policies:
+    from specserve_ray.bench.policy_labels import parse_label
+
+    for label in args.policies:
         try:
-            spec = SpeculationConfig(policy=policy, num_speculative_tokens=args.max_k)
+            policy, knobs = parse_label(label)
+            spec = SpeculationConfig(policy=policy, num_speculative_tokens=args.max_k, **knobs)
         except Exception as exc:  # noqa: BLE001 - pydantic's message names the problem
-            raise SystemExit(f"--policies: {policy!r}: {exc}")
+            raise SystemExit(f"--policies: {label!r}: {exc}")
         if spec.static_k is not None and spec.static_k > args.max_k:
-            raise SystemExit(f"--policies: {policy} needs --max-k >= {spec.static_k}")
+            raise SystemExit(f"--policies: {label} needs --max-k >= {spec.static_k}")
+        if knobs and args.url and not args.dashboard_url:
+            raise SystemExit(f"--policies: {label} sets knobs, which --url cannot switch "
+                             "without --dashboard-url")
     args.policies = [p.strip().lower() for p in args.policies]
     if len(set(args.policies)) != len(args.policies):
         raise SystemExit("--policies: each policy once")
@@ -207,6 +219,15 @@ def check_args(args) -> None:
     else:
         args.load_levels = [(f"x{f:g}", f, None)
                             for f in _floats(args.loads or DEFAULT_LOADS, "--loads")]
+    values = [v for _, frac, rate in args.load_levels for v in (frac or rate,)]
+    args.run_levels = list(range(len(values)))
+    if args.only_loads:
+        wanted = _floats(args.only_loads, "--only-loads")
+        missing = [w for w in wanted if not any(abs(w - v) < 1e-9 for v in values)]
+        if missing:
+            raise SystemExit(f"--only-loads: {missing} not in the sweep's list {values}")
+        args.run_levels = [i for i, v in enumerate(values)
+                           if any(abs(w - v) < 1e-9 for w in wanted)]
     if args.duration <= 0 or args.min_requests < 1 or args.max_requests < args.min_requests:
         raise SystemExit("need --duration > 0 and 1 <= --min-requests <= --max-requests")
     if args.burstiness <= 0:

@@ -56,9 +56,14 @@ class Sweep:
     async def switch(self, url, switcher, policy: str) -> None:
         from specserve_ray.bench.control import wait_for_policy
 
+        from specserve_ray.bench.policy_labels import parse_label, switch_config
+        from specserve_ray.config import SpeculationConfig
+
         if switcher is not None:
-            await switcher.switch(policy, self.args.max_k)
-        await wait_for_policy(url, policy, timeout_s=self.args.switch_timeout)
+            defaults = {k: f.default for k, f in SpeculationConfig.model_fields.items()}
+            await switcher.apply(switch_config(policy, self.args.policies, self.args.max_k,
+                                               defaults))
+        await wait_for_policy(url, parse_label(policy)[0], timeout_s=self.args.switch_timeout)
 
     def calibrate(self, url, switcher, model, spec, arrival, max_model_len, max_num_seqs) -> dict:
         """Single-stream TTFT/TPOT of plain decoding and closed-loop capacity, this workload."""
@@ -123,7 +128,7 @@ def run(args) -> dict:
     est = estimate_seconds(args)
     n_cells = sum(len(cell_workloads(args, r)) for r in args.regimes)
     print(f"sweep: {len(args.regimes)} regime(s), {n_cells} (regime, workload) cell(s) x "
-          f"{len(args.load_levels)} rate(s) x {len(args.policies)} policies x "
+          f"{len(args.run_levels)} rate(s) x {len(args.policies)} policies x "
           f"{args.repetitions} repetition(s) (+{max(0, args.deciding_repetitions - args.repetitions)}"
           f" at {args.deciding_rates} deciding rate(s)); >= {args.min_requests} requests and "
           f">= {args.duration:.0f} s per point; estimated {est / 60:.0f} min at assumed "
@@ -152,7 +157,7 @@ def run(args) -> dict:
         prior = prior_calibration(args.calibration_from)
     t_start = time.monotonic()
     planned = sum(len(cell_workloads(args, r)) for r in args.regimes) * \
-        len(args.load_levels) * len(args.policies) * args.repetitions
+        len(args.run_levels) * len(args.policies) * args.repetitions
     bar = tqdm(total=0 if args.calibrate_only else planned, desc="runs", unit="run", position=0)
     with ClientProcess() as client:
         sweep = Sweep(args, client, PromptSource(tokenizer, args.seed), traces)
@@ -257,7 +262,7 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
             rates = [rate or frac * cal["capacity_req_s"] for _, frac, rate in args.load_levels]
             ctx = (url, switcher, model, spec, arrival, label, wi, max_model_len, synthetic,
                    rules, rates)
-            for ri in range(len(rates)):
+            for ri in args.run_levels:
                 for rep in range(args.repetitions):
                     _run_point(sweep, regime, ctx, ri, rep, report, bar)
             extra = max(0, args.deciding_repetitions - args.repetitions)
@@ -281,8 +286,9 @@ def _deciding(report, regime, label, rule, rates, args) -> list[float]:
         if r["regime"] == regime and r["workload"] == label and r["slo_scale"] == rule.scale:
             flags = st.met(report["samples"][r["run_id"]], rule)
             att.setdefault(r["policy"], {})[r["rate_req_s"]] = float(flags.mean())
+    run = [rates[i] for i in args.run_levels]
     return [r for r in agg.deciding_rates(att, args.attainment_target, args.deciding_rates)
-            if r in rates]
+            if r in run]
 
 
 def _run_point(sweep: Sweep, regime: str, ctx, ri: int, rep: int, report: dict, bar) -> None:

@@ -17,7 +17,9 @@ def checkpoint(args, report: dict) -> None:
 
 
 # Setup keys that may differ between a sweep and its resumption.
-_RESUME_FREE = ("calibration_from",)
+# Free to differ on --resume: where the calibration came from, and which rates run now
+# (a resumed sweep may add points of the same rate list).
+_RESUME_FREE = ("calibration_from", "run_levels")
 
 
 def load_resumable(path: str, setup: dict) -> dict:
@@ -44,9 +46,9 @@ def prior_calibration(path: str | None) -> dict:
 
 def sweep_setup(args) -> dict:
     keys = ("workloads", "trace_paths", "url", "dashboard_url", "regimes", "drafter",
-            "policies", "max_k", "load_levels", "burstiness", "duration", "min_requests",
-            "max_requests", "input_budget", "slo_scales", "slo_ttft_ms", "slo_tpot_ms",
-            "calibration_from", "attainment_target", "repetitions", "deciding_repetitions",
-            "deciding_rates", "warmup_requests", "synthetic_acceptance", "capacity_policy",
-            "max_num_seqs", "seed", "quick")
+            "policies", "max_k", "load_levels", "run_levels", "burstiness", "duration",
+            "min_requests", "max_requests", "input_budget", "slo_scales", "slo_ttft_ms",
+            "slo_tpot_ms", "calibration_from", "attainment_target", "repetitions",
+            "deciding_repetitions", "deciding_rates", "warmup_requests", "synthetic_acceptance",
+            "capacity_policy", "max_num_seqs", "seed", "quick")
     return {k: getattr(args, k, None) for k in keys}

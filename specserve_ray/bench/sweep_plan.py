@@ -7,6 +7,7 @@ app start and the policy profile; per cell the calibration.
 from __future__ import annotations
 
 from specserve_ray.bench import workloads as wl
+from specserve_ray.bench.policy_labels import parse_label
 
 # Fixed costs for the duration estimate (this 2-core CPU; measured on smoke runs).
 APP_START_S, CALIBRATION_S, PROFILE_S, PER_RUN_OVERHEAD_S = 40.0, 60.0, 30.0, 10.0
@@ -25,7 +26,9 @@ def point_span_s(rate: float, args) -> float:
 def cell_estimate(args, regime: str, spec, cap: float) -> float:
     """Seconds of one (regime, workload) cell's runs at capacity `cap` req/s."""
     spans = []
-    for _, frac, rate in args.load_levels:
+    for i, (_, frac, rate) in enumerate(args.load_levels):
+        if i not in args.run_levels:
+            continue
         rate = rate or frac * cap
         span = point_span_s(rate, args)
         drain = max(0.0, rate / cap - 1.0) * span      # backlog past capacity
@@ -43,7 +46,7 @@ def cell_estimate(args, regime: str, spec, cap: float) -> float:
 def estimate_seconds(args, capacity: dict | None = None) -> float:
     """Wall time of the plan: arrivals + drain + per-run overhead, app starts, calibration."""
     total = 0.0
-    adaptive = any(p.split(":")[0] in ("smartspec", "specserve") for p in args.policies)
+    adaptive = any(parse_label(p)[0] in ("smartspec", "specserve") for p in args.policies)
     for regime in args.regimes:
         total += (0.0 if args.url else APP_START_S) + (PROFILE_S if adaptive else 0.0)
         for spec, _ in cell_workloads(args, regime):
