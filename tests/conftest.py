@@ -1,6 +1,7 @@
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,28 @@ def pair():
 
     target = tiny_model("llama", seed=0)
     return target, perturbed(target, noise=0.15)
+
+
+@pytest.fixture
+def local_pair(tmp_path, monkeypatch):
+    """(target, draft) directories `ModelConfig` accepts: the embedded tiny pair, or, while
+    it is not built yet (`make train-pair`), stand-ins holding a config.json that also
+    replace the EngineConfig defaults (the offline manifest tests: only the files are under
+    test there)."""
+    import specserve_ray.config as sconfig
+
+    pair = (sconfig.EMBEDDED_TARGET, sconfig.EMBEDDED_DRAFT)
+    if all((Path(p) / "config.json").is_file() for p in pair):
+        return pair
+    standins = []
+    for role in ("target", "draft"):
+        d = tmp_path / f"standin-{role}"
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        standins.append(str(d))
+    monkeypatch.setattr(sconfig, "EMBEDDED_TARGET", standins[0])
+    monkeypatch.setattr(sconfig, "EMBEDDED_DRAFT", standins[1])
+    return tuple(standins)
 
 
 @pytest.fixture(scope="module", autouse=True)

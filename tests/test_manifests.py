@@ -7,10 +7,8 @@
   absent), and its `serveConfigV2` string as a Serve config, like the files above.
 * The other objects in k8s/ (Service, Ingress): Kubernetes' own schema, strict
   (`kubernetes-validate`, a test extra; skipped with a reason when missing).
-* Serve settings of every shipped config (`_serve_settings_problems`): Serve never holds
-  requests back before the app's own queue is full (max_ongoing_requests >= slots +
-  queue), its own queue is bounded and answers with Retry-After, request timeouts and a
-  graceful drain are set, and no fault-injection switch is on.
+* Serve settings of every shipped config (overload, timeouts, drain, fault switches):
+  test_serve_settings.py.
 
 Security of the Kubernetes objects (securityContext, token auth, secrets, exposure,
 images) is checked in test_k8s_hardening.py, the Dockerfiles in test_dockerfile.py.
@@ -18,11 +16,11 @@ images) is checked in test_k8s_hardening.py, the Dockerfiles in test_dockerfile.
 Two gaps of those validators are closed here, because both silently accept typos:
 Ray's pydantic schemas ignore unknown keys (and keep `autoscaling_config` as a plain
 dict), and the CRD schema has no `additionalProperties: false` (the API server prunes
-unknown fields instead of rejecting them). `_unknown_serve_keys` and `_unknown_k8s_fields`
-report such keys.
+unknown fields instead of rejecting them). `unknown_serve_keys` (serve_config_checks.py)
+and `_unknown_k8s_fields` report such keys.
 
 Model paths of GPU configs (e.g. /models/Llama-3.1-8B-Instruct) do not exist here and
-`ModelConfig` checks that a path holds a model; `_validate_args` swaps them for a local
+`ModelConfig` checks that a path holds a model; `validate_args` swaps them for a local
 model directory after checking that they are absolute local paths, not Hub ids.
 Nothing imports `deployments.app`.
 """
@@ -32,18 +30,15 @@ import copy
 import importlib
 import json
 import os
-import re
-import typing
 from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
 import specserve_ray.config as sconfig
 from manifest_files import (INGRESS, RAYSERVICES, ROOT, SERVE_CONFIG_OF, SERVE_CONFIGS,
-                            groups, ids, load, shipped_serve_configs)
-from specserve_ray.config import AppConfig
+                            groups, ids, load)
+from serve_config_checks import unknown_serve_keys, validate_args
 
 K8S_MANIFESTS = RAYSERVICES
 IMPORT_PATH = "deployments.app:build_app"
@@ -63,94 +58,13 @@ def test_manifests_exist():
 
 
 # --------------------------------------------------------------------------- Serve configs
-
-def _nested_model(annotation):
-    """(model class, is_list) of the pydantic model inside an annotation such as
-    Optional[M], List[M] or Union[Dict, M]; (None, False) when there is none."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation, False
-    origin = typing.get_origin(annotation)
-    for arg in typing.get_args(annotation):
-        model, many = _nested_model(arg)
-        if model is not None:
-            return model, many or origin in (list, typing.List)
-    return None, False
-
-
-def _unknown_serve_keys(model: type[BaseModel], data, where: str) -> list[str]:
-    """Keys of `data` that `model` (recursively) does not define: pydantic ignores them."""
-    if not isinstance(data, dict):
-        return []
-    fields = model.model_fields
-    by_key = {name: f for name, f in fields.items()}
-    by_key.update({f.alias: f for f in fields.values() if f.alias})
-    bad = []
-    for key, value in data.items():
-        field = by_key.get(key)
-        if field is None:
-            bad.append(f"{where}.{key}")
-            continue
-        sub, many = _nested_model(field.annotation)
-        if sub is None:
-            continue
-        if many and isinstance(value, list):
-            for i, item in enumerate(value):
-                bad += _unknown_serve_keys(sub, item, f"{where}.{key}[{i}]")
-        else:
-            bad += _unknown_serve_keys(sub, value, f"{where}.{key}")
-    return bad
-
-
-@pytest.fixture
-def local_pair(tmp_path, monkeypatch):
-    """(target, draft) directories `ModelConfig` accepts: the embedded tiny pair, or, while
-    it is not built yet (`make train-pair`), stand-ins holding a config.json that also
-    replace the EngineConfig defaults. Only the manifests are under test here."""
-    pair = (sconfig.EMBEDDED_TARGET, sconfig.EMBEDDED_DRAFT)
-    if all((Path(p) / "config.json").is_file() for p in pair):
-        return pair
-    standins = []
-    for role in ("target", "draft"):
-        d = tmp_path / f"standin-{role}"
-        d.mkdir()
-        (d / "config.json").write_text("{}")
-        standins.append(str(d))
-    monkeypatch.setattr(sconfig, "EMBEDDED_TARGET", standins[0])
-    monkeypatch.setattr(sconfig, "EMBEDDED_DRAFT", standins[1])
-    return tuple(standins)
-
-
-def _validate_args(args: dict, local_pair, where: str) -> tuple[AppConfig, dict[str, str]]:
-    """AppConfig of `args` with explicit model paths swapped for `local_pair`.
-
-    Returns the config and {role: original path}. Those paths must be absolute local
-    directories: SpecServe-Ray never downloads, and a relative path would depend on the
-    working directory of whichever Ray worker builds the app."""
-    assert isinstance(args, dict), f"{where}: args must be a mapping"
-    args = copy.deepcopy(args)
-    external = {}
-    engine = args.get("engine")
-    if isinstance(engine, dict):
-        for role, local in zip(("target", "draft"), local_pair):
-            model = engine.get(role)
-            if isinstance(model, dict) and "path" in model:
-                path = model["path"]
-                assert isinstance(path, str) and os.path.isabs(path), (
-                    f"{where}: engine.{role}.path {path!r} must be an absolute local "
-                    "directory (a pre-downloaded Hugging Face model), not a Hub id or a "
-                    "relative path")
-                external[role] = path
-                model["path"] = local
-    return AppConfig.model_validate(args), external
-
-
 def _check_serve_config(data: dict, local_pair, where: str):
     """Validate a Serve config dict; return [(app dict, AppConfig, external paths)]."""
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(data)
-    unknown = _unknown_serve_keys(ServeDeploySchema, data, where)
+    unknown = unknown_serve_keys(ServeDeploySchema, data, where)
     assert not unknown, f"keys Ray Serve would silently ignore: {unknown}"
 
     assert schema.grpc_options.grpc_servicer_functions == [GRPC_SERVICER], where
@@ -163,7 +77,7 @@ def _check_serve_config(data: dict, local_pair, where: str):
     for app_schema, app in zip(schema.applications, data["applications"]):
         at = f"{where}: app {app_schema.name!r}"
         assert app_schema.import_path == IMPORT_PATH, at
-        cfg, external = _validate_args(app.get("args") or {}, local_pair, at)
+        cfg, external = validate_args(app.get("args") or {}, local_pair, at)
 
         overrides = {d["name"]: d for d in app.get("deployments") or []}
         assert set(overrides) <= {INGRESS}, f"{at}: unknown deployments {set(overrides)}"
@@ -446,179 +360,6 @@ def test_gpu_rayservice_is_gpu_llama_yaml():
 
 def test_every_rayservice_mirrors_a_serve_config():
     assert {p.name for p in K8S_MANIFESTS} == set(SERVE_CONFIG_OF)
-
-
-# --------------------------------------------------------------------------- Serve settings
-
-FAULT_KEY = re.compile(r"fault", re.IGNORECASE)
-OFF_WORDS = {"", "0", "false", "off", "no", "none", "disabled"}
-
-
-def _is_off(value) -> bool:
-    """Whether a fault-injection switch's value leaves injection off."""
-    if value is None or value is False or value == 0:
-        return True
-    if isinstance(value, str):
-        return value.strip().lower() in OFF_WORDS
-    if isinstance(value, dict):
-        if "enabled" in value:
-            return _is_off(value["enabled"])
-        return all(_is_off(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return len(value) == 0
-    return False
-
-
-def _fault_switches_on(data, where: str = "") -> list[str]:
-    """Paths of keys named like fault injection (`fault_injection`, `faults`, ...) whose
-    value turns it on, anywhere in `data`."""
-    found = []
-    if isinstance(data, dict):
-        for key, value in data.items():
-            at = f"{where}.{key}" if where else str(key)
-            if FAULT_KEY.search(str(key)) and not _is_off(value):
-                found.append(at)
-            else:
-                found += _fault_switches_on(value, at)
-    elif isinstance(data, list):
-        for i, item in enumerate(data):
-            found += _fault_switches_on(item, f"{where}[{i}]")
-    return found
-
-
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-def _serve_settings_problems(data: dict, local_pair, where: str) -> list[str]:
-    """What a shipped Serve config gets wrong about overload, timeouts, drain and fault
-    injection; [] when nothing. Limits are read as the app reads them: args through
-    AppConfig, then the deployment's user_config (live max_num_seqs up to the cache
-    slots, max_queued_requests) and Serve's per-deployment overrides."""
-    problems = []
-    http, grpc = data.get("http_options") or {}, data.get("grpc_options") or {}
-    if not _positive(http.get("request_timeout_s")):
-        problems.append(f"{where}: http_options.request_timeout_s is not set (> 0)")
-    if grpc.get("grpc_servicer_functions") and not _positive(grpc.get("request_timeout_s")):
-        problems.append(f"{where}: grpc_options.request_timeout_s is not set (> 0)")
-    for at in _fault_switches_on(data):
-        problems.append(f"{where}: fault injection switched on at {at}")
-
-    for app in data.get("applications") or []:
-        at = f"{where}: app {app.get('name')!r}"
-        try:
-            cfg, _ = _validate_args(app.get("args") or {}, local_pair, at)
-        except ValueError as exc:       # pydantic's ValidationError included
-            problems.append(f"{at}: args rejected by AppConfig: {exc}")
-            continue
-        router = {d["name"]: d for d in app.get("deployments") or []}.get(INGRESS) or {}
-        user = router.get("user_config") or {}
-        slots = cfg.engine.limits.max_num_seqs         # live max_num_seqs may rise to it
-        live_slots = user.get("max_num_seqs", slots)
-        queue = user.get("max_queued_requests", cfg.max_queued_requests)
-        ongoing = router.get("max_ongoing_requests", cfg.max_ongoing_requests)
-        if ongoing < max(slots, live_slots) + queue:
-            problems.append(
-                f"{at}: max_ongoing_requests {ongoing} < max_num_seqs {slots} + "
-                f"max_queued_requests {queue}: Serve would queue requests the app has "
-                "room for")
-        serve_queue = router.get("max_queued_requests", -1)
-        if not (isinstance(serve_queue, int) and serve_queue >= 0):
-            problems.append(f"{at}: SpecRouter.max_queued_requests (Serve's own queue) "
-                            "is unbounded")
-        backpressure = router.get("backpressure_config") or {}
-        if not _positive(backpressure.get("retry_after_s")):
-            problems.append(f"{at}: SpecRouter.backpressure_config.retry_after_s is not "
-                            "set: Serve's refusals would carry no Retry-After")
-        for field in ("graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s"):
-            if not _positive(router.get(field)):
-                problems.append(f"{at}: SpecRouter.{field} is not set (> 0)")
-        if _positive(router.get("graceful_shutdown_wait_loop_s")) and _positive(
-                router.get("graceful_shutdown_timeout_s")) and router[
-                "graceful_shutdown_wait_loop_s"] >= router["graceful_shutdown_timeout_s"]:
-            problems.append(f"{at}: graceful_shutdown_wait_loop_s >= "
-                            "graceful_shutdown_timeout_s")
-    return problems
-
-
-SHIPPED = shipped_serve_configs()
-
-
-@pytest.mark.parametrize("name,data", SHIPPED, ids=[n for n, _ in SHIPPED])
-def test_shipped_serve_settings(name, data, local_pair):
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(data)   # every field used exists in Ray
-    assert not _unknown_serve_keys(ServeDeploySchema, data, name)
-    assert _serve_settings_problems(data, local_pair, name) == []
-    # The values Ray parsed are the ones the checks read.
-    assert schema.http_options.request_timeout_s == data["http_options"]["request_timeout_s"]
-    [router] = [d for d in schema.applications[0].deployments if d.name == INGRESS]
-    assert router.backpressure_config.retry_after_s > 0
-    assert router.graceful_shutdown_timeout_s > 0
-
-
-def _set(path: str, value):
-    """A mutation that sets a dotted path (list indexes as numbers) in a Serve config."""
-    def mutate(data):
-        *parents, last = path.split(".")
-        node = data
-        for part in parents:
-            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
-        node[last] = value
-    return mutate
-
-
-def _delete(path: str):
-    def mutate(data):
-        *parents, last = path.split(".")
-        node = data
-        for part in parents:
-            node = node[int(part)] if part.isdigit() else node[part]
-        del node[last]
-    return mutate
-
-
-ROUTER = "applications.0.deployments.0"
-SETTINGS_MUTATIONS = {
-    # name: (mutation, words the problem must contain)
-    "ongoing below slots + queue": (_set(f"{ROUTER}.max_ongoing_requests", 32),
-                                    "max_ongoing_requests 32 <"),
-    "queue raised live": (_set(f"{ROUTER}.user_config.max_queued_requests", 4096),
-                          "max_queued_requests 4096"),
-    "no http timeout": (_delete("http_options.request_timeout_s"),
-                        "http_options.request_timeout_s"),
-    "no grpc timeout": (_delete("grpc_options.request_timeout_s"),
-                        "grpc_options.request_timeout_s"),
-    "no graceful timeout": (_delete(f"{ROUTER}.graceful_shutdown_timeout_s"),
-                            "graceful_shutdown_timeout_s is not set"),
-    "no graceful loop": (_delete(f"{ROUTER}.graceful_shutdown_wait_loop_s"),
-                         "graceful_shutdown_wait_loop_s is not set"),
-    "serve queue unbounded": (_set(f"{ROUTER}.max_queued_requests", -1), "unbounded"),
-    "no retry-after": (_delete(f"{ROUTER}.backpressure_config"), "Retry-After"),
-    "fault injection on": (_set("applications.0.args.fault_injection",
-                                {"enabled": True, "worker": "draft", "step": 3}),
-                           "fault injection switched on"),
-    "faults in user_config": (_set(f"{ROUTER}.user_config.faults", "draft:stall@5"),
-                              "fault injection switched on"),
-}
-
-
-@pytest.mark.parametrize("mutation", sorted(SETTINGS_MUTATIONS))
-@pytest.mark.parametrize("name,data", SHIPPED, ids=[n for n, _ in SHIPPED])
-def test_serve_settings_checks_can_fail(name, data, mutation, local_pair):
-    """Each check above catches its fault in a copy of every shipped config."""
-    mutate, words = SETTINGS_MUTATIONS[mutation]
-    broken = copy.deepcopy(data)
-    mutate(broken)
-    problems = _serve_settings_problems(broken, local_pair, name)
-    assert any(words in p for p in problems), (mutation, problems)
-
-
-def test_fault_switch_off_values_pass():
-    assert _fault_switches_on({"args": {"fault_injection": None, "faults": [],
-                                        "x": {"fault": {"enabled": False}}}}) == []
-    assert _fault_switches_on({"a": [{"FAULTS": "on"}]}) == ["a[0].FAULTS"]
 
 
 # --------------------------------------------------------------------------- core objects
