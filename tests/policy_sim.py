@@ -6,6 +6,9 @@ every policy replays the very same random stream. Each step runs the policy's re
 protocol: `decide`, the in-loop DraftControl exactly as the draft worker applies it
 (calibrated confidences into the stop rule, raw ones in the Proposal), and
 `observe_step` on a StepPlan / StepResult built like the workers' (contracts.py).
+
+Also the surrogate laws themselves and a CostModel fitted to noisy profiles of them
+(`true_cost`, `fitted_cost`), shared by the policy tests.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import numpy as np
 import torch
 
 from specserve_ray.contracts import Proposal, StepPlan, StepResult, VerifyResult
-from specserve_ray.policy import BatchState, CostModel, padded_tokens, record_step, start_drafting
+from specserve_ray.policy import (BatchState, CostModel, Sample, padded_tokens, profile_grid,
+                                  record_step, start_drafting)
 
 
 def make_traces(batch: int, length: int, seed: int, easy=(18, 2), hard=(2, 8),
@@ -103,3 +107,36 @@ def replay(policy, truth: CostModel, batch: int, tokens_per_slot: int, seed: int
         verified_total += int(verified.sum())
         steps += 1
     return emitted / seconds, verified_total / (steps * batch)
+
+
+# Surrogate laws (seconds). Verify: v0 + v1 B + v2 tokens + v3 B L (tokens padded: B W).
+# Draft: d0 [k > 0] + k (d1 + d2 B + d3 B L).
+# Memory-bound: the verify forward barely notices extra tokens (weights dominate).
+# Compute-bound: every verified token costs 0.4 ms, so speculation stops paying at load.
+MEMORY_BOUND = ((0.020, 2e-5, 1e-5, 1e-8), (5e-4, 1.5e-3, 1e-5, 2e-9))
+COMPUTE_BOUND = ((2e-3, 1e-5, 4e-4, 2e-8), (3e-4, 3e-4, 4e-5, 1e-9))
+REGIMES = {"memory-bound": MEMORY_BOUND, "compute-bound": COMPUTE_BOUND}
+
+
+def true_cost(regime: str) -> CostModel:
+    verify, draft = REGIMES[regime]
+    return CostModel(verify, draft)
+
+
+def profiled_samples(truth: CostModel, rng: np.random.Generator, noise: float = 0.03,
+                     contexts=(256, 1024, 4096)) -> list[Sample]:
+    samples = []
+    for kind in ("verify", "draft"):
+        for batch, tokens, context in profile_grid(64, 9, contexts, kind):
+            law = truth.predict_verify if kind == "verify" else truth.predict_draft
+            seconds = float(law(batch, tokens, context)) * rng.lognormal(0.0, noise)
+            samples.append(Sample(kind, batch, tokens, context, seconds))
+    return samples
+
+
+def fitted_cost(regime: str, seed: int = 0) -> CostModel:
+    return CostModel().fit(profiled_samples(true_cost(regime), np.random.default_rng(seed)))
+
+
+def state_for(batch: int, confidence: float, context: int = 512, cap: int = 8, **kw) -> BatchState:
+    return BatchState((context,) * batch, (cap,) * batch, (confidence,) * batch, **kw)
