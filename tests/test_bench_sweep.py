@@ -1,12 +1,12 @@
 """The sweep's pure parts: workloads from a small synthetic trace, arrivals, the SLO rule,
 paired CIs, the max-rate-at-90% interpolation and its CI, deciding rates, the JSON shape
-of the conclusions, the load benchmark's summary, and the bench extra's dependencies."""
+of the conclusions, checkpoint and resume; and (slow) the whole command against a real
+local Serve app. The load benchmark's summary: test_bench_load.py; the bench extra's
+dependencies: test_bench_extra.py."""
 from __future__ import annotations
 
-import ast
 import json
 import pathlib
-import re
 import sys
 
 import numpy as np
@@ -282,96 +282,6 @@ def test_resumed_runs_are_not_run_again(tmp_path):
     assert set(report["samples"]) == {kept, "fp32/code:poisson/model/0/0/none",
                                       "fp32/code:poisson/model/0/0/specserve"}
     assert json.loads((tmp_path / "r.json").read_text())["partial"] is True
-
-
-# -- the load benchmark's summary ------------------------------------------------------------
-def test_load_summary_ratios_and_refusals():
-    from specserve_ray.bench.load import summarize, table
-
-    def rec(i, sent, chunks, error=None):
-        r = RequestRecord(i, 640, 10, sent, chunks[0] if chunks else None, chunks,
-                          chunks[-1] if chunks else None, len(chunks), error)
-        return r
-
-    single = [rec(i, 0.0, [0.2, 0.24, 0.28, 0.32]) for i in range(4)]     # gaps 40 ms
-    loaded = [rec(0, 0.0, [0.3, 0.34, 0.74, 0.78]), rec(1, 0.0, [0.6, 0.64, 0.68]),
-              rec(2, 0.0, [], error="http 503: queue full")]
-    s = summarize(single, loaded)
-    assert s["single"]["chunk_gap_p50_s"] == pytest.approx(0.04)
-    assert s["load"]["refusals"] == 1 and s["load"]["failed"] == 1
-    assert s["ratios"]["ttft_p50_vs_single"] == pytest.approx(0.45 / 0.2)
-    assert s["ratios"]["chunk_gap_p99_vs_single_median"] > 9
-    assert s["goals"]["met"] == {"chunk_gap_p99_vs_single_median": False,
-                                 "ttft_p50_vs_single": False, "ttft_p99_vs_single": True,
-                                 "refusals": False}
-    s.update({"rate_req_s": 0.7, "fraction": 0.7, "capacity_req_s": 1.0})
-    assert "refusals" in table(s)
-
-
-def test_steady_capacity_ignores_the_closed_loop_tail():
-    """2 clients, each request 1 s, then one 10 s straggler sent last: the whole-run rate
-    is dragged down by the tail, the steady window (first completion .. last send) is not."""
-    from specserve_ray.bench.load import steady_capacity
-
-    def rec(i, sent, end):
-        return RequestRecord(i, 8, 4, sent, sent + 0.1, [sent + 0.1], end, 4, None)
-
-    records = [rec(2 * j + c, float(j), float(j + 1)) for j in range(8) for c in range(2)]
-    records.append(rec(16, 8.0, 18.0))                       # the straggler, sent last
-    assert steady_capacity(records, 18.0) == pytest.approx(2.0, rel=0.15)
-    assert len([r for r in records if r.ok]) / 18.0 < 1.0      # what the whole run says
-    # Too few completions in the window: the whole-run rate.
-    assert steady_capacity(records[:2], 2.0) == pytest.approx(1.0)
-
-
-# -- the bench extra brings every bench command's dependencies -------------------------------
-def _pyproject():
-    try:
-        import tomllib
-    except ImportError:            # Python 3.10
-        tomllib = pytest.importorskip("tomli")
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
-
-
-def _dist_name(requirement: str) -> str:
-    return re.split(r"[<>=!~\[; ]", requirement, 1)[0].lower().replace("_", "-")
-
-
-# Import names that differ from their distribution's name.
-IMPORT_TO_DIST = {"yaml": "pyyaml", "google": "protobuf", "ray": "ray", "PIL": "pillow",
-                  "sklearn": "scikit-learn"}
-
-
-def _imports(path: pathlib.Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_bench_extra_covers_every_bench_command_and_no_deployments_import():
-    project = _pyproject()["project"]
-    allowed = {_dist_name(r) for r in project["dependencies"]}
-    allowed |= {_dist_name(r) for r in project["optional-dependencies"]["bench"]}
-    own = {"specserve_ray", "specserve_kernels"}
-    bench_dir = ROOT / "specserve_ray" / "bench"
-    missing = {}
-    for path in sorted(bench_dir.glob("*.py")):
-        imports = _imports(path)
-        assert "deployments" not in imports, f"{path.name} imports the deployments package"
-        for name in imports - own - set(sys.stdlib_module_names):
-            dist = IMPORT_TO_DIST.get(name, name).lower().replace("_", "-")
-            if dist not in allowed:
-                missing.setdefault(path.name, []).append(name)
-    assert not missing, f"bench modules import packages outside core + [bench]: {missing}"
-    # And the specserve_ray modules the bench commands import stay within them too.
-    from specserve_ray.bench.__main__ import COMMAND_MODULES
-    assert set(COMMAND_MODULES) == {"single", "trace", "load", "deploy"}
-    assert {"httpx", "matplotlib", "tqdm", "pyyaml"} <= allowed
 
 
 # -- smoke: the whole command against a real local Serve app ---------------------------------
