@@ -219,15 +219,14 @@ def check_args(args) -> None:
     else:
         args.load_levels = [(f"x{f:g}", f, None)
                             for f in _floats(args.loads or DEFAULT_LOADS, "--loads")]
-    values = [v for _, frac, rate in args.load_levels for v in (frac or rate,)]
+    values = [frac or rate for _, frac, rate in args.load_levels]
     args.run_levels = list(range(len(values)))
     if args.only_loads:
-        wanted = _floats(args.only_loads, "--only-loads")
-        missing = [w for w in wanted if not any(abs(w - v) < 1e-9 for v in values)]
-        if missing:
-            raise SystemExit(f"--only-loads: {missing} not in the sweep's list {values}")
-        args.run_levels = [i for i, v in enumerate(values)
-                           if any(abs(w - v) < 1e-9 for w in wanted)]
+        wanted = set(_floats(args.only_loads, "--only-loads"))
+        if wanted - set(values):
+            raise SystemExit(f"--only-loads: {sorted(wanted - set(values))} not in the "
+                             f"sweep's list {values}")
+        args.run_levels = [i for i, v in enumerate(values) if v in wanted]
     if args.duration <= 0 or args.min_requests < 1 or args.max_requests < args.min_requests:
         raise SystemExit("need --duration > 0 and 1 <= --min-requests <= --max-requests")
     if args.burstiness <= 0:

@@ -6,8 +6,8 @@ A variant runs as its own "policy" of the sweep, so two settings of one policy a
 the way policies are: on the same request sets, in the same pass, in shuffled order (an A/B
 of two checkouts run one after the other cannot separate a change from the drift between
 passes). KEY is a speculation knob the router takes live through `user_config`; a label
-without it runs with the sweep's own value, sent with every switch so a variant never
-leaks into the next run.
+without it runs with the knob's default (SpeculationConfig's), sent with every switch so a
+variant never leaks into the next run.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def parse_label(label: str) -> tuple[str, dict]:
 
 def switch_config(label: str, labels, max_k: int, defaults: dict) -> dict:
     """The user_config that switches to `label`: its policy and max k, its knobs, and for
-    every knob another label of the sweep sets, the sweep's own value (`defaults`)."""
+    every knob another label of the sweep sets, its default (`defaults`)."""
     policy, knobs = parse_label(label)
     used = {key for other in labels for key in parse_label(other)[1]}
     return {"policy": policy, "num_speculative_tokens": max_k,
