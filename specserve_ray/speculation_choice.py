@@ -152,6 +152,12 @@ class SpeculationChooser:
             return "ngram"
         return drafter
 
+    def batch_drafter(self, batch: Sequence[Request]) -> str:
+        """The label the policy decides and learns under: the rows' drafter when they
+        share one, else "model+ngram" (some rows may take the model's proposals)."""
+        drafters = {self.drafter_of(r) for r in batch}
+        return drafters.pop() if len(drafters) == 1 else "model+ngram"
+
     def _can_draft(self, req: Request) -> bool:
         return self.has_draft or self.drafter_of(req) != "model"
 
@@ -192,7 +198,8 @@ class SpeculationChooser:
             k_cap=caps,
             confidence_ema=[r.confidence_ema for r in requests],
             tpot_budget_s=budgets, tpot_slack_s=slack,
-            queue_depth=len(self._scheduler.waiting))
+            queue_depth=len(self._scheduler.waiting),
+            drafter=self.batch_drafter(requests))
         decision = policy.decide(state)
         self._decided_by, self._decision = policy, decision
         self._control = decision.control

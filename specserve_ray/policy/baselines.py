@@ -79,7 +79,7 @@ class SmartSpec(SpeculationPolicy):
     def best_k(self, state: BatchState) -> int:
         """argmax_k B (1 - a^(k+1)) / (1 - a) / T(k), goodput(0) weighted by plain_bonus."""
         batch, ks = state.batch_size, np.arange(self.max_k + 1)
-        seconds = self.cost.predict_step(batch, ks, state.max_context)
+        seconds = self.cost.predict_step(batch, ks, state.max_context, state.uses_draft_model)
         goodput = batch * expected_tokens_uniform(self.acceptance, ks) / seconds
         goodput[0] *= self.plain_bonus
         return int(np.argmax(goodput))

@@ -52,7 +52,7 @@ def predicted_goodput(cost: CostModel, state: BatchState, confidence: np.ndarray
     tokens = expected_tokens_by_depth(confidence, depth_profile, state.caps, max_k)
     # predict_step's values, from its float twin (fewer numpy calls; the same floats)
     seconds = np.array(cost.step_seconds(state.batch_size, per_row.max(axis=1).tolist(),
-                                         state.max_context))
+                                         state.max_context, state.uses_draft_model))
     return tokens, seconds, tokens.sum(axis=1) / seconds
 
 
@@ -91,9 +91,10 @@ def first_max(values: Sequence[float]) -> int:
 
 def cap_outlook(cost: CostModel, batch: int, caps: Sequence[int], context: float,
                 confidence: Sequence[float], depth_profile: Sequence[float] | None,
-                max_k: int) -> tuple[list[list[float]], list[float], list[float]]:
+                max_k: int, drafts: bool = True
+                ) -> tuple[list[list[float]], list[float], list[float]]:
     """`predicted_goodput` on floats: (tokens per request [B][K+1] (its transpose),
-    seconds [K+1], goodput [K+1])."""
+    seconds [K+1], goodput [K+1]); `drafts` as in CostModel.step_seconds."""
     profile = [1.0] * max_k if depth_profile is None else list(depth_profile)[:max_k]
     ks = range(max_k + 1)
     per_request = []
@@ -106,7 +107,7 @@ def cap_outlook(cost: CostModel, batch: int, caps: Sequence[int], context: float
             gained.append(total)
         per_request.append([1.0 + gained[k if k < cap else cap] for k in ks])
     widest = max(caps, default=0)
-    seconds = cost.step_seconds(batch, [min(k, widest) for k in ks], context)
+    seconds = cost.step_seconds(batch, [min(k, widest) for k in ks], context, drafts)
     if len(per_request) < 8:         # numpy sums fewer than 8 values left to right
         sums = [0.0] * (max_k + 1)
         for tokens in per_request:

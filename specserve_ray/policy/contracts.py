@@ -25,7 +25,8 @@ from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.efficiency import as_array, draft_mask
 from specserve_ray.policy.learned import DEFAULT_DRAFTER, LearnedState
 
-__all__ = ["BatchState", "Decision", "StepFeedback", "SpeculationPolicy", "update_confidence_ema"]
+__all__ = ["BatchState", "Decision", "StepFeedback", "SpeculationPolicy", "update_confidence_ema",
+           "uses_draft_model"]
 
 # Steps with at most this many draft confidences (and fewer than 8 per row) update the
 # confidence estimates on floats (`update_confidence_floats`), larger ones on arrays.
@@ -42,7 +43,8 @@ class BatchState:
     tpot_budget_s: tuple[float, ...] | None = None  # each request's TPOT SLO; None = no SLO
     tpot_slack_s: tuple[float, ...] | None = None   # seconds each is ahead (+) of its budget
     queue_depth: int = 0                 # requests waiting for admission
-    drafter: str = DEFAULT_DRAFTER       # whose acceptance statistics apply
+    drafter: str = DEFAULT_DRAFTER       # whose acceptance statistics apply (the rows'
+                                         # drafter; "model+ngram" when they differ)
 
     def __post_init__(self):
         for name in ("context_len", "k_cap", "confidence_ema", "tpot_budget_s", "tpot_slack_s"):
@@ -73,6 +75,12 @@ class BatchState:
         """Per-request estimates, `prior` for requests that have none yet."""
         return np.array([prior if c is None else c for c in self.confidence_ema], np.float64)
 
+    @property
+    def uses_draft_model(self) -> bool:
+        """Whether drafting costs draft-model forwards: n-gram proposals cost none (a step
+        is one target forward), so the step-time laws leave the draft out for them."""
+        return uses_draft_model(self.drafter)
+
     @cached_property
     def tightest_tpot(self) -> float:
         return min(self.tpot_budget_s, default=math.inf) if self.tpot_budget_s else math.inf
@@ -88,6 +96,7 @@ class Decision:
     probe: bool = False                   # an exploration step (k >= 1 while 0 was chosen)
     confidence: tuple[float, ...] = ()    # the per-request estimates it decided with
     context: float = 0.0                  # the batch's longest context at decision time
+    drafter: str = DEFAULT_DRAFTER        # BatchState.drafter: whose statistics it used
 
     @property
     def speculates(self) -> bool:
@@ -120,8 +129,10 @@ class StepFeedback:
         return sum(self.num_accepted) + len(self.num_accepted)
 
     @classmethod
-    def from_step(cls, plan, result, seconds: float, context: float) -> "StepFeedback":
-        """From a StepPlan and its StepResult (specserve_ray.contracts)."""
+    def from_step(cls, plan, result, seconds: float, context: float,
+                  drafter: str = DEFAULT_DRAFTER) -> "StepFeedback":
+        """From a StepPlan and its StepResult (specserve_ray.contracts); `drafter` is
+        the label the step was decided under (Decision.drafter)."""
         verify, proposal = result.verify, result.proposal
         if proposal is not None:
             drafted = _int_tuple(proposal.drafted)
@@ -139,7 +150,12 @@ class StepFeedback:
                    verify_seconds=None if plan.prefill else verify.seconds,
                    confidences=confidences,
                    batch_size=len(plan.decode_ids), context=context,
-                   had_prefill=bool(plan.prefill))
+                   had_prefill=bool(plan.prefill), drafter=drafter)
+
+
+def uses_draft_model(drafter: str) -> bool:
+    """Whether a drafter label's proposals cost draft-model forwards (all but "ngram")."""
+    return drafter != "ngram"
 
 
 def _int_tuple(values) -> tuple[int, ...]:
@@ -215,13 +231,13 @@ class SpeculationPolicy:
         confidence = state.confidence(self.learned.prior(state.drafter))
         if max(state.k_cap, default=0) <= 0:      # no row may draft (or no rows)
             return Decision((0,) * state.batch_size, confidence=tuple(confidence.tolist()),
-                            context=state.max_context)
+                            context=state.max_context, drafter=state.drafter)
         ks, control, probe = self._decide(state, confidence)
         ks = _int_tuple(ks)
         if not any(ks):
             control = None
         return Decision(ks, None if control is None or control.is_trivial else control, probe,
-                        tuple(confidence.tolist()), state.max_context)
+                        tuple(confidence.tolist()), state.max_context, state.drafter)
 
     def _decide(self, state: BatchState, confidence: np.ndarray
                 ) -> tuple[Sequence[int], DraftControl | None, bool]:
@@ -244,7 +260,8 @@ class SpeculationPolicy:
                      confidence: Sequence[float | None]) -> list[float]:
         """Learn from one applied decode step; the rows' updated confidence estimates."""
         context = decision.context if decision is not None else 0.0
-        feedback = StepFeedback.from_step(plan, result, seconds, context)
+        drafter = decision.drafter if decision is not None else DEFAULT_DRAFTER
+        feedback = StepFeedback.from_step(plan, result, seconds, context, drafter)
         self.learned.observe(feedback)
         prior = self.learned.prior(feedback.drafter)
         current = [prior if c is None else c for c in confidence]

@@ -213,9 +213,10 @@ class CostModel:
         return self.draft_overhead + sum(max((d1 + d2 * n + d3 * n * context) * scale, _MIN_SECONDS)
                                          for n in steps)
 
-    def predict_step(self, batch, num_draft, context):
-        """Seconds of a step where every request drafts `num_draft` tokens, then verifies."""
-        draft = self.predict_draft(batch, num_draft, context) if self.has_draft else 0.0
+    def predict_step(self, batch, num_draft, context, drafts: bool = True):
+        """Seconds of a step where every request drafts `num_draft` tokens, then verifies.
+        `drafts=False`: the tokens cost no draft forward (n-gram proposals)."""
+        draft = self.predict_draft(batch, num_draft, context) if self.has_draft and drafts else 0.0
         return draft + self.step_overhead + self.predict_verify(
             batch, np.asarray(batch) * (np.asarray(num_draft) + 1), context)
 
@@ -237,14 +238,16 @@ class CostModel:
             if batch > 0 else 0.0
         return max(d0, 0.0) * scale + float(steps) * per_step
 
-    def step_seconds(self, batch: int, widths: Sequence[int], context: float) -> list[float]:
-        """`predict_step(batch, w, context)` for each uniform draft width w, as floats.
-        The terms that do not depend on w are evaluated once, as the same partial sums."""
+    def step_seconds(self, batch: int, widths: Sequence[int], context: float,
+                     drafts: bool = True) -> list[float]:
+        """`predict_step(batch, w, context, drafts)` for each uniform draft width w, as
+        floats. The terms that do not depend on w are evaluated once, as the same partial
+        sums."""
         v0, v1, v2, v3, v4 = self.verify_coef
         start, per_context = v0 + v1 * batch, v3 * batch * context
         scale, overhead = self.scale["verify"], self.step_overhead
         draft_call = draft_step = 0.0
-        if self.draft_coef is not None:
+        if self.draft_coef is not None and drafts:
             d0, d1, d2, d3 = self.draft_coef
             d_scale = self.scale["draft"]
             draft_call = max(d0, 0.0) * d_scale

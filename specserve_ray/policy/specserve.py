@@ -39,7 +39,8 @@ import numpy as np
 
 from specserve_ray.policy.cap_goodput import (best_cap, cap_outlook, predicted_goodput,
                                               slo_feasible_k)
-from specserve_ray.policy.contracts import BatchState, Decision, SpeculationPolicy, StepFeedback
+from specserve_ray.policy.contracts import (BatchState, Decision, SpeculationPolicy, StepFeedback,
+                                            uses_draft_model)
 from specserve_ray.policy.control import DraftControl
 from specserve_ray.policy.cost_model import CostModel
 
@@ -79,7 +80,7 @@ class SpecServe(SpeculationPolicy):
     def choose_cap(self, state: BatchState, confidence: np.ndarray) -> int:
         """The uniform cap k for this step (0 = plain decoding)."""
         max_k = min(max(max(state.k_cap, default=0), 0), self.max_k)
-        if max_k <= 0 or not self.cost.has_draft:
+        if max_k <= 0 or (state.uses_draft_model and not self.cost.has_draft):
             return 0
         # Deeper draft tokens are accepted less often than the first (the draft drifts):
         # the measured acceptance per depth shapes each request's expected tokens.
@@ -111,7 +112,7 @@ class SpecServe(SpeculationPolicy):
         cost = self.cost.reference() if self.correct_goodput else self.cost
         tokens, seconds, goodput = cap_outlook(cost, batch, [max(c, 0) for c in state.k_cap],
                                                state.max_context, confidence.tolist(),
-                                               depth, max_k)
+                                               depth, max_k, state.uses_draft_model)
         if self.correct_goodput:
             factors = self.learned.goodput.factors(batch, max_k).tolist()
             goodput = [g * f for g, f in zip(goodput, factors)]
@@ -177,7 +178,8 @@ class SpecServe(SpeculationPolicy):
                 or len(decision.max_k) != len(feedback.num_accepted)):
             return False
         batch, k = len(decision.max_k), max(decision.max_k)
-        predicted = self.cost.reference().step_seconds(batch, [k], decision.context)[0]
+        predicted = self.cost.reference().step_seconds(batch, [k], decision.context,
+                                                       uses_draft_model(decision.drafter))[0]
         goodput = self.learned.goodput
         before = goodput.factor(batch, k)
         goodput.observe(batch, k, 1.0 / predicted, 1.0 / feedback.step_seconds)
