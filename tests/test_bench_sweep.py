@@ -140,6 +140,33 @@ def test_paired_difference_ci():
         st.paired_difference(np.zeros(2), np.zeros(3))
 
 
+def test_ci_over_repetitions_widens_with_pass_to_pass_spread():
+    rng = np.random.default_rng(1)
+    # Two passes of 60 requests that disagree (a queue formed in one): 0.95 vs 0.55 met.
+    passes = [(rng.random(60) < 0.95).astype(float), (rng.random(60) < 0.55).astype(float)]
+    pooled = st.bootstrap_mean_ci(np.concatenate(passes))
+    clustered = st.repetitions_mean_ci(passes)
+    assert clustered[1] - clustered[0] > 1.5 * (pooled[1] - pooled[0])
+    # Passes that agree keep about the requests' CI; one pass is exactly it.
+    alike = [(rng.random(60) < 0.8).astype(float) for _ in range(3)]
+    lo, hi = st.repetitions_mean_ci(alike)
+    plo, phi = st.bootstrap_mean_ci(np.concatenate(alike))
+    assert hi - lo == pytest.approx(phi - plo, rel=0.5)
+    assert st.repetitions_mean_ci(passes[:1]) == st.bootstrap_mean_ci(passes[0])
+    # Paired differences resample the same way.
+    d = st.paired_difference_by_repetition(passes, [np.full(60, 0.75)] * 2)
+    assert d["n_pairs"] == 120 and d["ci95"][0] < 0 < d["ci95"][1]
+
+
+def test_max_rate_ci_counts_repetitions():
+    rng = np.random.default_rng(2)
+    steady = {1.0: [rng.random(60) < 0.99], 2.0: [rng.random(60) < 0.93 for _ in range(3)],
+              3.0: [rng.random(60) < 0.5]}
+    split = {**steady, 2.0: [rng.random(60) < p for p in (0.99, 0.99, 0.8)]}
+    narrow, wide = st.max_rate_at(steady), st.max_rate_at(split)
+    assert np.diff(wide["ci95"])[0] > np.diff(narrow["ci95"])[0]
+
+
 def test_crossing_rate_interpolation_and_bounds():
     assert st.crossing_rate([1, 2, 3], [1.0, 0.95, 0.85]) == (pytest.approx(2.5), "interpolated")
     assert st.crossing_rate([3, 1, 2], [0.85, 1.0, 0.95])[0] == pytest.approx(2.5)   # unsorted

@@ -1,7 +1,8 @@
 """From a sweep's `runs` and per-request `samples` to its conclusions (pure).
 
 - `max_rate_at_90`: per (regime, workload, drafter, slo_scale, policy), the highest request
-  rate with >= 90% SLO attainment, with a bootstrap CI over requests (stats.max_rate_at);
+  rate with >= 90% SLO attainment, with a bootstrap CI (stats.max_rate_at; every CI here
+  resamples repetitions, where a rate has several, and then requests within them);
 - `paired`: at every rate, each policy against a reference policy on the same requests: the
   mean paired difference of SLO attainment (and of TPOT in ms) with its 95% CI;
 - `curves`: attainment and goodput per rate with 95% CIs, for the plots' bands;
@@ -68,19 +69,18 @@ def paired(runs: list[dict], samples: dict, reference: str, n_boot: int = 2000,
             common = sorted(set(ref) & set(reps))
             if not common:
                 continue
-            a_met, b_met, a_tpot, b_tpot = [], [], [], []
+            a_met, b_met, a_tpot, b_tpot = [], [], [], []     # one entry per repetition
             for rep in common:
                 ra, rb = ref[rep], reps[rep]
                 oa, ob = _outcomes(samples, ra), _outcomes(samples, rb)
                 if len(oa) != len(ob):
                     raise ValueError(f"unpaired request sets at {point}, repetition {rep}")
-                a_met.append(st.met(oa, _rule(ra)))
-                b_met.append(st.met(ob, _rule(rb)))
-                a_tpot += [np.nan if o is None or o[1] is None else o[1] * 1e3 for o in oa]
-                b_tpot += [np.nan if o is None or o[1] is None else o[1] * 1e3 for o in ob]
-            att = st.paired_difference(np.concatenate(a_met).astype(float),
-                                       np.concatenate(b_met).astype(float), n_boot, seed)
-            tpot = st.paired_difference(np.array(a_tpot), np.array(b_tpot), n_boot, seed)
+                a_met.append(st.met(oa, _rule(ra)).astype(float))
+                b_met.append(st.met(ob, _rule(rb)).astype(float))
+                a_tpot.append([np.nan if o is None or o[1] is None else o[1] * 1e3 for o in oa])
+                b_tpot.append([np.nan if o is None or o[1] is None else o[1] * 1e3 for o in ob])
+            att = st.paired_difference_by_repetition(a_met, b_met, n_boot, seed)
+            tpot = st.paired_difference_by_repetition(a_tpot, b_tpot, n_boot, seed)
             out.append({**dict(zip(CELL_KEYS, point[:-1])), "rate_req_s": point[-1],
                         "reference": reference, "policy": policy, "repetitions": len(common),
                         "attainment_diff": att, "tpot_ms_diff": tpot})
@@ -94,11 +94,12 @@ def curves(runs: list[dict], samples: dict, n_boot: int = 1000, seed: int = 0) -
         groups[_cell(r) + (r["policy"], r["rate_req_s"])].append(r)
     out = []
     for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        flags = np.concatenate([st.met(_outcomes(samples, r), _rule(r)) for r in rs])
+        per_rep = [st.met(_outcomes(samples, r), _rule(r)) for r in rs]
+        flags = np.concatenate(per_rep)
         # Goodput pools repetitions as requests meeting the SLO per second of run time.
         duration = sum(r["duration_s"] for r in rs)
-        att_ci = st.bootstrap_mean_ci(flags.astype(float), n_boot, seed)
-        gp_ci = st.goodput_ci(flags, duration, n_boot, seed)
+        att_ci = st.repetitions_mean_ci([f.astype(float) for f in per_rep], n_boot, seed)
+        gp_ci = tuple(x * flags.size / duration for x in att_ci)
         out.append({**dict(zip(CELL_KEYS, key[:-2])), "policy": key[-2], "rate_req_s": key[-1],
                     "repetitions": len(rs), "attainment": float(flags.mean()),
                     "attainment_ci95": list(att_ci), "goodput_req_s": flags.sum() / duration,
