@@ -58,7 +58,7 @@ PRESETS = {
 DEFAULTS = dict(target_shape="512,8,8,1376", draft_shape="192,1,3,512", target_tokens=6_000_000,
                 target_seq=256, target_batch=16, target_lr=2e-3, gen_count=2048, gen_prompt=64,
                 gen_new=192, gen_batch=64, gen_greedy=0.5, draft_tokens=3_000_000, draft_batch=32,
-                draft_lr=3e-3, kl_weight=0.8, gen_fraction=0.75, eval_windows=200, eval_prompts=32,
+                draft_lr=3e-3, kl_weight=0.8, gen_fraction=0.75, copy_fraction=0.0, eval_windows=200, eval_prompts=32,
                 eval_new=64, ckpt_every=200, warmup=100)
 
 
@@ -201,7 +201,8 @@ def spec_for(p: Pair, role: str) -> TrainSpec:
     a = p.args
     if role == "target":
         return TrainSpec(tokens=a.target_tokens, seq=a.target_seq, batch=a.target_batch, lr=a.target_lr,
-                         warmup=a.warmup, device=a.device, precision=a.precision, seed=a.seed,
+                         warmup=a.warmup, copy_fraction=a.copy_fraction, device=a.device,
+                         precision=a.precision, seed=a.seed,
                          ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
                          fit_minutes=a.target_fit_minutes)
     return TrainSpec(tokens=a.draft_tokens, seq=a.gen_prompt + a.gen_new - 1, batch=a.draft_batch,
@@ -215,9 +216,13 @@ def stage_target(p: Pair):
     torch.manual_seed(a.seed)
     model = llama(len(p.tokenizer), a.target_shape, p.tokenizer.eos_token_id)
     spec = spec_for(p, "target")
-    res = train(model, stream_batches(p.stream("train"), spec.seq, spec.batch, spec.seed), spec,
-                ckpt=a.work / "target.ckpt", resume=a.resume)
-    res.update(shape=a.target_shape, params=sum(t.numel() for t in model.parameters()))
+    # --copy-fraction: rows that show a span twice, so the target learns to copy (loop.py).
+    separator = torch.tensor(p.tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    batches = stream_batches(p.stream("train"), spec.seq, spec.batch, spec.seed,
+                             spec.copy_fraction, separator)
+    res = train(model, batches, spec, ckpt=a.work / "target.ckpt", resume=a.resume)
+    res.update(shape=a.target_shape, params=sum(t.numel() for t in model.parameters()),
+               copy_fraction=spec.copy_fraction)
     p.report["target"] = res
     if res["done"]:
         save(model, p.tokenizer, a.out / "target")

@@ -116,6 +116,28 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
               TrainSpec(**{**spec.__dict__, "lr": 5e-3}), ckpt=ckpt, resume=True, log=lambda s: None)
 
 
+def test_copy_rows_show_a_span_twice_and_leave_the_other_rows_alone():
+    stream = torch.arange(10_000) % 997          # distinct ids within any 300-token window
+    sep = torch.tensor([998, 999])
+    seq, batch = 64, 8
+    plain = stream_batches(stream, seq, batch, seed=5)
+    copies = stream_batches(stream, seq, batch, seed=5, copy_fraction=0.5, separator=sep)
+    for step in range(3):
+        x0, y0, _ = plain(step)
+        x1, y1, _ = copies(step)
+        assert torch.equal(x1[4:], x0[4:]) and torch.equal(y1[4:], y0[4:])   # 4 copy rows
+        assert x1.shape == x0.shape and torch.equal(x1[:, 1:], y1[:, :-1])
+        rows = torch.cat([x1[:4], y1[:4, -1:]], dim=1)               # [4, seq + 1]
+        half = (seq + 1 - 2) // 2
+        for row in rows.tolist():
+            first, tail = row[:half], row[half + 2:]
+            assert row[half:half + 2] == [998, 999]
+            # The repeat starts inside the span's first quarter and runs on past its end.
+            offset = first.index(tail[0])
+            assert offset < half // 4 and tail[:half - offset] == first[offset:]
+            assert tail[half - offset] == (first[-1] + 1) % 997
+
+
 def test_recipe_end_to_end_at_toy_size(tmp_path):
     """corpus pack -> target -> generate -> draft -> eval, then load as a Hugging Face pair."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,9 +155,10 @@ def test_recipe_end_to_end_at_toy_size(tmp_path):
                                 "text": (root / rel).read_text()}) + "\n")
     out = tmp_path / "pair"
     assert mod.main(["--preset", "smoke", "--corpus", str(pack), "--out", str(out), "--threads", "1",
-                     "--precision", "fp32"]) == 0
+                     "--precision", "fp32", "--copy-fraction", "0.25"]) == 0
     report = json.loads((out / "TRAINING.json").read_text())
     assert report["target"]["done"] and report["draft"]["done"]
+    assert report["target"]["copy_fraction"] == 0.25
     assert report["generate"]["sequences"] == 16
     assert 0.0 <= report["eval"]["held_out_stdlib"]["agreement"] <= 1.0
     assert set(report["eval"]["along_target_greedy"]["tokens_per_step"]) == {"1", "4", "8"}

@@ -28,6 +28,7 @@ class TrainSpec:
     lr: float = 2e-3
     warmup: int = 100
     kl_weight: float = 0.0      # > 0 with a teacher: kl_weight * KL + (1 - kl_weight) * CE
+    copy_fraction: float = 0.0  # share of rows showing a span twice (stream_batches)
     device: str = "cpu"
     precision: str = "fp32"     # fp32 | bf16 (autocast)
     seed: int = SEED
@@ -58,14 +59,35 @@ def step_generator(seed: int, step: int, device: str = "cpu") -> torch.Generator
     return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
 
 
-def stream_batches(stream: torch.Tensor, seq: int, batch: int, seed: int) -> BatchFn:
-    """Random windows of a token stream ([N] long tensor, on the training device)."""
+def stream_batches(stream: torch.Tensor, seq: int, batch: int, seed: int,
+                   copy_fraction: float = 0.0, separator: torch.Tensor | None = None) -> BatchFn:
+    """Random windows of a token stream ([N] long tensor, on the training device).
+
+    With `copy_fraction` > 0 that share of the rows shows a span twice: half a row of
+    text, `separator` ([S] ids), then the same text again from a random offset in its
+    first quarter, running on past the span's end. Past its first token the repeat is
+    predictable only by finding where the current tokens occurred before (an induction
+    copy), the skill an edit (a function shown, then its first line again) and prompt
+    lookup rely on, which a small model does not pick up from plain text alone. Rows with
+    copies come first in the batch; the batch (and so the schedule) is unchanged in size.
+    """
     n = stream.numel() - seq - 1
     offsets = torch.arange(seq + 1, device=stream.device)
+    n_copy = int(round(batch * copy_fraction)) if separator is not None else 0
+    sep = separator.to(stream.device) if separator is not None else None
+    half = (seq + 1 - (sep.numel() if sep is not None else 0)) // 2
+    tail = seq + 1 - half - (sep.numel() if sep is not None else 0)
 
     def fn(step: int):
-        starts = torch.randint(0, n, (batch,), generator=step_generator(seed, step)).to(stream.device)
+        g = step_generator(seed, step)
+        starts = torch.randint(0, n, (batch,), generator=g).to(stream.device)
         chunk = stream[starts[:, None] + offsets]
+        if n_copy:
+            shift = torch.randint(0, max(1, half // 4), (n_copy,), generator=g).to(stream.device)
+            first = stream[starts[:n_copy, None] + offsets[:half]]
+            again = stream[(starts[:n_copy] + shift)[:, None] + offsets[:tail]]
+            chunk = chunk.clone()
+            chunk[:n_copy] = torch.cat([first, sep.expand(n_copy, -1), again], dim=1)
         return chunk[:, :-1], chunk[:, 1:], None
     return fn
 
@@ -110,8 +132,8 @@ def train(model, batch_fn: BatchFn, spec: TrainSpec, *, teacher=None, ckpt: Path
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=spec.device, weights_only=False)
         saved = state["spec"]
-        for key in ("tokens", "seq", "batch", "lr", "warmup", "kl_weight", "seed"):
-            if saved[key] != getattr(spec, key):
+        for key in ("tokens", "seq", "batch", "lr", "warmup", "kl_weight", "seed", "copy_fraction"):
+            if saved.get(key, 0.0) != getattr(spec, key):
                 raise SystemExit(f"--resume: checkpoint {ckpt} has {key}={saved[key]}, "
                                  f"this run asks {getattr(spec, key)}; drop --resume to restart")
         model.load_state_dict(state["model"])
