@@ -50,8 +50,9 @@ PRESETS = {
                   target_seq=64, target_batch=8, gen_count=16, gen_prompt=16, gen_new=16,
                   gen_batch=8, draft_tokens=4096, draft_batch=8, eval_windows=8, eval_prompts=4,
                   eval_new=16, ckpt_every=2, warmup=2),
-    "cpu": dict(target_tokens=6_000_000, target_seq=256, target_batch=16, gen_count=2048,
-                gen_prompt=64, gen_new=192, gen_batch=64, draft_tokens=3_000_000, draft_batch=32),
+    "cpu": dict(target_tokens=6_000_000, target_seq=256, target_batch=16, gen_count=4096,
+                gen_prompt=64, gen_new=192, gen_batch=64, draft_tokens=8_000_000, draft_batch=32,
+                gen_fraction=0.6),
     "gpu": dict(target_tokens=48_000_000, target_seq=256, target_batch=128, gen_count=16384,
                 gen_prompt=64, gen_new=192, gen_batch=1024, draft_tokens=24_000_000, draft_batch=128),
 }
