@@ -111,3 +111,23 @@ def test_lean_llama_draft_forward_matches_hf():
     torch.testing.assert_close(got[0], want_a, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[1, :5], want_b, rtol=1e-4, atol=1e-4)
     assert lean_llama_or_none(load_causal_lm(ModelConfig(path=EMBEDDED_DRAFT))[0]) is not None
+
+
+def test_lean_llama_rotary_table_grows_and_one_token_rows_skip_the_mask():
+    """Positions past the first rotary table (256 rows) and the unmasked one-token path
+    (rows of equal length) give the same logits as Hugging Face's forward."""
+    from specserve_ray.config import EMBEDDED_DRAFT
+
+    model = load_causal_lm(ModelConfig(path=EMBEDDED_DRAFT, dtype="float32"))[0]
+    runner = ModelRunner(model, 2, 600, prepack=False)
+    assert runner.use_lean_forward()
+    ids = torch.randint(1, 4000, (2, 303), generator=torch.Generator().manual_seed(5)).tolist()
+    runner.add("a"), runner.add("b")
+    runner.forward(["a", "b"], [ids[0][:300], ids[1][:300]], all_logits=False)
+    steps = [runner.forward(["a", "b"], [[ids[0][i]], [ids[1][i]]], all_logits=False)
+             for i in range(300, 303)]                               # [2, V] each, no mask
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor(ids)).logits[:, 300:]     # [2, 3, V]
+    for i, got in enumerate(steps):
+        torch.testing.assert_close(got, want[:, i], rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want[:, i].argmax(-1))

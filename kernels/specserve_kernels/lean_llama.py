@@ -3,8 +3,10 @@
 Why: the embedded draft (hidden 128, 1 layer) costs ~0.56 ms per Hugging Face forward
 for ~2 MFLOP; a profile is all eager dispatch (mask preprocessing, rotary module,
 per-projection linears, cache bookkeeping). This forward does the same math with
-fused q/k/v and gate/up projections stored transposed, the rotary table computed once per call, and
-the runner's boolean mask and slot cache used as is: roughly half the ops.
+fused q/k/v and gate/up projections stored transposed, a rotary table computed once per
+position (queries and keys rotated in one op), a fused RMSNorm, and the runner's boolean
+mask and slot cache used as is: roughly a third of the ops. (Table + fused norm measured
+297 -> 270 us per one-token forward of the embedded draft, 2 threads, AMD EPYC.)
 
 It is used for drafts only: a draft's numerics never affect what is emitted (the target
 verifies every token), so a last-bit difference from Hugging Face costs nothing there,
@@ -43,6 +45,9 @@ class LeanLlama:
         self.final_norm = inner.norm.weight
         self.inv_freq = inner.rotary_emb.inv_freq                       # [D/2]
         self.rope_scale = float(inner.rotary_emb.attention_scaling)
+        # Rows of the rotary table by position, grown on demand: cos [P, D] and
+        # sin [P, D] with the rotate-half sign folded in (see _rope).
+        self._cos = self._sin = None
         self.layers = []
         with torch.no_grad():
             for layer in inner.layers:
@@ -59,25 +64,41 @@ class LeanLlama:
             self.head_t = _t(model.lm_head.weight)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if _rms_norm is not None and x.dtype == weight.dtype:
+            return _rms_norm(x, (x.shape[-1],), weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * xf.to(x.dtype)
 
+    def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype, needed: int | None):
+        """cos, signed sin [B, T, 1, D] for these positions (one index op each);
+        `needed` > every position (the caller knows it; reading it here would sync a GPU)."""
+        if needed is None:
+            needed = int(position_ids.max()) + 1
+        if self._cos is None or self._cos.shape[0] < needed or self._cos.dtype != dtype:
+            size = max(needed, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            freqs = (torch.arange(size, device=self.inv_freq.device).float().unsqueeze(-1)
+                     * self.inv_freq.float())                              # [P, D/2]
+            cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
+            self._cos = torch.cat([cos, cos], -1).to(dtype)
+            self._sin = torch.cat([-sin, sin], -1).to(dtype)
+        return self._cos[position_ids].unsqueeze(2), self._sin[position_ids].unsqueeze(2)
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor,      # [B, T] int64
                  position_ids: torch.Tensor,         # [B, T] int64
-                 mask: torch.Tensor,                 # [B, 1, T, KV] bool, True = attend
-                 cache, last_only: bool = False) -> torch.Tensor:  # [B, T or 1, V]
+                 mask: torch.Tensor | None,          # [B, 1, T, KV] bool, True = attend
+                 cache, last_only: bool = False,
+                 num_positions: int | None = None) -> torch.Tensor:  # [B, T or 1, V]
         b, t = input_ids.shape
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(input_ids, self.embed)                            # [B, T, E]
-        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq       # [B, T, D/2]
-        cos = (freqs.cos() * self.rope_scale).to(x.dtype).unsqueeze(1)    # [B, 1, T, D/2]
-        sin = (freqs.sin() * self.rope_scale).to(x.dtype).unsqueeze(1)
+        cos, sin = self._rotary(position_ids, x.dtype, num_positions)     # [B, T, 1, D]
         for idx, (n1, qkv_w, o_w, n2, gu_w, down_w, scale) in enumerate(self.layers):
-            qkv = torch.matmul(self._norm(x, n1), qkv_w).view(b, t, h + 2 * kvh, d).transpose(1, 2)
-            q, k, v = qkv.split([h, kvh, kvh], dim=1)                    # [B, heads, T, D]
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            qkv = torch.matmul(self._norm(x, n1), qkv_w).view(b, t, h + 2 * kvh, d)
+            qk = _rope(qkv[:, :, :h + kvh], cos, sin)                      # q and k heads at once
+            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)   # [B, heads, T, D]
+            v = qkv[:, :, h + kvh:].transpose(1, 2)
             keys, values = cache.update(k, v, idx)
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                                  enable_gqa=kvh != h)
@@ -96,6 +117,11 @@ def _t(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # HF's rotate-half convention: pairs are (i, i + D/2).
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    # HF's rotate-half convention, pairs (i, i + D/2): x * cos + rotate_half(x) * sin, with
+    # rotate_half's minus sign already in the first half of `sin`.
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+# torch >= 2.4 has a fused RMSNorm; the explicit form is the fallback.
+_rms_norm = getattr(F, "rms_norm", None)

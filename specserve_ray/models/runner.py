@@ -191,9 +191,17 @@ class ModelRunner:
         slots = [seqs[i].slot for i in order]
         cache_lens = [seqs[i].cache_len for i in order]
         t_max = batch.input_ids.shape[1]
-        # A boolean mask: SDPA applies it as is (no float mask to build and add).
-        position_ids, mask, kv_len = positions_and_mask(
-            torch.tensor(cache_lens), batch.num_tokens, t_max, torch.bool, self.sliding_window)
+        if (self._lean is not None and t_max == 1 and self.sliding_window is None
+                and min(cache_lens) == max(cache_lens)):
+            # One new token per row, every row as long: each sees all the columns read,
+            # so no mask at all (a draft step at batch 1: ~35 us less per token).
+            position_ids = torch.full((len(order), 1), cache_lens[0], dtype=torch.long)
+            mask, kv_len = None, cache_lens[0] + 1
+        else:
+            # A boolean mask: SDPA applies it as is (no float mask to build and add).
+            position_ids, mask, kv_len = positions_and_mask(
+                torch.tensor(cache_lens), batch.num_tokens, t_max, torch.bool,
+                self.sliding_window)
         self.cache.plan(slots, cache_lens, t_max, kv_len)
         kwargs = {self._cache_kw: self.cache, "use_cache": True}
         uniform = batch.flat_token_ids.numel() == t_max * len(order)   # no padded positions
@@ -202,8 +210,8 @@ class ModelRunner:
         start = time.perf_counter()
         if self._lean is not None:
             logits = self._lean(batch.input_ids.to(self.device), position_ids.to(self.device),
-                                mask.to(self.device), self.cache,
-                                last_only="logits_to_keep" in kwargs)
+                                None if mask is None else mask.to(self.device), self.cache,
+                                last_only="logits_to_keep" in kwargs, num_positions=kv_len)
         else:
             logits = self.model(
                 input_ids=batch.input_ids.to(self.device),
