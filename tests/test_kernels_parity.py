@@ -241,6 +241,15 @@ def test_pack_ragged_matches_reference(seed, batch_size):
     assert packed.max_tokens == max(len(tokens) for tokens in token_lists)
 
 
+@pytest.mark.parametrize("token_lists", [[[5]], [[3], [9], [4]], [[2, 7], [1, 1]]],
+                         ids=["one_token", "one_token_rows", "uniform_rows"])
+def test_pack_ragged_fast_shapes_match_reference(token_lists):
+    packed = pack_ragged(token_lists, pad_id=0)
+    expected = pack_ragged_reference(token_lists, pad_id=0)
+    for field in ("input_ids", "num_tokens", "cu_seqlens", "flat_token_ids"):
+        assert torch.equal(getattr(packed, field), getattr(expected, field)), field
+
+
 @pytest.mark.parametrize(
     "token_lists", [[[1, 2], []], [[]], []], ids=["second_empty", "only_empty", "no_rows"]
 )

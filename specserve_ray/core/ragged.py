@@ -39,6 +39,12 @@ def pack_ragged(token_lists: list[list[int]], pad_id: int) -> RaggedBatch:
         raise ValueError(f"pack_ragged: row {row_lengths.index(0)} is empty")
 
     width = max(row_lengths)
+    if width == 1:
+        # One token per row (every draft step after the first): the cheapest shapes.
+        flat = torch.tensor([tokens[0] for tokens in token_lists], dtype=torch.long)
+        num_tokens = torch.ones(len(token_lists), dtype=torch.long)
+        return RaggedBatch(flat.unsqueeze(1), num_tokens,
+                           torch.arange(len(token_lists) + 1, dtype=torch.long), flat)
     if min(row_lengths) == width:
         # Every row the same length (batch 1, a draft step, uniform verify): no padding,
         # so skip the scatter below; this runs once per forward, a few ops matter.

@@ -148,7 +148,9 @@ class DraftWorker:
         progress = start_drafting(num_draft) if control is not None else None
         drafted_width = 0
         if rows:
-            temperature, top_k, top_p = sampling_tensors([s.sampling for s in seqs])
+            temperature = top_k = top_p = None
+            if any(needs_probs):
+                temperature, top_k, top_p = sampling_tensors([s.sampling for s in seqs])
             active = list(range(len(rows)))   # positions in `rows` still drafting
             step_feed = [feeds[i] for i in rows]
             for j in range(max_k):
