@@ -84,8 +84,11 @@ class SpeculationConfig(_Strict):
                              "`drafter`.")
     prompt_lookup_max: int = Field(4, ge=1, le=32, description="Longest suffix n-gram the "
                                    "n-gram drafter matches (tried first).")
-    prompt_lookup_min: int = Field(2, ge=1, le=32, description="Shortest suffix n-gram "
-                                   "that counts as a match (shorter: no n-gram proposal).")
+    prompt_lookup_min: int = Field(1, ge=1, le=32, description="Shortest suffix n-gram "
+                                   "that counts as a match (shorter: no n-gram proposal). "
+                                   "1 measured best (scripts/study_ngram.py; README); "
+                                   "weak matches are priced by their own observed "
+                                   "acceptance per match length.")
     yield_to_prompts: bool = Field(False, description="specserve only, with SLO classes "
                                    "that set ttft_s: drafted tokens take only the part of "
                                    "the step budget waiting prompts do not need to meet "

@@ -13,7 +13,7 @@ from specserve_ray.bench.args import add_arguments, check_args
 from specserve_ray.bench.policy_labels import parse_label, switch_config
 from specserve_ray.bench.sweep_plan import estimate_seconds
 
-DEFAULTS = {"yield_to_prompts": False, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+DEFAULTS = {"yield_to_prompts": False, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
 
 
 def test_parse_label():

@@ -30,7 +30,7 @@ def _median(xs):
 
 
 def time_engine(engine: SpecEngine, prompts, new_tokens: int, k: int, drafter: str = "model",
-                lookup: tuple[int, int] = (2, 4)):
+                lookup: tuple[int, int] = (1, 4)):
     engine.speculation = SpeculationConfig(num_speculative_tokens=k, drafter=drafter,
                                            prompt_lookup_min=lookup[0],
                                            prompt_lookup_max=lookup[1])
@@ -334,7 +334,7 @@ def add_parser(sub):
                    choices=["model", "ngram", "model+ngram"])
     p.add_argument("--prompt-set", nargs="+", default=list(PROMPT_SETS), choices=PROMPT_SETS)
     p.add_argument("--ks", type=int, nargs="*", help="the static k values (default 1..max-k)")
-    p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--prompt-lookup-min", type=int, default=1)
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3,
