@@ -189,6 +189,41 @@ def test_max_rate_ci_over_requests():
 
 
 # -- aggregation and the JSON contract -------------------------------------------------------
+
+def test_ttft_curve_is_monotone_interpolated_and_extrapolated():
+    # Repeats at one length -> their median; a dip from noise is flattened.
+    curve = st.monotone_curve([(100, 0.10), (100, 0.14), (100, 0.12), (400, 0.30),
+                               (250, 0.28), (250, 0.26)])
+    assert curve == ((100.0, 0.12), (250.0, 0.27), (400.0, 0.30))
+    assert st.monotone_curve([(300, 0.3), (600, 0.2)]) == ((300.0, 0.3), (600.0, 0.3))
+    assert st.curve_at(curve, 50) == pytest.approx(0.12)            # flat below
+    assert st.curve_at(curve, 175) == pytest.approx(0.195)          # linear between
+    assert st.curve_at(curve, 700) == pytest.approx(0.30 + 0.0002 * 300)   # last slope
+    assert st.curve_at(((10.0, 5.0),), 1e6) == 5.0
+    with pytest.raises(ValueError):
+        st.monotone_curve([])
+
+
+def test_per_prompt_slo_rule_scales_the_curve_and_needs_prompt_lengths():
+    points = [(100, 0.1), (500, 0.3)]
+    r2, r4 = st.slo_rules(0.2, 0.03, [2, 4], ttft_curve_s=points)
+    assert r2.ttft_curve == ((100.0, 200.0), (500.0, 600.0))
+    assert r4.ttft_budget_ms(300) == pytest.approx(800.0)
+    assert r2.ttft_ms == pytest.approx(400.0)        # the median prompt's, for headlines
+    # A TTFT set directly is one budget for all, whatever the curve.
+    assert st.slo_rules(0.2, 0.03, [2], ttft_ms=300, ttft_curve_s=points)[0].ttft_curve == ()
+    flags = st.met([(0.35, 0.05, 100), (0.35, 0.05, 400), (0.35, 0.07, 400), None], r2)
+    assert flags.tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="prompt length"):
+        st.met([(0.35, 0.05)], r2)
+    assert r2.as_json()["ttft_ms_by_prompt_tokens"] == [[100, 200.0], [500, 600.0]]
+    # aggregate reads the curve back from a run entry and the length from the sample
+    run = {"slo_ttft_s": 0.4, "slo_tpot_s": 0.06, "slo_scale": 2,
+           "slo_ttft_curve_ms": [[100, 200.0], [500, 600.0]], "run_id": "x"}
+    assert agg._rule(run) == r2
+    assert agg._outcomes({"x": [[0.3, 0.05, 400], None, [0.1, None]]}, run) == [
+        (0.3, 0.05, 400), None, (0.1, None, None)]
+
 def _fake_sweep():
     """Two policies on identical request sets, 3 rates, 2 repetitions, 2 SLO scales."""
     rng = np.random.default_rng(2)
@@ -358,6 +393,19 @@ def test_sweep_smoke_against_a_real_app(trace_dir, tmp_path):
     assert {s["slo_scale"] for s in report["slos"]} == {2.0, 4.0}
     s2 = next(s for s in report["slos"] if s["slo_scale"] == 2.0)
     assert s2["tpot_ms"] == pytest.approx(60.0) and s2["ttft_ms"] == pytest.approx(400.0)
+    # The per-prompt TTFT rule (the default): the given calibration had no TTFT curve, so
+    # the sweep measured one on the app, one request at a time, and judged every request at
+    # its own prompt length, which the samples keep.
+    cal_out = report["calibration"]["fp32"]["code:poisson"]
+    assert cal_out["ttft_curve_measured_later"] is True
+    lengths = {p for p, _ in cal_out["single_stream_ttft_by_prompt"]}
+    assert len(lengths) >= 2 and all(0 < t < 5 for _, t in cal_out["single_stream_ttft_by_prompt"])
+    assert len(s2["ttft_ms_by_prompt_tokens"]) == len(lengths)
+    assert all(r["slo_ttft_curve_ms"] == next(
+        s["ttft_ms_by_prompt_tokens"] for s in report["slos"] if s["slo_scale"] == r["slo_scale"])
+        for r in runs)
+    assert all(len(x) == 3 and x[2] > 0 for x in a + b)
+    assert "at that request's prompt length" in report["slo_rule"]
     assert runs[0]["rate_req_s"] == pytest.approx(2.0)    # 1.0 x the given capacity
     assert report["client"]["nice"] == 19 and report["client"]["cpu_s"] > 0
     assert all(r["client"]["nice"] == 19 for r in runs)

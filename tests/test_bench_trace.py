@@ -15,8 +15,9 @@ import torch
 
 from specserve_ray.bench import trace as tr
 from specserve_ray.bench.loadgen import RequestRecord
-from specserve_ray.bench.report import (RUN_KEYS, SLO, latency_summary, markdown_table,
-                                        meets_slo, run_entry, run_metrics, server_delta)
+from specserve_ray.bench.report import (RUN_KEYS, latency_summary, markdown_table, meets_slo,
+                                        outcomes, run_entry, run_metrics, server_delta)
+from specserve_ray.bench.stats import SloRule
 
 CSV = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:17:03.9799600,4808,10
@@ -161,7 +162,7 @@ def test_metrics_on_hand_made_timings():
         _rec(2, 1.0, 1.2, [1.2, 2.0], 2.0, 3),         # TTFT .2, TPOT .4 (misses)
         _rec(3, 1.0, None, [], None, 3, error="http 503: full"),
     ]
-    slo = SLO(ttft_s=0.5, tpot_s=0.3)
+    slo = SloRule(ttft_ms=500, tpot_ms=300, scale=None)
     assert [meets_slo(r, slo) for r in records] == [True, False, False, False]
     m = run_metrics(records, duration_s=2.0, slo=slo)
     assert m["completed"] == 3 and m["failed"] == 1 and m["errors"] == {"http 503": 1}
@@ -175,6 +176,20 @@ def test_metrics_on_hand_made_timings():
     s = latency_summary(list(range(101)))
     assert (s["p50"], s["p90"], s["p99"], s["mean"]) == (50, 90, 99, 50)
     assert latency_summary([])["p99"] is None
+
+
+def test_per_prompt_ttft_rule_judges_each_request_at_its_own_prompt_length():
+    """Two requests with the same 0.3 s TTFT: the 100-token prompt misses a budget that grows
+    with the prompt, the 900-token one meets it; the samples keep each prompt's length."""
+    short = RequestRecord(0, 100, 3, 0.0, 0.3, [0.3, 0.35, 0.4], 0.4, 3)
+    long_ = RequestRecord(1, 900, 3, 0.0, 0.3, [0.3, 0.35, 0.4], 0.4, 3)
+    rule = SloRule(200, 100, 2.0, ((100.0, 200.0), (500.0, 400.0)))
+    assert [meets_slo(r, rule) for r in (short, long_)] == [False, True]
+    m = run_metrics([short, long_], 1.0, rule)
+    assert m["slo_attainment"] == pytest.approx(0.5)
+    assert m["slo_ttft_curve_ms"] == [[100, 200.0], [500, 400.0]]
+    assert outcomes([short, long_])[1] == [0.3, pytest.approx(0.05), 900]
+    assert "slo_ttft_curve_ms" not in run_metrics([short], 1.0, SloRule(200, 100, 2.0))
 
 
 def test_server_delta_and_chosen_k_distribution():
@@ -203,7 +218,7 @@ def test_server_delta_and_chosen_k_distribution():
 
 def test_run_entry_json_schema_and_table():
     records = [_rec(0, 0.0, 0.1, [0.1, 0.3], 0.3, 3)]
-    m = run_metrics(records, 1.0, SLO(1.0, 1.0))
+    m = run_metrics(records, 1.0, SloRule(1000, 1000, None))
     entry = run_entry("fp32", "specserve", "low", 0.3, 1.5, "trace", None, m,
                       {"mean_acceptance_length": 2.0, "chosen_k_dist": [0.5, 0.5]}, [0.1],
                       workload="code:poisson", drafter="model", repetition=0, slo_scale=2.0,

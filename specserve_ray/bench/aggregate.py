@@ -27,11 +27,14 @@ def _cell(run: dict) -> tuple:
 
 
 def _rule(run: dict) -> st.SloRule:
-    return st.SloRule(run["slo_ttft_s"] * 1e3, run["slo_tpot_s"] * 1e3, run.get("slo_scale"))
+    return st.SloRule(run["slo_ttft_s"] * 1e3, run["slo_tpot_s"] * 1e3, run.get("slo_scale"),
+                      st.curve_from_json(run.get("slo_ttft_curve_ms")))
 
 
 def _outcomes(samples: dict, run: dict) -> list:
-    return [None if o is None else (o[0], o[1]) for o in samples[run["run_id"]]]
+    """(ttft_s, tpot_s, prompt_tokens | None) per request; older reports kept no length."""
+    return [None if o is None else (o[0], o[1], o[2] if len(o) > 2 else None)
+            for o in samples[run["run_id"]]]
 
 
 def max_rates(runs: list[dict], samples: dict, target: float = 0.9, n_boot: int = 1000,

@@ -79,7 +79,12 @@ def add_arguments(p) -> None:
     g.add_argument("--slo-scales", type=float, nargs="+", default=[2.0, 4.0],
                    help="S: TTFT SLO = S x single-stream TTFT, TPOT SLO = S x single-stream "
                    "time per token, both of plain decoding")
-    g.add_argument("--slo-ttft-ms", type=float, help="set the TTFT SLO directly (ms)")
+    g.add_argument("--ttft-rule", choices=["per-prompt", "median"], default="per-prompt",
+                   help="per-prompt (default): a request's TTFT SLO is S x the single-stream "
+                   "TTFT at its own prompt length (measured at lengths spanning the mix); "
+                   "median: S x the single-stream TTFT at the median prompt, for every request")
+    g.add_argument("--slo-ttft-ms", type=float, help="set the TTFT SLO directly (ms), the "
+                   "same for every request")
     g.add_argument("--slo-tpot-ms", type=float, help="set the TPOT SLO directly (ms)")
     g.add_argument("--calibration-from", help="reuse the calibration (single-stream figures, "
                    "capacity) of an earlier sweep's JSON, so SLOs and rates stay identical")

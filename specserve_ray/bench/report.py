@@ -7,20 +7,12 @@ from the first send to the last completion. A failed request meets no SLO.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from specserve_ray.bench.loadgen import RequestRecord
+from specserve_ray.bench.stats import SloRule, curve_json
 
 PERCENTILES = (50, 90, 99)
-
-
-@dataclass(frozen=True)
-class SLO:
-    ttft_s: float
-    tpot_s: float
-
 
 def latency_summary(values: list[float]) -> dict:
     """mean / p50 / p90 / p99 in seconds (None when there is nothing to summarise)."""
@@ -32,11 +24,8 @@ def latency_summary(values: list[float]) -> dict:
     return out
 
 
-def meets_slo(rec: RequestRecord, slo: SLO) -> bool:
-    if not rec.ok or rec.ttft > slo.ttft_s:
-        return False
-    # A one-token output has no TPOT; it is judged by TTFT alone (as vLLM does).
-    return rec.tpot is None or rec.tpot <= slo.tpot_s
+def meets_slo(rec: RequestRecord, slo: SloRule) -> bool:
+    return rec.ok and slo.meets(rec.ttft, rec.tpot, rec.input_tokens)
 
 
 def server_delta(before: dict | None, after: dict | None) -> dict:
@@ -77,7 +66,7 @@ def server_delta(before: dict | None, after: dict | None) -> dict:
     return out
 
 
-def run_metrics(records: list[RequestRecord], duration_s: float, slo: SLO) -> dict:
+def run_metrics(records: list[RequestRecord], duration_s: float, slo: SloRule) -> dict:
     ok = [r for r in records if r.ok]
     good = sum(meets_slo(r, slo) for r in records)
     out_tokens = sum(r.output_tokens for r in ok)
@@ -95,7 +84,9 @@ def run_metrics(records: list[RequestRecord], duration_s: float, slo: SLO) -> di
          "output_tok_s": out_tokens / duration_s,
          "goodput_req_s": good / duration_s,
          "slo_attainment": good / len(records) if records else None,
-         "slo_ttft_s": slo.ttft_s, "slo_tpot_s": slo.tpot_s}
+         "slo_ttft_s": slo.ttft_ms / 1e3, "slo_tpot_s": slo.tpot_ms / 1e3}
+    if slo.ttft_curve:      # the per-prompt TTFT rule: the budget at each prompt length
+        m["slo_ttft_curve_ms"] = curve_json(slo.ttft_curve)
     series = {"ttft": [r.ttft for r in ok], "tpot": [r.tpot for r in ok if r.tpot is not None],
               "itl": [g for r in ok for g in r.itls], "e2e": [r.e2e for r in ok]}
     for name, values in series.items():
@@ -162,6 +153,7 @@ def run_entry(regime: str, policy: str, load: str, load_fraction: float | None,
 
 
 def outcomes(records: list[RequestRecord]) -> list:
-    """Per request [ttft_s, tpot_s | None], or None when it failed (the JSON `samples`)."""
-    return [[round(r.ttft, 5), None if r.tpot is None else round(r.tpot, 6)] if r.ok else None
-            for r in records]
+    """Per request [ttft_s, tpot_s | None, prompt_tokens], or None when it failed (the JSON
+    `samples`; the prompt length lets the per-prompt TTFT rule judge it again)."""
+    return [[round(r.ttft, 5), None if r.tpot is None else round(r.tpot, 6), r.input_tokens]
+            if r.ok else None for r in records]

@@ -26,11 +26,15 @@ from specserve_ray.bench import workloads as wl
 from specserve_ray.bench.sweep_file import checkpoint, load_resumable, prior_calibration, \
     sweep_setup
 from specserve_ray.bench.sweep_plan import cell_estimate, cell_workloads, estimate_seconds
-from specserve_ray.bench.report import SLO, markdown_table, outcomes, run_entry, run_metrics, \
+from specserve_ray.bench.report import markdown_table, outcomes, run_entry, run_metrics, \
     server_delta
 
 REGIME_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 BENCH_SLO_CLASS = "bench"
+# Where the per-prompt TTFT rule measures single-stream TTFT: quantiles of the workload's
+# prompt lengths (the shortest and longest of the calibration sample included), 3 requests each.
+TTFT_CURVE_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+TTFT_CURVE_REPEATS = 3
 
 
 def seed_for(*parts) -> int:
@@ -83,6 +87,7 @@ class Sweep:
         ok = [r for r in recs if r.ok]
         if not ok:
             raise RuntimeError(f"calibration requests failed: {[r.error for r in recs]}")
+        curve = self.ttft_curve(url, model, sample)
         cap_prompts = self.prompts.prompts([r.input_tokens for r in sample], offset=20_000)
         res = self.client.closed_loop(prompts=cap_prompts,
                                       input_tokens=[r.input_tokens for r in sample],
@@ -95,10 +100,30 @@ class Sweep:
                     r.ttft for r in ok),
                 "single_stream_tpot_s": statistics.median(r.tpot for r in ok),
                 "single_stream_input_tokens": median_in, "single_stream_output_tokens":
-                    out_single, "capacity_req_s": len(done) / res["duration"],
+                    out_single, "single_stream_ttft_by_prompt": curve,
+                "capacity_req_s": len(done) / res["duration"],
                 "capacity_tok_s": sum(r.output_tokens for r in done) / res["duration"],
                 "capacity_concurrency": max_num_seqs, "capacity_requests": len(sample),
                 "mix": wl.length_summary(sample)}
+
+    def ttft_curve(self, url, model, sample) -> list:
+        """[prompt tokens, single-stream TTFT s] for the per-prompt TTFT rule: one request at
+        a time (plain decoding must already be switched on), at quantiles of the sample's
+        prompt lengths, TTFT_CURVE_REPEATS requests each (stats.monotone_curve takes the
+        median)."""
+        lengths = sorted({int(np.quantile([r.input_tokens for r in sample], q))
+                          for q in TTFT_CURVE_QUANTILES})
+        asked = [n for n in lengths for _ in range(TTFT_CURVE_REPEATS)]
+        prompts = self.prompts.prompts(asked, offset=15_000)
+        recs = self.client.closed_loop(url=url, model=model, prompts=prompts,
+                                       input_tokens=asked, output_tokens=[2] * len(asked),
+                                       concurrency=1, timeout_s=self.args.request_timeout
+                                       )["records"]
+        points = [[r.input_tokens, round(r.ttft, 5)] for r in recs if r.ok]
+        if {p for p, _ in points} != set(lengths):
+            raise RuntimeError(f"TTFT calibration requests failed: "
+                               f"{[r.error for r in recs if not r.ok][:3]}")
+        return points
 
     def run_one(self, url, switcher, model, policy, reqs, prompts, desc):
         a = self.args
@@ -135,7 +160,9 @@ def run(args) -> dict:
           f"capacities {args.assumed_capacity} req/s", flush=True)
     if args.bf16_note:
         print(args.bf16_note)
-    report = {"setup": sweep_setup(args), "estimated_s": est, "slo_rule": st.SLO_RULE_TEXT,
+    rule_text = (st.SLO_RULE_TEXT_PER_PROMPT if args.ttft_rule == "per-prompt"
+                 and args.slo_ttft_ms is None else st.SLO_RULE_TEXT)
+    report = {"setup": sweep_setup(args), "estimated_s": est, "slo_rule": rule_text,
               "notes": [n for n in (args.bf16_note,) if n], "runs": []}
     if args.dry_run:
         return report
@@ -232,15 +259,26 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
                    sweep.calibrate(url, switcher, model, spec, arrival, max_model_len,
                                    args.max_num_seqs))
             cal = {**cal, "max_model_len": max_model_len}
+            if args.ttft_rule == "per-prompt" and not cal.get("single_stream_ttft_by_prompt"):
+                # A calibration from before the per-prompt rule: measure only its curve now.
+                asyncio.run(sweep.switch(url, switcher, args.capacity_policy))
+                cal["single_stream_ttft_by_prompt"] = sweep.ttft_curve(
+                    url, model, sweep.requests(spec, arrival, 1.0, 3 * args.max_num_seqs,
+                                               seed_for(args.seed, "cal"), max_model_len))
+                cal["ttft_curve_measured_later"] = True
             report["calibration"].setdefault(regime, {})[label] = cal
             rules = st.slo_rules(cal["single_stream_ttft_s"], cal["single_stream_tpot_s"],
-                                 args.slo_scales, args.slo_ttft_ms, args.slo_tpot_ms)
+                                 args.slo_scales, args.slo_ttft_ms, args.slo_tpot_ms,
+                                 cal["single_stream_ttft_by_prompt"]
+                                 if args.ttft_rule == "per-prompt" else None)
             report["slos"] += [{"regime": regime, "workload": label, **r.as_json()}
                                for r in rules]
             sweep.slo_class = None
             if switcher is not None:
                 # The tightest SLO becomes a server-side class every measured request names,
                 # so the SLO-aware policy (specserve) sees a budget goodput is judged by.
+                # (A class has one TTFT budget: under the per-prompt rule, the median
+                # prompt's; the TPOT budget, which the policies act on, is exact.)
                 tight = min(rules, key=lambda r: r.tpot_ms)
                 asyncio.run(switcher.apply({"slo": {"classes": [
                     {"name": BENCH_SLO_CLASS, "ttft_s": tight.ttft_ms / 1e3,
@@ -253,6 +291,11 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
                        f"{cal['capacity_req_s']:.2f} req/s; SLOs "
                        + ", ".join(f"S={r.scale}: TTFT {r.ttft_ms:.0f} / TPOT {r.tpot_ms:.0f} ms"
                                    for r in rules))
+            if cal.get("single_stream_ttft_by_prompt"):
+                tqdm.write(f"[{regime} {label}] single-stream TTFT by prompt length "
+                           f"({args.ttft_rule} rule): " + ", ".join(
+                               f"{p:.0f} tok {v * 1e3:.0f} ms" for p, v in
+                               st.monotone_curve(cal["single_stream_ttft_by_prompt"])))
             tqdm.write(f"[{regime} {label}] this workload's runs: about "
                        f"{cell_estimate(args, regime, spec, cal['capacity_req_s']) / 60:.0f} min")
             sweep.capacity[(regime, spec.name)] = cal["capacity_req_s"]
@@ -329,14 +372,14 @@ def _run_point(sweep: Sweep, regime: str, ctx, ri: int, rep: int, report: dict, 
         server = server_delta(before, after)
         tpots = [r.tpot for r in records if r.ok and r.tpot is not None]
         for rule in rules:
-            metrics = run_metrics(records, duration, SLO(rule.ttft_ms / 1e3, rule.tpot_ms / 1e3))
+            metrics = run_metrics(records, duration, rule)
             entry = run_entry(regime, policy, args.load_levels[ri][0], args.load_levels[ri][1],
                               offered, arrival, synthetic, metrics, server, tpots,
                               workload=label, drafter=args.drafter, repetition=rep,
                               slo_scale=rule.scale, rate_req_s=rate, run_id=run_id)
             entry.update({"rate_index": ri, "order_position": pos, "client": res["client"]})
             report["runs"].append(entry)
-        m = run_metrics(records, duration, SLO(rules[0].ttft_ms / 1e3, rules[0].tpot_ms / 1e3))
+        m = run_metrics(records, duration, rules[0])
         checkpoint(args, report)
         tqdm.write(f"[{where}] attainment(S={rules[0].scale}) {m['slo_attainment']:.2f}, "
                    f"{m['output_tok_s']:.1f} tok/s, TTFT p50 {_ms(m['ttft_p50_s'])}, TPOT p50 "

@@ -47,8 +47,8 @@ def prior_calibration(path: str | None) -> dict:
 def sweep_setup(args) -> dict:
     keys = ("workloads", "trace_paths", "url", "dashboard_url", "regimes", "drafter",
             "policies", "max_k", "load_levels", "run_levels", "burstiness", "duration",
-            "min_requests", "max_requests", "input_budget", "slo_scales", "slo_ttft_ms",
-            "slo_tpot_ms", "calibration_from", "attainment_target", "repetitions",
+            "min_requests", "max_requests", "input_budget", "slo_scales", "ttft_rule",
+            "slo_ttft_ms", "slo_tpot_ms", "calibration_from", "attainment_target", "repetitions",
             "deciding_repetitions", "deciding_rates", "warmup_requests", "synthetic_acceptance",
             "capacity_policy", "max_num_seqs", "seed", "quick")
     return {k: getattr(args, k, None) for k in keys}
