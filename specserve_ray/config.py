@@ -167,6 +167,9 @@ class SloClassConfig(_Strict):
                                  "output token after the first, in seconds. The specserve "
                                  "policy keeps each step's predicted time within the "
                                  "tightest one in the batch.")
+    ttft_per_prompt_token_s: float = Field(0.0, ge=0, allow_inf_nan=False, description=(
+        "Seconds added to ttft_s per prompt token: a TTFT budget that grows with the "
+        "prompt, as prefill time does (needs ttft_s)."))
 
     @field_validator("name")
     @classmethod
@@ -175,9 +178,17 @@ class SloClassConfig(_Strict):
             raise ValueError(f"SLO class name {value!r} has surrounding whitespace")
         return value
 
+    @model_validator(mode="after")
+    def _per_token_needs_base(self) -> "SloClassConfig":
+        if self.ttft_per_prompt_token_s > 0 and self.ttft_s is None:
+            raise ValueError(f"SLO class {self.name!r}: ttft_per_prompt_token_s needs a "
+                             f"ttft_s to add to")
+        return self
+
     def to_class(self) -> SloClass:
         return SloClass(self.name, math.inf if self.ttft_s is None else self.ttft_s,
-                        math.inf if self.tpot_s is None else self.tpot_s)
+                        math.inf if self.tpot_s is None else self.tpot_s,
+                        self.ttft_per_prompt_token_s)
 
 
 class SloConfig(_Strict):

@@ -27,14 +27,16 @@ def slo_class_of(req) -> str:
 
 
 def slo_budgets(req, registry=None) -> tuple[float, float]:
-    """(TTFT, TPOT) budgets in seconds; inf where the request's class sets none."""
+    """(TTFT, TPOT) budgets in seconds, the TTFT one at the request's prompt length; inf
+    where the request's class sets none."""
+    prompt_tokens = len(getattr(req, "prompt_ids", ()) or ())
     slo = getattr(req, "slo", None)
-    if slo is not None and hasattr(slo, "ttft_s") and hasattr(slo, "tpot_s"):
-        return float(slo.ttft_s), float(slo.tpot_s)
+    if slo is not None and hasattr(slo, "ttft_budget") and hasattr(slo, "tpot_s"):
+        return float(slo.ttft_budget(prompt_tokens)), float(slo.tpot_s)
     if registry is not None:
         try:
             cls = registry.get(getattr(req, "slo_class", None))
-            return float(cls.ttft_s), float(cls.tpot_s)
+            return float(cls.ttft_budget(prompt_tokens)), float(cls.tpot_s)
         except (ValueError, KeyError):
             pass
     return math.inf, math.inf

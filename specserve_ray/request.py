@@ -67,7 +67,11 @@ class Request:
         was sent: a re-admitted request has had its first token)."""
         if self.first_token_time is not None or not math.isfinite(self.slo.ttft_s):
             return math.inf
-        return self.arrival_time + self.slo.ttft_s - now
+        return self.arrival_time + self.ttft_budget() - now
+
+    def ttft_budget(self) -> float:
+        """Its class's TTFT budget at its prompt length (inf = none)."""
+        return self.slo.ttft_budget(len(self.prompt_ids))
 
     def take_delta(self) -> "RequestOutput":
         """What was committed since the last delta (the stream's next item)."""

@@ -287,7 +287,7 @@ class Scheduler:
                if not r.prefill_done and not r.finished]
         free = self.limits.max_num_seqs - len(self.running)
         if free > 0 and self.waiting:
-            order = (admission_order([(r.arrival_time, r.slo) for r in self.waiting], now)
+            order = (admission_order([(r.arrival_time, r.ttft_budget()) for r in self.waiting], now)
                      if self._slo_orders_admission else range(len(self.waiting)))
             out += [(len(self.waiting[i].prefill_ids), self.waiting[i].ttft_slack(now))
                     for i in list(order)[:free]]
@@ -302,7 +302,7 @@ class Scheduler:
         if not self._slo_orders_admission or free >= len(self.waiting):
             order = list(range(len(self.waiting)))
         else:
-            order = admission_order([(r.arrival_time, r.slo) for r in self.waiting],
+            order = admission_order([(r.arrival_time, r.ttft_budget()) for r in self.waiting],
                                     time.monotonic())
         chosen = []
         for i in order:
@@ -387,7 +387,7 @@ class Scheduler:
         """Count a finished request toward its class's attainment (aborted ones never are)."""
         ttft, mean_tpot = request_latency(req.arrival_time, req.first_token_time, finished_at,
                                           len(req.output_ids))
-        self.slo_tracker.record(req.slo, ttft, mean_tpot)
+        self.slo_tracker.record(req.slo, ttft, mean_tpot, len(req.prompt_ids))
 
     def slo_summary(self) -> dict:
         """Per configured class: budgets, attainment and latencies (SloTracker.report)."""

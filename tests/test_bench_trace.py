@@ -17,7 +17,7 @@ from specserve_ray.bench import trace as tr
 from specserve_ray.bench.loadgen import RequestRecord
 from specserve_ray.bench.report import (RUN_KEYS, latency_summary, markdown_table, meets_slo,
                                         outcomes, run_entry, run_metrics, server_delta)
-from specserve_ray.bench.stats import SloRule
+from specserve_ray.bench.slo_rule import SloRule
 
 CSV = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:17:03.9799600,4808,10

@@ -12,7 +12,7 @@ import pytest
 from policy_sim import REGIMES, state_for, true_cost
 from specserve_ray.policy import (BatchState, ConfidenceThreshold, CostModel, LearnedState,
                                   NoSpeculation, SloRegistry, SloTracker, SmartSpec, SpecServe,
-                                  StaticK, StepFeedback, admission_order, make_policy,
+                                  SloClass, StaticK, StepFeedback, admission_order, make_policy,
                                   record_step, start_drafting, tightest_tpot,
                                   update_confidence_ema)
 from specserve_ray.policy.specserve import predicted_goodput, slo_feasible_k
@@ -65,7 +65,8 @@ def test_slo_classes_registry_order_and_tracker():
     with pytest.raises(ValueError):
         SloRegistry.from_config([{"name": "x"}], default="y")
     # Slack at now=10: bulk(arrived 0) 20 s, chat(arrived 9.5) 0.5 s, chat(arrived 9.8) 0.8 s.
-    assert admission_order([(0.0, bulk), (9.5, chat), (9.8, chat)], now=10.0) == [1, 2, 0]
+    assert admission_order([(0.0, bulk.ttft_budget()), (9.5, chat.ttft_budget()),
+                            (9.8, chat.ttft_budget())], now=10.0) == [1, 2, 0]
     one, two = SloTracker(), SloTracker()
     assert one.record(chat, 0.5, 0.04) and not one.record(chat, 0.5, 0.06)
     assert not two.record(chat, 2.0, 0.01) and two.record(bulk, 5.0, None)
@@ -74,6 +75,30 @@ def test_slo_classes_registry_order_and_tracker():
     assert total.attainment("chat") == pytest.approx(1 / 3) and total.attainment() == pytest.approx(0.5)
     assert one.per_class["chat"].requests == 2          # adding does not mutate
     assert total.summary()["chat"]["tpot_met"] == 2
+
+
+def test_ttft_budget_that_grows_with_the_prompt():
+    """ttft_per_prompt_token_s: a long prompt gets the prefill time its length needs; the
+    budget orders admission (a short prompt that arrived later may be more urgent) and
+    judges attainment at the request's own prompt length."""
+    grow = SloClass("grow", ttft_s=0.1, tpot_s=0.05, ttft_per_prompt_token_s=0.001)
+    assert grow.ttft_budget(0) == pytest.approx(0.1)
+    assert grow.ttft_budget(900) == pytest.approx(1.0)
+    assert SloClass("flat", ttft_s=0.3).ttft_budget(10_000) == pytest.approx(0.3)
+    # arrived at 0 with 900 tokens (deadline 1.0) vs at 0.2 with 100 tokens (deadline 0.4)
+    assert admission_order([(0.0, grow.ttft_budget(900)), (0.2, grow.ttft_budget(100))],
+                           now=0.3) == [1, 0]
+    t = SloTracker()
+    assert t.record(grow, 0.8, 0.04, prompt_tokens=900)
+    assert not t.record(grow, 0.8, 0.04, prompt_tokens=100)
+    registry = SloRegistry.from_config([{"name": "g", "ttft_s": 0.1,
+                                         "ttft_per_prompt_token_s": 0.002}])
+    assert registry.get("g").ttft_budget(50) == pytest.approx(0.2)
+    assert t.report(registry)["classes"]["g"]["ttft_per_prompt_token_s"] == 0.002
+    with pytest.raises(ValueError, match="needs a ttft_s"):
+        SloClass("bad", ttft_per_prompt_token_s=0.001)
+    with pytest.raises(ValueError):
+        SloClass("bad", ttft_s=1.0, ttft_per_prompt_token_s=-1.0)
 
 
 # -- the baselines, caps and learned state ------------------------------------------------------

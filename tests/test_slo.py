@@ -69,7 +69,14 @@ def test_slo_config_classes_and_validation():
            ({"classes": [{"name": "a", "ttft_s": -1.0}]}, "greater than 0"),
            ({"classes": [{"name": ""}]}, "at least 1 character"),
            ({"classes": [{"name": "a", "tpot": 0.1}]}, "tpot"),
-           ({"classes": [{"name": " a"}]}, "whitespace")]
+           ({"classes": [{"name": " a"}]}, "whitespace"),
+           ({"classes": [{"name": "a", "ttft_per_prompt_token_s": 0.001}]}, "needs a ttft_s"),
+           ({"classes": [{"name": "a", "ttft_s": 1, "ttft_per_prompt_token_s": -1}]},
+            "greater than or equal to 0"),
+           ({"classes": [{"name": "a", "ttft_s": 1, "ttft_per_prompt_token_s": "inf"}]},
+            "finite")]
+    grow = SloConfig(classes=[{"name": "g", "ttft_s": 0.2, "ttft_per_prompt_token_s": 0.001}])
+    assert grow.registry().get("g").ttft_budget(300) == pytest.approx(0.5)
     for slo, needle in bad:
         with pytest.raises(ValidationError, match=needle):
             EngineConfig(slo=slo)
@@ -112,6 +119,26 @@ def test_admission_by_least_ttft_slack_when_slots_are_short(pair):
     by_id["bulk-old"].arrival_time -= 59.5
     # The class without a TTFT budget waits until every budgeted request is in.
     assert _admitted_order(engine, 12) == ["bulk-old", "chat", "bulk-new", "free"]
+
+
+def test_ttft_budget_per_prompt_token_orders_admission_and_attainment(pair):
+    """With a TTFT budget that grows with the prompt, a short prompt that arrived later is
+    more urgent than a long one that arrived first, and each is judged at its own length."""
+    target, draft = pair
+    slo = SloConfig(classes=[{"name": "grow", "ttft_s": 0.5, "ttft_per_prompt_token_s": 0.1}],
+                    default_class="grow")
+    engine = slo_engine(target, draft, slo, max_seqs=1)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    engine.add_request(list(range(5, 45)), params, request_id="long")     # 40 tokens: 4.5 s
+    engine.add_request([5, 6, 7], params, request_id="short")             # 3 tokens: 0.8 s
+    engine.add_request([8, 9, 10], params, request_id="filler")
+    by_id = {r.request_id: r for r in engine.waiting}
+    by_id["filler"].arrival_time -= 10.0       # first in, and already late: it goes first
+    by_id["long"].arrival_time -= 1.0          # 3.5 s of slack against short's 0.8 s
+    assert _admitted_order(engine, 12) == ["filler", "short", "long"]
+    counts = engine.slo_tracker.per_class["grow"]
+    # filler is 10 s late; the long prompt's 1 s head start is within its 4.5 s budget.
+    assert counts.requests == 3 and counts.ttft_met == 2
 
 
 def test_admission_stays_fifo_without_ttft_budgets(pair):

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from specserve_ray.bench import slo_rule as sr
 from specserve_ray.bench import stats as st
 from specserve_ray.bench.report import _fmt
 
@@ -26,9 +27,9 @@ def _cell(run: dict) -> tuple:
     return tuple(run.get(k) for k in CELL_KEYS)
 
 
-def _rule(run: dict) -> st.SloRule:
-    return st.SloRule(run["slo_ttft_s"] * 1e3, run["slo_tpot_s"] * 1e3, run.get("slo_scale"),
-                      st.curve_from_json(run.get("slo_ttft_curve_ms")))
+def _rule(run: dict) -> sr.SloRule:
+    return sr.SloRule(run["slo_ttft_s"] * 1e3, run["slo_tpot_s"] * 1e3, run.get("slo_scale"),
+                      sr.curve_from_json(run.get("slo_ttft_curve_ms")))
 
 
 def _outcomes(samples: dict, run: dict) -> list:
@@ -42,7 +43,7 @@ def max_rates(runs: list[dict], samples: dict, target: float = 0.9, n_boot: int 
     groups: dict[tuple, dict[float, list]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         groups[_cell(r) + (r["policy"],)][r["rate_req_s"]].append(
-            st.met(_outcomes(samples, r), _rule(r)))
+            sr.met(_outcomes(samples, r), _rule(r)))
     out = []
     for key, per_rate in groups.items():
         res = st.max_rate_at(per_rate, target, n_boot, seed)
@@ -78,8 +79,8 @@ def paired(runs: list[dict], samples: dict, reference: str, n_boot: int = 2000,
                 oa, ob = _outcomes(samples, ra), _outcomes(samples, rb)
                 if len(oa) != len(ob):
                     raise ValueError(f"unpaired request sets at {point}, repetition {rep}")
-                a_met.append(st.met(oa, _rule(ra)).astype(float))
-                b_met.append(st.met(ob, _rule(rb)).astype(float))
+                a_met.append(sr.met(oa, _rule(ra)).astype(float))
+                b_met.append(sr.met(ob, _rule(rb)).astype(float))
                 a_tpot.append([np.nan if o is None or o[1] is None else o[1] * 1e3 for o in oa])
                 b_tpot.append([np.nan if o is None or o[1] is None else o[1] * 1e3 for o in ob])
             att = st.paired_difference_by_repetition(a_met, b_met, n_boot, seed)
@@ -97,7 +98,7 @@ def curves(runs: list[dict], samples: dict, n_boot: int = 1000, seed: int = 0) -
         groups[_cell(r) + (r["policy"], r["rate_req_s"])].append(r)
     out = []
     for key, rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        per_rep = [st.met(_outcomes(samples, r), _rule(r)) for r in rs]
+        per_rep = [sr.met(_outcomes(samples, r), _rule(r)) for r in rs]
         flags = np.concatenate(per_rep)
         # Goodput pools repetitions as requests meeting the SLO per second of run time.
         duration = sum(r["duration_s"] for r in rs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from specserve_ray.bench.loadgen import RequestRecord
-from specserve_ray.bench.stats import SloRule, curve_json
+from specserve_ray.bench.slo_rule import SloRule, curve_json
 
 PERCENTILES = (50, 90, 99)
 

@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from specserve_ray.bench import aggregate as agg
-from specserve_ray.bench import stats as st
+from specserve_ray.bench import slo_rule as sr
 from specserve_ray.bench import trace as tr
 from specserve_ray.bench import workloads as wl
 from specserve_ray.bench.sweep_file import checkpoint, load_resumable, prior_calibration, \
@@ -30,7 +30,6 @@ from specserve_ray.bench.report import markdown_table, outcomes, run_entry, run_
     server_delta
 
 REGIME_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
-BENCH_SLO_CLASS = "bench"
 # Where the per-prompt TTFT rule measures single-stream TTFT: quantiles of the workload's
 # prompt lengths (the shortest and longest of the calibration sample included), 3 requests each.
 TTFT_CURVE_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -160,8 +159,8 @@ def run(args) -> dict:
           f"capacities {args.assumed_capacity} req/s", flush=True)
     if args.bf16_note:
         print(args.bf16_note)
-    rule_text = (st.SLO_RULE_TEXT_PER_PROMPT if args.ttft_rule == "per-prompt"
-                 and args.slo_ttft_ms is None else st.SLO_RULE_TEXT)
+    rule_text = (sr.SLO_RULE_TEXT_PER_PROMPT if args.ttft_rule == "per-prompt"
+                 and args.slo_ttft_ms is None else sr.SLO_RULE_TEXT)
     report = {"setup": sweep_setup(args), "estimated_s": est, "slo_rule": rule_text,
               "notes": [n for n in (args.bf16_note,) if n], "runs": []}
     if args.dry_run:
@@ -267,7 +266,7 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
                                                seed_for(args.seed, "cal"), max_model_len))
                 cal["ttft_curve_measured_later"] = True
             report["calibration"].setdefault(regime, {})[label] = cal
-            rules = st.slo_rules(cal["single_stream_ttft_s"], cal["single_stream_tpot_s"],
+            rules = sr.slo_rules(cal["single_stream_ttft_s"], cal["single_stream_tpot_s"],
                                  args.slo_scales, args.slo_ttft_ms, args.slo_tpot_ms,
                                  cal["single_stream_ttft_by_prompt"]
                                  if args.ttft_rule == "per-prompt" else None)
@@ -277,14 +276,11 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
             if switcher is not None:
                 # The tightest SLO becomes a server-side class every measured request names,
                 # so the SLO-aware policy (specserve) sees a budget goodput is judged by.
-                # (A class has one TTFT budget: under the per-prompt rule, the median
-                # prompt's; the TPOT budget, which the policies act on, is exact.)
                 tight = min(rules, key=lambda r: r.tpot_ms)
-                asyncio.run(switcher.apply({"slo": {"classes": [
-                    {"name": BENCH_SLO_CLASS, "ttft_s": tight.ttft_ms / 1e3,
-                     "tpot_s": tight.tpot_ms / 1e3}]}}))
-                sweep.slo_class = BENCH_SLO_CLASS
-                cal["slo_class_sent"] = {"name": BENCH_SLO_CLASS, **tight.as_json()}
+                cls = sr.bench_slo_class(tight)
+                asyncio.run(switcher.apply({"slo": {"classes": [cls]}}))
+                sweep.slo_class = sr.BENCH_SLO_CLASS
+                cal["slo_class_sent"] = cls
             tqdm.write(f"[{regime} {label}] single stream: TTFT "
                        f"{cal['single_stream_ttft_s'] * 1e3:.0f} ms, TPOT "
                        f"{cal['single_stream_tpot_s'] * 1e3:.1f} ms; capacity "
@@ -295,7 +291,7 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
                 tqdm.write(f"[{regime} {label}] single-stream TTFT by prompt length "
                            f"({args.ttft_rule} rule): " + ", ".join(
                                f"{p:.0f} tok {v * 1e3:.0f} ms" for p, v in
-                               st.monotone_curve(cal["single_stream_ttft_by_prompt"])))
+                               sr.monotone_curve(cal["single_stream_ttft_by_prompt"])))
             tqdm.write(f"[{regime} {label}] this workload's runs: about "
                        f"{cell_estimate(args, regime, spec, cal['capacity_req_s']) / 60:.0f} min")
             sweep.capacity[(regime, spec.name)] = cal["capacity_req_s"]
@@ -327,7 +323,7 @@ def _deciding(report, regime, label, rule, rates, args) -> list[float]:
     att: dict[str, dict[float, float]] = {}
     for r in report["runs"]:
         if r["regime"] == regime and r["workload"] == label and r["slo_scale"] == rule.scale:
-            flags = st.met(report["samples"][r["run_id"]], rule)
+            flags = sr.met(report["samples"][r["run_id"]], rule)
             att.setdefault(r["policy"], {})[r["rate_req_s"]] = float(flags.mean())
     run = [rates[i] for i in args.run_levels]
     return [r for r in agg.deciding_rates(att, args.attainment_target, args.deciding_rates)

@@ -1,7 +1,9 @@
 """Latency SLO classes (SpecServe, arXiv 2503.05096, section 5.3) and their attainment.
 
 A request belongs to one class; the class sets its time-to-first-token (TTFT) and
-time-per-output-token (TPOT) budgets. Speculation lengthens a step, so the policy keeps
+time-per-output-token (TPOT) budgets. A TTFT budget may grow with the prompt
+(`ttft_per_prompt_token_s`): prefill time grows with the prompt, so one budget for all
+would call a long prompt late before it could be served even alone. Speculation lengthens a step, so the policy keeps
 the predicted step time within the tightest TPOT budget in the batch; admission serves
 the waiting request with the least TTFT slack first. A request *attains* its SLO when
 its TTFT and its mean TPOT are both within budget. One finished request becomes one
@@ -24,12 +26,23 @@ class SloClass:
     name: str
     ttft_s: float = math.inf      # budget for the first token, from arrival
     tpot_s: float = math.inf      # budget for the mean time between later tokens
+    ttft_per_prompt_token_s: float = 0.0   # added to ttft_s per prompt token
 
     def __post_init__(self):
         if not self.name:
             raise ValueError("an SLO class needs a name")
         if not (self.ttft_s > 0 and self.tpot_s > 0):
             raise ValueError(f"SLO budgets must be positive, got {self}")
+        if not (self.ttft_per_prompt_token_s >= 0
+                and math.isfinite(self.ttft_per_prompt_token_s)):
+            raise ValueError(f"ttft_per_prompt_token_s must be >= 0, got {self}")
+        if self.ttft_per_prompt_token_s > 0 and not math.isfinite(self.ttft_s):
+            raise ValueError(f"SLO class {self.name!r}: ttft_per_prompt_token_s needs a "
+                             f"ttft_s to add to")
+
+    def ttft_budget(self, prompt_tokens: int = 0) -> float:
+        """The TTFT budget of a request with this many prompt tokens (inf = none)."""
+        return self.ttft_s + self.ttft_per_prompt_token_s * max(prompt_tokens, 0)
 
 
 NO_SLO = SloClass("best-effort")
@@ -51,11 +64,12 @@ class SloRegistry:
         """[{"name": "chat", "ttft_s": 1.0, "tpot_s": 0.05}, ...]; omitted budgets = none."""
         classes = []
         for entry in entries:
-            unknown = set(entry) - {"name", "ttft_s", "tpot_s"}
+            unknown = set(entry) - {"name", "ttft_s", "tpot_s", "ttft_per_prompt_token_s"}
             if unknown:
                 raise ValueError(f"unknown SLO class fields {sorted(unknown)}")
             classes.append(SloClass(entry["name"], float(entry.get("ttft_s", math.inf)),
-                                    float(entry.get("tpot_s", math.inf))))
+                                    float(entry.get("tpot_s", math.inf)),
+                                    float(entry.get("ttft_per_prompt_token_s", 0.0))))
         if len({c.name for c in classes}) != len(classes):
             raise ValueError("SLO class names must be unique")
         return cls(classes, default)
@@ -74,12 +88,12 @@ def tightest_tpot(classes: Iterable[SloClass]) -> float:
     return min((c.tpot_s for c in classes), default=math.inf)
 
 
-def admission_order(waiting: Sequence[tuple[float, SloClass]], now: float) -> list[int]:
-    """Indices of (arrival_time, class) pairs, least TTFT slack first, then earliest
-    arrival. Slack = arrival + ttft budget - now; requests without a TTFT budget go
-    last, in arrival order."""
+def admission_order(waiting: Sequence[tuple[float, float]], now: float) -> list[int]:
+    """Indices of (arrival_time, TTFT budget s) pairs, least TTFT slack first, then
+    earliest arrival. Slack = arrival + budget - now; requests without a TTFT budget
+    (inf) go last, in arrival order."""
     return sorted(range(len(waiting)),
-                  key=lambda i: (waiting[i][0] + waiting[i][1].ttft_s - now, waiting[i][0], i))
+                  key=lambda i: (waiting[i][0] + waiting[i][1] - now, waiting[i][0], i))
 
 
 @dataclass
@@ -136,11 +150,11 @@ def request_latency(arrival: float, first_token: float | None, finish: float,
     return ttft, max(finish - first_token, 0.0) / (num_output_tokens - 1)
 
 
-def attainment_record(slo: SloClass, ttft_s: float | None,
-                      mean_tpot_s: float | None) -> ClassAttainment:
+def attainment_record(slo: SloClass, ttft_s: float | None, mean_tpot_s: float | None,
+                      prompt_tokens: int = 0) -> ClassAttainment:
     """One finished request as a record. `mean_tpot_s` is None for a one-token output,
     which has no inter-token time to miss; `ttft_s` None (no token) misses nothing."""
-    ttft_ok = ttft_s is None or ttft_s <= slo.ttft_s
+    ttft_ok = ttft_s is None or ttft_s <= slo.ttft_budget(prompt_tokens)
     tpot_ok = mean_tpot_s is None or mean_tpot_s <= slo.tpot_s
     ttft = 0.0 if ttft_s is None else ttft_s
     tpot = 0.0 if mean_tpot_s is None else mean_tpot_s
@@ -156,9 +170,10 @@ class SloTracker:
 
     per_class: dict[str, ClassAttainment] = field(default_factory=dict)
 
-    def record(self, slo: SloClass, ttft_s: float, mean_tpot_s: float | None) -> bool:
+    def record(self, slo: SloClass, ttft_s: float, mean_tpot_s: float | None,
+               prompt_tokens: int = 0) -> bool:
         """Count one finished request; True if it attained (see `attainment_record`)."""
-        record = attainment_record(slo, ttft_s, mean_tpot_s)
+        record = attainment_record(slo, ttft_s, mean_tpot_s, prompt_tokens)
         self.per_class[slo.name] = self.per_class.get(slo.name, ClassAttainment()) + record
         return bool(record.attained)
 
@@ -183,6 +198,7 @@ class SloTracker:
         out = {}
         for name, cls in sorted(registry.classes.items()):
             out[name] = {"ttft_budget_s": cls.ttft_s if math.isfinite(cls.ttft_s) else None,
+                         "ttft_per_prompt_token_s": cls.ttft_per_prompt_token_s,
                          "tpot_budget_s": cls.tpot_s if math.isfinite(cls.tpot_s) else None,
                          **self.per_class.get(name, ClassAttainment()).summary()}
         return {"default_class": registry.default, "classes": out}
