@@ -254,6 +254,37 @@ def _fake_sweep():
     return runs, samples
 
 
+def test_merge_sweeps_joins_points_of_one_sweep_and_refuses_others():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_sweeps", ROOT / "scripts/merge_sweeps.py")
+    ms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ms)
+    runs, samples = _fake_sweep()
+    cal = {"fp32": {"code:poisson": {"single_stream_ttft_s": 0.2, "capacity_req_s": 3.0}}}
+
+    def report(rates, **extra):
+        rs = [r for r in runs if r["rate_req_s"] in rates]
+        return {"calibration": json.loads(json.dumps(cal)), "slos": [], "slo_rule": "x",
+                "runs": rs, "samples": {r["run_id"]: samples[r["run_id"]] for r in rs},
+                "partial": False, **extra}
+
+    low, high = report((1.0, 2.0)), report((3.0,))
+    high["calibration"]["fp32"]["code:poisson"]["max_model_len"] = 1024   # added on reuse
+    out = ms.merge([low, high])
+    assert len(out["runs"]) == len(runs) and set(out["samples"]) == set(samples)
+    whole = agg.max_rates(runs, samples)
+    assert [r["rate_req_s"] for r in out["max_rate_at_90"]] == [r["rate_req_s"] for r in whole]
+    other = report((3.0,))
+    other["calibration"]["fp32"]["code:poisson"]["capacity_req_s"] = 2.5
+    with pytest.raises(SystemExit, match="calibration"):
+        ms.merge([low, other])
+    with pytest.raises(SystemExit, match="repeats runs"):
+        ms.merge([low, report((2.0,))])
+    with pytest.raises(SystemExit, match="partial"):
+        ms.merge([low, report((3.0,), partial=True)])
+
+
 def test_aggregate_max_rate_paired_curves_shape():
     runs, samples = _fake_sweep()
     rows = agg.max_rates(runs, samples, n_boot=200)
