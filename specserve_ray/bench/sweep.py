@@ -56,6 +56,11 @@ class Sweep:
         return wl.make_requests(spec, arrival, self.traces[spec.trace], rate, count, seed,
                                 max_model_len, a.input_budget, a.burstiness)
 
+    def calibration_sample(self, spec, arrival, max_model_len, max_num_seqs):
+        """The workload's requests calibration measures (capacity run, TTFT curve)."""
+        return self.requests(spec, arrival, 1.0, 3 * max_num_seqs,
+                             seed_for(self.args.seed, "cal"), max_model_len)
+
     async def switch(self, url, switcher, policy: str) -> None:
         from specserve_ray.bench.control import wait_for_policy
 
@@ -72,8 +77,7 @@ class Sweep:
         """Single-stream TTFT/TPOT of plain decoding and closed-loop capacity, this workload."""
         a = self.args
         asyncio.run(self.switch(url, switcher, a.capacity_policy))
-        sample = self.requests(spec, arrival, 1.0, 3 * max_num_seqs, seed_for(a.seed, "cal"),
-                               max_model_len)
+        sample = self.calibration_sample(spec, arrival, max_model_len, max_num_seqs)
         median_in = int(statistics.median(r.input_tokens for r in sample))
         out_single = max(2, min(64, max_model_len - median_in - 1))
         single = self.prompts.prompts([median_in] * 5, offset=10_000)
@@ -108,8 +112,8 @@ class Sweep:
     def ttft_curve(self, url, model, sample) -> list:
         """[prompt tokens, single-stream TTFT s] for the per-prompt TTFT rule: one request at
         a time (plain decoding must already be switched on), at quantiles of the sample's
-        prompt lengths, TTFT_CURVE_REPEATS requests each (stats.monotone_curve takes the
-        median)."""
+        prompt lengths, TTFT_CURVE_REPEATS requests each (slo_rule.monotone_curve takes
+        the median)."""
         lengths = sorted({int(np.quantile([r.input_tokens for r in sample], q))
                           for q in TTFT_CURVE_QUANTILES})
         asked = [n for n in lengths for _ in range(TTFT_CURVE_REPEATS)]
@@ -262,8 +266,8 @@ def _run_regime(sweep: Sweep, regime: str, report: dict, prior: dict, bar) -> No
                 # A calibration from before the per-prompt rule: measure only its curve now.
                 asyncio.run(sweep.switch(url, switcher, args.capacity_policy))
                 cal["single_stream_ttft_by_prompt"] = sweep.ttft_curve(
-                    url, model, sweep.requests(spec, arrival, 1.0, 3 * args.max_num_seqs,
-                                               seed_for(args.seed, "cal"), max_model_len))
+                    url, model, sweep.calibration_sample(spec, arrival, max_model_len,
+                                                         args.max_num_seqs))
                 cal["ttft_curve_measured_later"] = True
             report["calibration"].setdefault(regime, {})[label] = cal
             rules = sr.slo_rules(cal["single_stream_ttft_s"], cal["single_stream_tpot_s"],
