@@ -179,10 +179,8 @@ class SloClassConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _per_token_needs_base(self) -> "SloClassConfig":
-        if self.ttft_per_prompt_token_s > 0 and self.ttft_s is None:
-            raise ValueError(f"SLO class {self.name!r}: ttft_per_prompt_token_s needs a "
-                             f"ttft_s to add to")
+    def _budgets_consistent(self) -> "SloClassConfig":
+        self.to_class()      # SloClass holds the rules (e.g. a per-token TTFT needs ttft_s)
         return self
 
     def to_class(self) -> SloClass:

@@ -287,7 +287,8 @@ class Scheduler:
                if not r.prefill_done and not r.finished]
         free = self.limits.max_num_seqs - len(self.running)
         if free > 0 and self.waiting:
-            order = (admission_order([(r.arrival_time, r.ttft_budget()) for r in self.waiting], now)
+            order = (admission_order([(r.arrival_time, r.ttft_budget()) for r in self.waiting],
+                                     now)
                      if self._slo_orders_admission else range(len(self.waiting)))
             out += [(len(self.waiting[i].prefill_ids), self.waiting[i].ttft_slack(now))
                     for i in list(order)[:free]]

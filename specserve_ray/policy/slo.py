@@ -3,10 +3,10 @@
 A request belongs to one class; the class sets its time-to-first-token (TTFT) and
 time-per-output-token (TPOT) budgets. A TTFT budget may grow with the prompt
 (`ttft_per_prompt_token_s`): prefill time grows with the prompt, so one budget for all
-would call a long prompt late before it could be served even alone. Speculation lengthens a step, so the policy keeps
-the predicted step time within the tightest TPOT budget in the batch; admission serves
-the waiting request with the least TTFT slack first. A request *attains* its SLO when
-its TTFT and its mean TPOT are both within budget. One finished request becomes one
+would call a long prompt late before it could be served even alone. Speculation
+lengthens a step, so the policy keeps the predicted step time within the tightest TPOT
+budget in the batch; admission serves the waiting request with the least TTFT slack
+first. A request *attains* its SLO when its TTFT and its mean TPOT are both within budget. One finished request becomes one
 `ClassAttainment` record (`attainment_record`); records are plain counts and sums that
 add up, and both the scheduler's `SloTracker` and the metrics' `Counts` (metrics.py)
 are sums of those same records, so the two cannot disagree.
