@@ -194,10 +194,11 @@ def test_per_prompt_ttft_rule_judges_each_request_at_its_own_prompt_length():
 
 def test_server_delta_and_chosen_k_distribution():
     before = {"speculation": {"num_steps": 10, "num_accepted_tokens": 5, "num_draft_tokens": 20},
-              "step_time_s": {"steps": 4, "rows": 10, "total": 1.0},
+              "step_time_s": {"steps": 4, "rows": 10, "total": 1.0, "draft": 0.2},
               "chosen_k_counts": [1, 2]}
     after = {"speculation": {"num_steps": 30, "num_accepted_tokens": 35, "num_draft_tokens": 80},
-             "step_time_s": {"steps": 14, "rows": 30, "total": 3.0},
+             "step_time_s": {"steps": 14, "rows": 30, "total": 3.0, "draft": 0.7,
+                             "verify": 1.5},
              "chosen_k_counts": [3, 2, 0, 8, 0, 8]}
     d = server_delta(before, after)
     assert d["mean_acceptance_length"] == pytest.approx(1 + 30 / 20)
@@ -206,6 +207,8 @@ def test_server_delta_and_chosen_k_distribution():
     assert sum(d["chosen_k_dist"]) == pytest.approx(1.0)
     assert d["mean_chosen_k"] == pytest.approx((24 + 40) / 18)
     assert d["mean_batch_size"] == pytest.approx(2.0)
+    # per step, over the run's steps; a key the server does not report is left out
+    assert d["step_split_s"] == {"draft": pytest.approx(0.05), "verify": pytest.approx(0.15)}
     assert "draft_tokens_by_drafter" not in d      # an older server: no per-drafter totals
     before["speculation"]["per_drafter"] = {"model": {"num_draft_tokens": 20}}
     after["speculation"]["per_drafter"] = {"model": {"num_draft_tokens": 50},

@@ -28,6 +28,10 @@ def meets_slo(rec: RequestRecord, slo: SloRule) -> bool:
     return rec.ok and slo.meets(rec.ttft, rec.tpot, rec.input_tokens)
 
 
+STEP_SPLIT_KEYS = ("draft", "verify", "prefill", "overhead", "plan", "apply", "loop_wait",
+                   "transport", "worker_busy")
+
+
 def server_delta(before: dict | None, after: dict | None) -> dict:
     """What the router did during the run, from two /v1/stats snapshots."""
     if not before or not after:
@@ -51,6 +55,10 @@ def server_delta(before: dict | None, after: dict | None) -> dict:
         out["decode_steps"] = n
         out["mean_batch_size"] = (ta.get("rows", 0) - tb.get("rows", 0)) / n
         out["mean_step_s"] = (ta.get("total", 0.0) - tb.get("total", 0.0)) / n
+        # Where a step's time went (seconds per step): the forwards, the router's planning
+        # and applying, Ray transport; so two policies' step times can be told apart.
+        out["step_split_s"] = {key: (ta[key] - tb.get(key, 0.0)) / n for key in STEP_SPLIT_KEYS
+                               if key in ta}
     if "prefill_capped_steps" in after:
         out["prefill_capped_steps"] = (after["prefill_capped_steps"]
                                        - (before.get("prefill_capped_steps") or 0))
