@@ -1,28 +1,33 @@
-"""Usage: PYTHONPATH=.:kernels python scripts/load_bound.py [--capacity 2.48] [--fractions 0.3,0.5,0.7]
-          [--calibration specserve_ray/bench/results/sweep_fp32_code_pp.json] [--json OUT]
+"""Usage: PYTHONPATH=.:kernels python scripts/load_bound.py --load bench_load.json [more.json ...]
+          [--calibration specserve_ray/bench/results/sweep_fp32_code_ngram_pp.json] [--json OUT]
+       (or --capacity 2.48 --fractions 0.3,0.5,0.7 instead of --load)
 
 How low can `bench load`'s TTFT ratios go on this hardware at a given load? An ideal
 queue, no server: what queueing alone does to TTFT, to tell a scheduler that could do
 better from a goal no scheduler can meet.
 
 The mix is the load bench's (`code-long`: the code trace's lengths, prompts scaled to a
-640-token median, Poisson arrivals, the same request generator and seeds). Each request's
-service is its single-stream TTFT at its own prompt length, from a sweep's calibration
-curve (`calibration.<regime>.single_stream_ttft_by_prompt`: plain decoding, one request
-at a time, measured on this hardware). Two servers bound the real one:
+640-token median, Poisson arrivals, the same request generator). Each request's service
+comes from a sweep's single-stream TTFT curve (`calibration.<regime>.*.
+single_stream_ttft_by_prompt`: one request at a time, measured on this hardware), scaled
+so that its single-stream TTFT p50 over the bench's four length-spread requests
+(load.py `length_spread`) equals the one the bench measured (`--load`; the bench runs the
+app's default policy, the curve plain decoding). A request holds the server for its
+single-stream TTFT less the shortest prompt's (that part is HTTP, tokenizing and hops,
+which overlap other requests' steps), waits for the requests ahead of it, and gets its
+first token after that wait plus its whole single-stream TTFT. Two servers bound the real
+one:
 
-- `prefill only`: the server does nothing but prefill, at the single-stream speed, and
-  decoding costs nothing (optimistic: utilisation = rate x mean prefill time). A request
-  holds the server for its single-stream TTFT less the shortest prompt's (that part is
-  HTTP, tokenizing and hops, which overlap other requests' steps) and waits for the
-  requests ahead of it; its TTFT is that wait plus its whole single-stream TTFT;
+- `prefill only`: the server does nothing but prefill and decoding costs nothing
+  (optimistic: utilisation = rate x mean prefill time);
 - `whole request`: every request also brings its share of decode work, so that the
-  server saturates at the measured closed-loop capacity (utilisation = the fraction).
+  server saturates at the bench's measured closed-loop capacity (utilisation = the
+  fraction).
 
-Each runs first-come-first-served (a prompt waits for every prompt before it; what
-chunked prefill in arrival order does) and shortest-prompt-first (non-preemptive). Ratios are against the single-stream TTFT p50 of the bench's four
-length-spread requests (load.py `length_spread`), as `bench load` reports them; each
-figure is the median and 5-95% range over `--runs` request sets of the bench's size.
+Both run first-come-first-served (what chunked prefill in arrival order does; shortest-
+prompt-first was no better at p99 in this model). Ratios are against the single-stream
+TTFT p50, as `bench load` reports them; each is the median and 5-95% range over `--runs`
+request sets of the bench's size.
 """
 import argparse, json, os, sys
 
@@ -35,12 +40,13 @@ from specserve_ray.bench.queue_model import waits
 from specserve_ray.bench.slo_rule import curve_at, monotone_curve
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--capacity", type=float, default=2.48,
-                help="closed-loop capacity, req/s (bench load's `capacity_req_s`)")
-ap.add_argument("--fractions", default="0.3,0.5,0.7")
-ap.add_argument("--calibration", default="specserve_ray/bench/results/sweep_fp32_code_pp.json")
+ap.add_argument("--load", nargs="*", default=[], help="bench load --json reports to set beside")
+ap.add_argument("--capacity", type=float, default=2.48, help="without --load: req/s")
+ap.add_argument("--fractions", default="0.3,0.5,0.7", help="without --load")
+ap.add_argument("--calibration",
+                default="specserve_ray/bench/results/sweep_fp32_code_ngram_pp.json")
 ap.add_argument("--regime", default="fp32")
-ap.add_argument("--requests", type=int, default=79, help="requests per run (the bench's)")
+ap.add_argument("--requests", type=int, default=60, help="requests per run without --load")
 ap.add_argument("--runs", type=int, default=400)
 ap.add_argument("--max-model-len", type=int, default=1024)
 ap.add_argument("--trace-dir", default=None)
@@ -51,64 +57,73 @@ cells = json.load(open(args.calibration))["calibration"][args.regime]
 measured = next((c for c in cells.values() if c.get("single_stream_ttft_by_prompt")), None)
 if measured is None:
     sys.exit(f"{args.calibration}: no single_stream_ttft_by_prompt in its {args.regime} calibration")
-curve = monotone_curve(measured["single_stream_ttft_by_prompt"])     # (tokens, seconds)
+CURVE = monotone_curve(measured["single_stream_ttft_by_prompt"])     # (tokens, seconds)
 spec, _ = wl.parse_workload("code-long")
 rows = tr.load_trace(wl.find_trace(spec.trace, args.trace_dir))
+reference_mix = wl.make_requests(spec, "poisson", rows, 1.0, 64, 1, args.max_model_len)
+large_mix = wl.make_requests(spec, "poisson", rows, 1.0, 5000, 3, args.max_model_len)
 
 
-def service_s(reqs):
-    return np.array([curve_at(curve, r.input_tokens) for r in reqs])
+def alone_s(reqs, scale):
+    """Single-stream TTFT of each request, seconds."""
+    return scale * np.array([curve_at(CURVE, r.input_tokens) for r in reqs])
 
 
-# What a request occupies the server for: its single-stream TTFT less that of the shortest
-# prompt (HTTP, tokenizing, the router's hop: work other processes do while the models
-# run someone else's step), so the queue is never charged for what can overlap.
-OVERLAP_S = curve[0][1]
+def single_p50(scale):
+    return float(np.median(alone_s(length_spread(reference_mix, 4), scale)))
 
 
-# The single-stream reference, as the bench takes it: 4 length-spread requests of a mix.
-mix = wl.make_requests(spec, "poisson", rows, 1.0, 64, 1, args.max_model_len)
-single_p50 = float(np.median(service_s(length_spread(mix, 4))))
+def bound(capacity, fraction, count, scale, seeds):
+    """TTFT p50 and p99 over single p50 for both servers: lists over seeds."""
+    overlap = scale * CURVE[0][1]
+    held = float(np.mean(alone_s(large_mix, scale))) - overlap     # server time a request
+    stretch = max(1.0, (1.0 / capacity) / held)
+    rate, ref = fraction * capacity, single_p50(scale)
+    out = {"prefill only": [], "whole request": []}
+    for seed in seeds:
+        reqs = wl.make_requests(spec, "poisson", rows, rate, count, seed, args.max_model_len)
+        arrivals = np.array([r.arrival_s for r in reqs])
+        alone = alone_s(reqs, scale)
+        for server, factor in (("prefill only", 1.0), ("whole request", stretch)):
+            ttft = waits(arrivals, (alone - overlap) * factor) + alone
+            out[server].append((np.percentile(ttft, 50) / ref, np.percentile(ttft, 99) / ref))
+    util = {"prefill only": rate * held, "whole request": rate * held * stretch}
+    return out, util
 
 
-def one_run(rate, seed, stretch):
-    reqs = wl.make_requests(spec, "poisson", rows, rate, args.requests, seed, args.max_model_len)
-    arrivals = np.array([r.arrival_s for r in reqs])
-    ttft_alone = service_s(reqs)
-    prefill = ttft_alone - OVERLAP_S
-    out = {}
-    for server, service in (("prefill only", prefill), ("whole request", prefill * stretch)):
-        for name, order in (("fcfs", lambda j: j), ("shortest first", lambda j: prefill[j])):
-            ttft = waits(arrivals, service, order) + ttft_alone
-            out[(server, name)] = (np.percentile(ttft, 50) / single_p50,
-                                   np.percentile(ttft, 99) / single_p50)
-    return out
+def q(values):
+    return [round(float(x), 2) for x in np.percentile(values, [50, 5, 95])]
 
 
-# Mean prefill service over the mix, to fold decode work in for the `whole request` server.
-mean_prefill = float(np.mean(service_s(wl.make_requests(spec, "poisson", rows, 1.0, 5000, 3,
-                                                        args.max_model_len)))) - OVERLAP_S
-stretch = max(1.0, (1.0 / args.capacity) / mean_prefill)
-report = {"capacity_req_s": args.capacity, "overlap_s": OVERLAP_S, "single_stream_ttft_p50_s": single_p50,
-          "mean_prefill_s": mean_prefill, "decode_stretch": stretch,
-          "calibration": os.path.basename(args.calibration), "points": []}
-print(f"single-stream TTFT p50 {single_p50 * 1e3:.0f} ms; mean server time {mean_prefill * 1e3:.0f} ms"
-      f" a request; whole-request service x{stretch:.2f} (capacity {args.capacity} req/s)")
-print("| load | server | order | utilisation | TTFT p50 / single | TTFT p99 / single |")
+points = []
+if args.load:
+    cases = []
+    for path in args.load:
+        rep = json.load(open(path))
+        cases.append((os.path.basename(path), rep["capacity_req_s"], rep["fraction"],
+                       rep["load"]["requests"], rep["single"]["ttft_p50_s"], rep))
+else:
+    cases = [(f"x{f}", args.capacity, float(f), args.requests, None, None)
+             for f in args.fractions.split(",")]
+print("| load | capacity | server | utilisation | TTFT p50 / single | TTFT p99 / single |")
 print("|---|---|---|---|---|---|")
-for fraction in (float(f) for f in args.fractions.split(",")):
-    rate = fraction * args.capacity
-    runs = [one_run(rate, seed, stretch) for seed in range(args.runs)]
-    for key in runs[0]:
-        p50 = [r[key][0] for r in runs]
-        p99 = [r[key][1] for r in runs]
-        util = rate * mean_prefill * (stretch if key[0] == "whole request" else 1.0)
-        q = lambda v: [round(float(x), 2) for x in np.percentile(v, [50, 5, 95])]
-        point = {"fraction": fraction, "rate_req_s": rate, "server": key[0], "order": key[1],
-                 "utilisation": util, "ttft_p50_ratio": q(p50), "ttft_p99_ratio": q(p99)}
-        report["points"].append(point)
-        a, b = point["ttft_p50_ratio"], point["ttft_p99_ratio"]
-        print(f"| {fraction:.1f} ({rate:.2f} req/s) | {key[0]} | {key[1]} | {util:.2f} | "
-              f"{a[0]:.2f} [{a[1]:.2f}, {a[2]:.2f}] | {b[0]:.2f} [{b[1]:.2f}, {b[2]:.2f}] |")
+for name, capacity, fraction, count, single_s, rep in cases:
+    scale = single_s / single_p50(1.0) if single_s else 1.0
+    model, util = bound(capacity, fraction, count, scale, range(args.runs))
+    label = f"{fraction:.1f} ({fraction * capacity:.2f} req/s)"
+    for server, runs in model.items():
+        p50, p99 = q([r[0] for r in runs]), q([r[1] for r in runs])
+        points.append({"case": name, "capacity_req_s": capacity, "fraction": fraction,
+                       "server": server, "utilisation": util[server], "curve_scale": scale,
+                       "ttft_p50_ratio": p50, "ttft_p99_ratio": p99})
+        print(f"| {label} | {capacity:.2f} | ideal, {server} | {util[server]:.2f} | "
+              f"{p50[0]:.2f} [{p50[1]:.2f}, {p50[2]:.2f}] | {p99[0]:.2f} [{p99[1]:.2f}, {p99[2]:.2f}] |")
+    if rep is not None:
+        r = rep["ratios"]
+        points.append({"case": name, "server": "measured", "ttft_p50_ratio": r["ttft_p50_vs_single"],
+                       "ttft_p99_ratio": r["ttft_p99_vs_single"]})
+        print(f"| {label} | {capacity:.2f} | **measured** (`bench load`) | | "
+              f"**{r['ttft_p50_vs_single']:.2f}** | **{r['ttft_p99_vs_single']:.2f}** |")
 if args.json:
-    json.dump(report, open(args.json, "w"), indent=1)
+    json.dump({"calibration": os.path.basename(args.calibration), "runs": args.runs,
+               "points": points}, open(args.json, "w"), indent=1)
