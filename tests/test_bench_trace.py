@@ -5,7 +5,6 @@ The end-to-end sweep against a real app is the slow smoke test in test_bench_swe
 `python -m specserve_ray.bench sweep --quick` (README)."""
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
