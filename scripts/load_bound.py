@@ -25,9 +25,9 @@ one:
   fraction).
 
 Both run first-come-first-served (what chunked prefill in arrival order does), or with
-`--shortest-first` the shortest queued prompt first (non-preemptive). Ratios are against the single-stream
-TTFT p50, as `bench load` reports them; each is the median and 5-95% range over `--runs`
-request sets of the bench's size.
+`--shortest-first` the shortest queued prompt first (non-preemptive). Ratios are against
+the single-stream TTFT p50, as `bench load` reports them; each is the median and 5-95%
+range over `--runs` request sets of the bench's size.
 """
 import argparse, json, os, sys
 
@@ -58,7 +58,8 @@ args = ap.parse_args()
 cells = json.load(open(args.calibration))["calibration"][args.regime]
 measured = next((c for c in cells.values() if c.get("single_stream_ttft_by_prompt")), None)
 if measured is None:
-    sys.exit(f"{args.calibration}: no single_stream_ttft_by_prompt in its {args.regime} calibration")
+    sys.exit(f"{args.calibration}: no single_stream_ttft_by_prompt in its {args.regime} "
+             "calibration")
 CURVE = monotone_curve(measured["single_stream_ttft_by_prompt"])     # (tokens, seconds)
 spec, _ = wl.parse_workload("code-long")
 rows = tr.load_trace(wl.find_trace(spec.trace, args.trace_dir))
@@ -98,6 +99,11 @@ def q(values):
     return [round(float(x), 2) for x in np.percentile(values, [50, 5, 95])]
 
 
+def shown(median_range):
+    median, low, high = median_range
+    return f"{median:.2f} [{low:.2f}, {high:.2f}]"
+
+
 points = []
 if args.load:
     cases = []
@@ -120,10 +126,11 @@ for name, capacity, fraction, count, single_s, rep in cases:
                        "server": server, "utilisation": util[server], "curve_scale": scale,
                        "ttft_p50_ratio": p50, "ttft_p99_ratio": p99})
         print(f"| {label} | {capacity:.2f} | ideal, {server} | {util[server]:.2f} | "
-              f"{p50[0]:.2f} [{p50[1]:.2f}, {p50[2]:.2f}] | {p99[0]:.2f} [{p99[1]:.2f}, {p99[2]:.2f}] |")
+              f"{shown(p50)} | {shown(p99)} |")
     if rep is not None:
         r = rep["ratios"]
-        points.append({"case": name, "server": "measured", "ttft_p50_ratio": r["ttft_p50_vs_single"],
+        points.append({"case": name, "server": "measured",
+                       "ttft_p50_ratio": r["ttft_p50_vs_single"],
                        "ttft_p99_ratio": r["ttft_p99_vs_single"]})
         print(f"| {label} | {capacity:.2f} | **measured** (`bench load`) | | "
               f"**{r['ttft_p50_vs_single']:.2f}** | **{r['ttft_p99_vs_single']:.2f}** |")

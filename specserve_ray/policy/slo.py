@@ -6,10 +6,11 @@ time-per-output-token (TPOT) budgets. A TTFT budget may grow with the prompt
 would call a long prompt late before it could be served even alone. Speculation
 lengthens a step, so the policy keeps the predicted step time within the tightest TPOT
 budget in the batch; admission serves the waiting request with the least TTFT slack
-first. A request *attains* its SLO when its TTFT and its mean TPOT are both within budget. One finished request becomes one
-`ClassAttainment` record (`attainment_record`); records are plain counts and sums that
-add up, and both the scheduler's `SloTracker` and the metrics' `Counts` (metrics.py)
-are sums of those same records, so the two cannot disagree.
+first. A request *attains* its SLO when its TTFT and its mean TPOT are both within
+budget. One finished request becomes one `ClassAttainment` record
+(`attainment_record`); records are plain counts and sums that add up, and both the
+scheduler's `SloTracker` and the metrics' `Counts` (metrics.py) are sums of those same
+records, so the two cannot disagree.
 """
 from __future__ import annotations
 
